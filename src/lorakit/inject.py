@@ -1,0 +1,299 @@
+"""Choosing target modules and wrapping them: `inject`, `add_adapter`, `targeting_report`.
+
+Targets are chosen by one data-driven matcher (PEFT's ``target_modules`` semantics): a list of name suffixes,
+a regex that must match the full module name, or ``"all-linear"``; then ``exclude_modules`` and
+``layers_to_transform`` filter. Every check runs before the model is touched, so a bad config leaves it as it was.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from torch import nn
+
+from .adapters import _replace, lora_layers, lora_state, set_adapter, update_trainable
+from .config import ALL_LINEAR, LoraConfig
+from .errors import AdapterStateError, ConfigError, TargetError
+from .layers import LAYER_REGISTRY, LoraLayer, ModulesToSave, wrapper_for
+
+# Names of the repeated-block lists in common architectures (for ``layers_to_transform``), as PEFT.
+COMMON_LAYER_LISTS = ("layers", "h", "block", "blocks", "layer")
+
+
+@dataclass
+class TargetRow:
+    """One module the config selects: what it is, the rank it gets and the parameters LoRA adds."""
+
+    name: str
+    layer_type: str
+    shape: tuple[int, ...]
+    r: int
+    alpha: float
+    added_params: int
+    skipped: str | None = None
+
+
+@dataclass
+class TargetingReport:
+    """Every module a config selects (or skips, with the reason), the modules trained in full, and totals."""
+
+    rows: list[TargetRow]
+    modules_to_save: list[tuple[str, int]] = field(default_factory=list)
+    base_params: int = 0
+
+    @property
+    def targeted(self) -> list[TargetRow]:
+        return [row for row in self.rows if row.skipped is None]
+
+    @property
+    def added_params(self) -> int:
+        return sum(row.added_params for row in self.targeted)
+
+    @property
+    def trainable_params(self) -> int:
+        """Adapter parameters plus the full copies of ``modules_to_save``."""
+        return self.added_params + sum(n for _, n in self.modules_to_save)
+
+    def to_dict(self) -> dict:
+        return {
+            "modules": [row.__dict__ | {"shape": list(row.shape)} for row in self.rows],
+            "modules_to_save": [{"name": n, "params": p} for n, p in self.modules_to_save],
+            "targeted_modules": len(self.targeted),
+            "added_params": self.added_params,
+            "trainable_params": self.trainable_params,
+            "base_params": self.base_params,
+            "trainable_fraction": self.trainable_params / max(1, self.base_params + self.trainable_params),
+        }
+
+    def __str__(self) -> str:
+        header = ("module", "type", "shape", "rank", "alpha", "added params")
+        lines = [(r.name, r.layer_type, "x".join(map(str, r.shape)),
+                  str(r.r) if r.skipped is None else "-", f"{r.alpha:g}" if r.skipped is None else "-",
+                  f"{r.added_params:,}" if r.skipped is None else f"skipped: {r.skipped}") for r in self.rows]
+        lines += [(n, "modules_to_save", "", "full", "", f"{p:,}") for n, p in self.modules_to_save]
+        widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
+        out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+        out += [fmt.format(*line) for line in lines]
+        total = self.base_params + self.trainable_params
+        skipped = len(self.rows) - len(self.targeted)
+        out.append(f"{len(self.targeted)} modules adapted" + (f", {skipped} skipped" if skipped else "")
+                   + f"; trainable {self.trainable_params:,} of {total:,} parameters "
+                   f"({100 * self.trainable_params / max(1, total):.3f}%)")
+        return "\n".join(out)
+
+
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
+    """Add LoRA adapter ``adapter_name`` to ``model`` in place, make it the active one, freeze everything else.
+
+    Returns the same ``model`` object. Raises `TargetError`/`ConfigError`/`AdapterStateError` (model unchanged)
+    when the config matches nothing, a rank is invalid, or the name is taken.
+    """
+    add_adapter(model, adapter_name, config)
+    set_adapter(model, adapter_name)
+    return model
+
+
+def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> None:
+    """Add adapter ``adapter_name`` (inactive and frozen until `set_adapter`), wrapping new layers as needed."""
+    state = lora_state(model, create=False)
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise AdapterStateError(f"adapter name must be a non-empty string without dots, got {adapter_name!r}")
+    if state is not None and adapter_name in state.configs:
+        raise AdapterStateError(f"an adapter named {adapter_name!r} already exists on this model "
+                                f"(adapters: {list(state.configs)}); pick another name or delete_adapter() it first")
+    report = targeting_report(model, config)  # validates everything before any change
+    if state is not None and any(m.merged for _, m in lora_layers(model)):
+        raise AdapterStateError("adapters are merged into the weights; unmerge(model) before adding another")
+    state = lora_state(model, create=True)
+    modules = dict(model.named_modules())
+    for row in report.targeted:
+        module = modules[row.name]
+        if not isinstance(module, LoraLayer):
+            module = wrapper_for(module)(module)
+            _replace(model, row.name, module)
+        module.add(adapter_name, row.r, row.alpha, config.dropout, config.init, config.use_rslora, config.use_dora)
+    for name, _ in report.modules_to_save:
+        module = modules[name]
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module)
+            _replace(model, name, module)
+        module.add(adapter_name)
+    state.configs[adapter_name] = config
+    update_trainable(model)
+
+
+def targeting_report(model: nn.Module, config: LoraConfig) -> TargetingReport:
+    """What ``config`` would do to ``model``: matched modules with shape, rank and added parameters, skipped
+    modules with the reason, and totals. Raises when a target matches nothing (listing the closest names)."""
+    candidates = list(_candidates(model))
+    save_names = _match_modules_to_save(model, config)
+    matched = _match_targets(model, config, candidates, save_names)
+    rows = []
+    for name, module in matched:
+        wrapper = wrapper_for(module)
+        layer_type = type(module).__name__
+        shape = tuple(module.weight.shape) if hasattr(module, "weight") else ()
+        if wrapper is None:
+            supported = ", ".join(sorted({cls.__name__ for cls in LAYER_REGISTRY}))
+            raise TargetError(f"target {name!r} is a {layer_type}, which lorakit cannot adapt (supported: "
+                              f"{supported}); target its linear sub-layers instead, or lorakit.register_layer() "
+                              f"a wrapper for {layer_type}")
+        r, alpha = config.rank_for(name), config.alpha_for(name)
+        reason = wrapper.skip_reason(module)
+        if reason is not None:
+            rows.append(TargetRow(name, layer_type, shape, r, alpha, 0, skipped=reason))
+            continue
+        if config.use_dora and not wrapper.supports_dora:
+            raise ConfigError(f"use_dora is supported on Linear/Conv1D layers only; {name!r} is a {layer_type}: "
+                              "exclude it (exclude_modules) or turn DoRA off")
+        if config.init == "pissa" and not wrapper.supports_pissa:
+            raise ConfigError(f"init='pissa' is supported on Linear/Conv1D layers only; {name!r} is a "
+                              f"{layer_type}: exclude it or use init='default'")
+        limit = wrapper.max_rank(module)
+        if r > limit:
+            raise ConfigError(f"rank {r} is larger than module {name!r} allows ({layer_type} {shape}: at most "
+                              f"{limit}); lower r, or set rank_pattern={{{name.rsplit('.', 1)[-1]!r}: {limit}}}")
+        rows.append(TargetRow(name, layer_type, shape, r, alpha, wrapper.added_params(module, r, config.use_dora)))
+    if not any(row.skipped is None for row in rows):
+        raise TargetError("the config adapts no module: every match was skipped ("
+                          + "; ".join(f"{row.name}: {row.skipped}" for row in rows) + ")")
+    modules = dict(model.named_modules())
+    saves = [(n, sum(p.numel() for p in _base_of(modules[n]).parameters())) for n in save_names]
+    base_params = sum(p.numel() for n, p in model.named_parameters() if _is_base_param(n))
+    return TargetingReport(rows, saves, base_params)
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts (shared tensors counted once)."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    return trainable, total
+
+
+# -- matching ------------------------------------------------------------------------------------------------
+def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, layer) for every module that could be a target; a LoRA wrapper stands for its base layer,
+    and lorakit's own sub-modules (lora_A, copies of modules_to_save...) are never candidates."""
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix) for prefix in inside):
+            continue
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            inside.append(name + ".")
+            if isinstance(module, LoraLayer):
+                yield name, module.base_layer
+            continue
+        yield name, module
+
+
+def _suffix_match(key: str, name: str) -> bool:
+    return name == key or name.endswith("." + key)
+
+
+def _select(spec: list[str] | str | None, name: str) -> bool:
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(_suffix_match(key, name) for key in spec)
+
+
+def _layer_index_ok(config: LoraConfig, name: str) -> bool:
+    if config.layers_to_transform is None:
+        return True
+    lists = config.layers_pattern or COMMON_LAYER_LISTS
+    lists = [lists] if isinstance(lists, str) else list(lists)
+    found = re.match(rf"(?:^|.*\.)(?:{'|'.join(map(re.escape, lists))})\.(\d+)(?:\.|$)", name)
+    return found is not None and int(found.group(1)) in config.layers_to_transform
+
+
+def _output_layer_names(model: nn.Module) -> set[str]:
+    getter = getattr(model, "get_output_embeddings", None)
+    output = getter() if callable(getter) else None
+    if output is None:
+        return set()
+    return {name for name, module in model.named_modules() if module is output}
+
+
+def _match_targets(model: nn.Module, config: LoraConfig, candidates: list[tuple[str, nn.Module]],
+                   save_names: list[str]) -> list[tuple[str, nn.Module]]:
+    targets = config.target_modules
+    all_linear = isinstance(targets, str) and targets.lower() == ALL_LINEAR
+    if all_linear:
+        skip = _output_layer_names(model) | set(save_names)
+        hits = [(n, m) for n, m in candidates
+                if n not in skip and (w := wrapper_for(m)) is not None and w.linear_like]
+    else:
+        hits = [(n, m) for n, m in candidates if _select(targets, n)]
+        _check_every_key_matched(targets, candidates)
+    hits = [(n, m) for n, m in hits if not _select(config.exclude_modules, n) and _layer_index_ok(config, n)
+            and not any(n == s or n.startswith(s + ".") for s in save_names)]
+    if not hits:
+        raise TargetError(f"target_modules={targets!r} matches no module after exclude_modules/"
+                          f"layers_to_transform filtering; {_closest(str(targets), candidates)}")
+    return hits
+
+
+def _check_every_key_matched(targets: list[str] | str, candidates: list[tuple[str, nn.Module]]) -> None:
+    keys = [targets] if isinstance(targets, str) else targets
+    for key in keys:
+        spec = key if isinstance(targets, str) else [key]
+        if not any(_select(spec, n) for n, _ in candidates):
+            raise TargetError(f"target {key!r} matches no module of this model; {_closest(key, candidates)}")
+
+
+def _closest(key: str, candidates: list[tuple[str, nn.Module]]) -> str:
+    adaptable = [(n, m) for n, m in candidates if wrapper_for(m) is not None]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, _ in adaptable})
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], leaves, n=5, cutoff=0.3)
+    close += [n for n in difflib.get_close_matches(key, [n for n, _ in adaptable], n=3, cutoff=0.5)]
+    if close:
+        return f"closest module names: {', '.join(dict.fromkeys(close))}"
+    return f"adaptable module names here: {', '.join(leaves[:20])}"
+
+
+def _match_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
+    if not config.modules_to_save:
+        return []
+    candidates = [(n, m) for n, m in model.named_modules() if n and not _is_internal(n)]
+    found = []
+    for key in config.modules_to_save:
+        hits = [n for n, _ in candidates if _suffix_match(key, n)]
+        if not hits:
+            raise TargetError(f"modules_to_save entry {key!r} matches no module; {_closest(key, candidates)}")
+        found += hits
+    # a wrapper already around the module stands for it; never nest one inside another match
+    found = sorted(set(found))
+    return [n for n in found if not any(n != o and n.startswith(o + ".") for o in found)]
+
+
+_INTERNAL = re.compile(r"(^|\.)(lora_A|lora_B|lora_dropout|lora_magnitude_vector|lora_embedding_A|"
+                       r"lora_embedding_B|base_layer|original_module|modules_to_save)(\.|$)")
+
+
+def _is_internal(name: str) -> bool:
+    return _INTERNAL.search(name) is not None
+
+
+def _is_base_param(name: str) -> bool:
+    """Parameters of the original model (LoRA tensors and modules_to_save copies excluded)."""
+    return not re.search(r"(^|\.)(lora_A|lora_B|lora_magnitude_vector|lora_embedding_A|lora_embedding_B|"
+                         r"modules_to_save)(\.|$)", name)
+
+
+def _base_of(module: nn.Module) -> nn.Module:
+    return module.original_module if isinstance(module, ModulesToSave) else module
+
+
+__all__ = ["TargetRow", "TargetingReport", "add_adapter", "inject", "targeting_report", "trainable_parameters"]

@@ -1,0 +1,563 @@
+"""LoRA wrappers around existing layers, and the registry that picks one per layer type.
+
+A wrapper keeps the original layer as ``base_layer`` (frozen) and any number of named adapters in
+``ModuleDict``/``ParameterDict`` containers named as in PEFT (``lora_A``, ``lora_B``, ``lora_embedding_A``,
+``lora_embedding_B``, ``lora_magnitude_vector``), so a state-dict key is PEFT's key plus the adapter name.
+
+Forward (Hu et al. 2021, eq. 3): ``y = base_layer(x) + sum_active s · B A dropout(x)``.
+DoRA (Liu et al. 2024, eq. 5): ``y = m / ||W + s B A||_row · (W + s B A) x + b`` with the norm detached
+(their section 4.3), computed as PEFT does so outputs agree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ConfigError
+
+
+@dataclass
+class Routing:
+    """Per-row adapter choice for a mixed batch: ``names[index[i]]`` is row i's adapter (-1: base model)."""
+
+    names: list[str]
+    index: Tensor  # (batch,) long
+
+    def slots(self, present: Callable[[str], bool]) -> Tensor:
+        """Row -> slot in a stack of the present adapters, ``len(present names)`` being the all-zero slot."""
+        table, k = [], 0
+        for name in self.names:
+            table.append(k if present(name) else -1)
+            k += present(name)
+        lookup = torch.tensor(table + [-1], dtype=torch.long, device=self.index.device)
+        slot = lookup[self.index]  # -1 for base rows; index -1 reads the trailing -1
+        return torch.where(slot < 0, torch.full_like(slot, k), slot)
+
+
+class LoraLayer(nn.Module):
+    """Base of the wrappers: adapter bookkeeping, merge/unmerge, and the forward loop.
+
+    Subclasses define how A and B are created (`_create`), the delta of the output (`lora_output`) and of
+    the weight (`delta_weight`), in the base layer's own weight layout.
+    """
+
+    #: Linear-like layers are the ones ``target_modules="all-linear"`` selects.
+    linear_like: bool = False
+    supports_dora: bool = False
+    supports_pissa: bool = False
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.routing: Routing | None = None
+        self._dora_norm_at_merge: dict[str, Tensor] = {}
+
+    # -- what can be wrapped -------------------------------------------------------------------------------
+    @classmethod
+    def skip_reason(cls, base_layer: nn.Module) -> str | None:
+        """Why this layer cannot get LoRA (shown in the targeting report), or None."""
+        return None
+
+    @classmethod
+    def max_rank(cls, base_layer: nn.Module) -> int:
+        """Largest meaningful rank: the smaller side of the weight matrix the update lives in."""
+        raise NotImplementedError
+
+    @classmethod
+    def added_params(cls, base_layer: nn.Module, r: int, use_dora: bool) -> int:
+        raise NotImplementedError
+
+    # -- adapters ------------------------------------------------------------------------------------------
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight, so code reading ``module.weight`` keeps working after wrapping."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def add(self, name: str, r: int, alpha: float, dropout: float, init: str, use_rslora: bool,
+            use_dora: bool) -> None:
+        """Create adapter ``name`` with rank ``r``; B starts at zero so the output is unchanged."""
+        self.r[name] = r
+        self.lora_alpha[name] = alpha
+        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            self._create(name, r, dtype=weight.dtype if weight.is_floating_point() else torch.float32,
+                         device=weight.device)
+            self.reset(name, init)
+            if use_dora:
+                self.lora_magnitude_vector[name] = nn.Parameter(self.row_norm(name), requires_grad=True)
+
+    def _create(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def reset(self, name: str, init: str) -> None:
+        """(Re)initialise A and B: Kaiming-uniform A and zero B (``default``), N(0, 1/r) A (``gaussian``),
+        or PiSSA (top-r singular vectors; the base weight becomes the residual)."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if init == "pissa":
+            self._pissa_init(name)
+            return
+        if init == "gaussian":
+            nn.init.normal_(A, std=1 / self.r[name])
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        nn.init.zeros_(B)
+
+    def remove(self, name: str) -> None:
+        for container in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
+            if name in container:
+                del container[name]
+        for table in (self.r, self.lora_alpha, self.scaling, self._dora_norm_at_merge):
+            table.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    def ab_weights(self, name: str) -> tuple[Tensor, Tensor]:
+        """Adapter ``name``'s A and B tensors (rank along A's dim 0 and B's dim 1)."""
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        params = list(self.lora_A[name].parameters()) + list(self.lora_B[name].parameters())
+        if name in self.lora_magnitude_vector:
+            params.append(self.lora_magnitude_vector[name])
+        return params
+
+    # -- math ----------------------------------------------------------------------------------------------
+    def lora_output(self, x: Tensor, name: str) -> Tensor:
+        """``s · B A dropout(x)``, shaped like the base layer's output."""
+        return self.lora_path(self.lora_dropout[name](x), name)
+
+    def lora_path(self, x: Tensor, name: str) -> Tensor:
+        """``s · B A x`` (no dropout)."""
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> Tensor:
+        """``s · B A`` in the base layer's weight layout and dtype."""
+        raise NotImplementedError
+
+    def weight_matrix(self) -> Tensor:
+        """The base weight as ``(out, in)`` (DoRA's norm runs over ``in``)."""
+        return self.base_layer.weight
+
+    def _to_matrix(self, delta: Tensor) -> Tensor:
+        """A weight-layout tensor as ``(out, in)``."""
+        return delta
+
+    def row_norm(self, name: str, weight: Tensor | None = None) -> Tensor:
+        """``||W + s B A||`` per output row, shape ``(out,)`` (DoRA's column norm in the paper's notation)."""
+        w = self.weight_matrix() if weight is None else weight
+        return torch.linalg.norm(w + self._to_matrix(self.delta_weight(name)), dim=1).to(w.dtype)
+
+    def _pissa_init(self, name: str) -> None:
+        raise ConfigError(f"init='pissa' is not supported for {type(self.base_layer).__name__} layers")
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        if self.routing is not None:
+            return result + self.routed_output(x, self.routing, result)
+        base = result
+        for name in self.active_adapters:
+            if name in self.merged_adapters or name not in self.r:
+                continue
+            if name in self.lora_magnitude_vector:
+                result = result + self.dora_output(x, name, base)
+            else:
+                result = result + self.lora_output(x, name)
+        return result
+
+    def dora_output(self, x: Tensor, name: str, base_result: Tensor) -> Tensor:
+        """DoRA's addition to the base output: ``(m/n - 1) · W x + (m/n) · s B A x`` with n detached."""
+        scale = self.lora_magnitude_vector[name] / self.row_norm(name).detach()
+        dropout = self.lora_dropout[name]
+        if isinstance(dropout, nn.Dropout) and self.training:
+            x = dropout(x)
+            base = self._base_no_bias(x)  # as PEFT: W x recomputed on the dropped-out input
+        else:
+            bias = self.bias
+            base = base_result if bias is None else base_result - bias
+        return (scale - 1) * base + scale * self.lora_path(x, name)
+
+    def _base_no_bias(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def routed_output(self, x: Tensor, routing: Routing, base_result: Tensor) -> Tensor:
+        """Mixed batch: each row gets its own adapter's addition. Generic version: one pass per distinct
+        adapter over its rows (never per row); Linear-like layers override it with one batched matmul."""
+        out = torch.zeros_like(base_result)
+        for j, name in enumerate(routing.names):
+            if name not in self.r or name in self.merged_adapters:
+                continue
+            rows = (routing.index == j).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            xr = x.index_select(0, rows)
+            if name in self.lora_magnitude_vector:
+                part = self.dora_output(xr, name, base_result.index_select(0, rows))
+            else:
+                part = self.lora_output(xr, name)
+            out = out.index_add(0, rows, part.to(out.dtype))
+        return out
+
+    # -- merge ---------------------------------------------------------------------------------------------
+    def merged_weight(self, name: str) -> Tensor:
+        """The base weight with adapter ``name`` folded in (not written anywhere)."""
+        weight = self.base_layer.weight
+        if name in self.lora_magnitude_vector:
+            matrix = self.weight_matrix()
+            norm = self.row_norm(name)
+            merged = (self.lora_magnitude_vector[name] / norm).unsqueeze(1) * (
+                matrix + self._to_matrix(self.delta_weight(name)))
+            return self._from_matrix(merged).to(weight.dtype)
+        return weight + self.delta_weight(name).to(weight.dtype)
+
+    def _from_matrix(self, matrix: Tensor) -> Tensor:
+        return matrix
+
+    def commit_merge(self, name: str, new_weight: Tensor) -> None:
+        if name in self.lora_magnitude_vector:
+            self._dora_norm_at_merge[name] = self.row_norm(name).detach()
+        self.base_layer.weight.data.copy_(new_weight)
+        self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo merges in reverse order, restoring the base weight."""
+        with torch.no_grad():
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                weight = self.base_layer.weight
+                if name in self.lora_magnitude_vector:
+                    factor = self.lora_magnitude_vector[name] / self._dora_norm_at_merge.pop(name)
+                    matrix = self.weight_matrix() / factor.unsqueeze(1) - self._to_matrix(self.delta_weight(name))
+                    weight.data.copy_(self._from_matrix(matrix))
+                else:
+                    weight.data -= self.delta_weight(name).to(weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.r}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on ``nn.Linear`` (weight ``(out, in)``): A is ``Linear(in, r)``, B is ``Linear(r, out)``."""
+
+    linear_like = True
+    supports_dora = True
+    supports_pissa = True
+
+    @classmethod
+    def max_rank(cls, base_layer: nn.Module) -> int:
+        return min(base_layer.weight.shape)
+
+    @classmethod
+    def added_params(cls, base_layer: nn.Module, r: int, use_dora: bool) -> int:
+        out_f, in_f = cls.matrix_shape(base_layer)
+        return r * (in_f + out_f) + (out_f if use_dora else 0)
+
+    @classmethod
+    def matrix_shape(cls, base_layer: nn.Module) -> tuple[int, int]:
+        out_f, in_f = base_layer.weight.shape
+        return out_f, in_f
+
+    def _create(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
+        out_f, in_f = self.matrix_shape(self.base_layer)
+        self.lora_A[name] = nn.Linear(in_f, r, bias=False, dtype=dtype, device=device)
+        self.lora_B[name] = nn.Linear(r, out_f, bias=False, dtype=dtype, device=device)
+
+    def lora_path(self, x: Tensor, name: str) -> Tensor:
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if x.dtype != A.dtype:
+            x = x.to(A.dtype)
+        # scaling on the rank-r intermediate: r multiplies per token instead of out
+        return F.linear(F.linear(x, A) * self.scaling[name], B)
+
+    def delta_weight(self, name: str) -> Tensor:
+        return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+
+    def _base_no_bias(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight_matrix())
+
+    def _pissa_init(self, name: str) -> None:
+        # W = U S V^T; A = sqrt(S_r / s) V_r^T, B = U_r sqrt(S_r / s), so s B A is the top-r part of W.
+        # (Meng et al. 2024, "PiSSA", eq. 2-3.)
+        weight = self.weight_matrix()
+        r, s = self.r[name], self.scaling[name]
+        U, S, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
+        root = torch.sqrt(S[:r] / s)
+        A = root.unsqueeze(1) * Vh[:r]
+        B = U[:, :r] * root.unsqueeze(0)
+        self.lora_A[name].weight.data.copy_(A)
+        self.lora_B[name].weight.data.copy_(B)
+        residual = weight.float() - s * (B @ A)
+        self.base_layer.weight.data.copy_(self._from_matrix(residual).to(weight.dtype))
+
+    def routed_output(self, x: Tensor, routing: Routing, base_result: Tensor) -> Tensor:
+        """One batched matmul for all rows: gather each row's A and B (ranks zero-padded to the largest)."""
+        present = [n for n in routing.names if n in self.r and n not in self.merged_adapters]
+        if not present:
+            return torch.zeros_like(base_result)
+        if any(n in self.lora_magnitude_vector for n in present) or any(
+                isinstance(self.lora_dropout[n], nn.Dropout) and self.training for n in present):
+            return super().routed_output(x, routing, base_result)
+        r_max = max(self.r[n] for n in present)
+        A0 = self.lora_A[present[0]].weight
+        zero_A = A0.new_zeros(r_max, A0.shape[1])
+        zero_B = A0.new_zeros(self.lora_B[present[0]].weight.shape[0], r_max)
+        A_stack = torch.stack([F.pad(self.lora_A[n].weight, (0, 0, 0, r_max - self.r[n])) for n in present]
+                              + [zero_A])
+        B_stack = torch.stack([F.pad(self.lora_B[n].weight * self.scaling[n], (0, r_max - self.r[n]))
+                               for n in present] + [zero_B])
+        slot = routing.slots(lambda n: n in present)
+        batch = x.shape[0]
+        if slot.shape[0] != batch:
+            raise ValueError(f"mixed batch: {slot.shape[0]} adapter names for a batch of {batch} rows")
+        x3 = x.reshape(batch, -1, x.shape[-1])
+        if x3.dtype != A0.dtype:
+            x3 = x3.to(A0.dtype)
+        hidden = torch.bmm(x3, A_stack[slot].transpose(1, 2))  # (batch, tokens, r_max)
+        out = torch.bmm(hidden, B_stack[slot].transpose(1, 2))  # (batch, tokens, out)
+        return out.reshape(base_result.shape).to(base_result.dtype)
+
+
+class LoraConv1D(LoraLinear):
+    """LoRA on transformers' GPT-2 ``Conv1D``, whose weight is stored transposed: ``(in, out)``."""
+
+    @classmethod
+    def max_rank(cls, base_layer: nn.Module) -> int:
+        return min(base_layer.weight.shape)
+
+    @classmethod
+    def matrix_shape(cls, base_layer: nn.Module) -> tuple[int, int]:
+        in_f, out_f = base_layer.weight.shape
+        return out_f, in_f
+
+    def weight_matrix(self) -> Tensor:
+        return self.base_layer.weight.T
+
+    def _to_matrix(self, delta: Tensor) -> Tensor:
+        return delta.T
+
+    def _from_matrix(self, matrix: Tensor) -> Tensor:
+        return matrix.T
+
+    def delta_weight(self, name: str) -> Tensor:
+        return super().delta_weight(name).T
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on ``nn.Embedding`` (weight ``(num, dim)``): ``lora_embedding_A (r, num)``, ``lora_embedding_B
+    (dim, r)``; the row lookup replaces the first matmul. As in PEFT, A starts at zero and B random."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)  # lora_A/lora_B stay empty, as in PEFT
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    @classmethod
+    def max_rank(cls, base_layer: nn.Module) -> int:
+        return min(base_layer.weight.shape)
+
+    @classmethod
+    def added_params(cls, base_layer: nn.Module, r: int, use_dora: bool) -> int:
+        num, dim = base_layer.weight.shape
+        return r * (num + dim)
+
+    def _create(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
+        num, dim = self.base_layer.weight.shape
+        self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, num, dtype=dtype, device=device))
+        self.lora_embedding_B[name] = nn.Parameter(torch.empty(dim, r, dtype=dtype, device=device))
+
+    def reset(self, name: str, init: str) -> None:
+        if init == "pissa":
+            raise ConfigError("init='pissa' is not supported for Embedding layers")
+        if init == "gaussian":
+            nn.init.normal_(self.lora_embedding_A[name])
+            nn.init.zeros_(self.lora_embedding_B[name])
+        else:
+            nn.init.zeros_(self.lora_embedding_A[name])
+            nn.init.normal_(self.lora_embedding_B[name])
+
+    def remove(self, name: str) -> None:
+        for container in (self.lora_embedding_A, self.lora_embedding_B):
+            if name in container:
+                del container[name]
+        super().remove(name)
+
+    def ab_weights(self, name: str) -> tuple[Tensor, Tensor]:
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [self.lora_embedding_A[name], self.lora_embedding_B[name]]
+
+    def _embed(self, ids: Tensor, table: Tensor) -> Tensor:
+        base = self.base_layer
+        return F.embedding(ids, table, padding_idx=base.padding_idx, max_norm=base.max_norm,
+                           norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq,
+                           sparse=base.sparse)
+
+    def lora_output(self, x: Tensor, name: str) -> Tensor:
+        # dropout on token ids makes no sense; PEFT ignores it for embeddings too
+        return self.lora_path(x, name)
+
+    def lora_path(self, x: Tensor, name: str) -> Tensor:
+        hidden = self._embed(x, self.lora_embedding_A[name].T)  # (..., r)
+        return (hidden @ self.lora_embedding_B[name].T) * self.scaling[name]
+
+    def delta_weight(self, name: str) -> Tensor:
+        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
+
+
+class LoraConv2d(LoraLayer):
+    """LoRA on ``nn.Conv2d``: A is a conv with the base kernel, stride and padding to ``r`` channels,
+    B a 1x1 conv to the output channels (as PEFT). Grouped/dilated convolutions are skipped."""
+
+    @classmethod
+    def skip_reason(cls, base_layer: nn.Module) -> str | None:
+        if base_layer.groups != 1:
+            kind = "depthwise" if base_layer.groups == base_layer.in_channels else "grouped"
+            return (f"{kind} convolution (groups={base_layer.groups}): its update is block-diagonal, "
+                    "not a low-rank matrix; adapt the pointwise convolutions around it instead")
+        if base_layer.dilation != (1, 1):
+            return f"dilated convolution (dilation={base_layer.dilation}) is not supported"
+        if base_layer.padding_mode != "zeros":
+            return f"padding_mode={base_layer.padding_mode!r} is not supported"
+        return None
+
+    @classmethod
+    def max_rank(cls, base_layer: nn.Module) -> int:
+        kh, kw = base_layer.kernel_size
+        return min(base_layer.out_channels, base_layer.in_channels * kh * kw)
+
+    @classmethod
+    def added_params(cls, base_layer: nn.Module, r: int, use_dora: bool) -> int:
+        kh, kw = base_layer.kernel_size
+        return r * (base_layer.in_channels * kh * kw + base_layer.out_channels)
+
+    def _create(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
+        base = self.base_layer
+        self.lora_A[name] = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding,
+                                      bias=False, dtype=dtype, device=device)
+        self.lora_B[name] = nn.Conv2d(r, base.out_channels, 1, 1, bias=False, dtype=dtype, device=device)
+
+    def lora_path(self, x: Tensor, name: str) -> Tensor:
+        return self.lora_B[name](self.lora_A[name](x)) * self.scaling[name]
+
+    def delta_weight(self, name: str) -> Tensor:
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight  # (r, in, kh, kw), (out, r, 1, 1)
+        return torch.einsum("or,rihw->oihw", B[:, :, 0, 0], A) * self.scaling[name]
+
+
+#: layer type -> LoRA wrapper. Lookup walks the type's MRO, so subclasses of ``nn.Linear`` work too.
+LAYER_REGISTRY: dict[type[nn.Module], type[LoraLayer]] = {
+    nn.Linear: LoraLinear,
+    nn.Embedding: LoraEmbedding,
+    nn.Conv2d: LoraConv2d,
+}
+
+
+def register_layer(layer_type: type[nn.Module], wrapper: type[LoraLayer]) -> None:
+    """Teach lorakit a new layer type: ``register_layer(MyLinear, MyLoraLinear)``."""
+    if not (isinstance(wrapper, type) and issubclass(wrapper, LoraLayer)):
+        raise TypeError(f"wrapper must be a subclass of lorakit.layers.LoraLayer, got {wrapper!r}")
+    LAYER_REGISTRY[layer_type] = wrapper
+
+
+def wrapper_for(module: nn.Module) -> type[LoraLayer] | None:
+    """The registered wrapper for ``module``'s type (or a base class of it), else None."""
+    _register_transformers_layers()
+    for cls in type(module).__mro__:
+        if cls in LAYER_REGISTRY:
+            return LAYER_REGISTRY[cls]
+    return None
+
+
+def _register_transformers_layers() -> None:
+    # transformers is imported only if the user's model already did; GPT-2 style Conv1D lives there.
+    import sys
+
+    if "transformers" not in sys.modules or getattr(_register_transformers_layers, "done", False):
+        return
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - very old/new transformers
+        return
+    LAYER_REGISTRY.setdefault(Conv1D, LoraConv1D)
+    _register_transformers_layers.done = True  # type: ignore[attr-defined]
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full for each adapter (e.g. a classifier head), as PEFT's ``ModulesToSaveWrapper``:
+    ``original_module`` stays frozen, ``modules_to_save[name]`` is adapter ``name``'s trainable copy."""
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+        self.routing: Routing | None = None
+
+    def add(self, name: str) -> None:
+        import copy
+
+        clone = copy.deepcopy(self.original_module)
+        clone.requires_grad_(True)
+        self.modules_to_save[name] = clone
+
+    def remove(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return list(self.modules_to_save[name].parameters())
+
+    def active_module(self) -> nn.Module:
+        """The first active adapter's copy (PEFT's rule), or the original when none/disabled."""
+        if not self.disabled:
+            for name in self.active_adapters:
+                if name in self.modules_to_save:
+                    return self.modules_to_save[name]
+        return self.original_module
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.routing is None or self.disabled:
+            return self.active_module()(x, *args, **kwargs)
+        # mixed batch: the original on every row, then each adapter's copy on its own rows
+        out = self.original_module(x, *args, **kwargs)
+        for j, name in enumerate(self.routing.names):
+            rows = (self.routing.index == j).nonzero().squeeze(1)
+            if name in self.modules_to_save and rows.numel():
+                part = self.modules_to_save[name](x.index_select(0, rows), *args, **kwargs)
+                out = out.index_copy(0, rows, part)
+        return out
