@@ -113,13 +113,13 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> None
     for row in report.targeted:
         module = modules[row.name]
         if not isinstance(module, LoraLayer):
-            module = wrapper_for(module)(module)
+            module = wrapper_for(module)(module).train(module.training)
             _replace(model, row.name, module)
         module.add(adapter_name, row.r, row.alpha, config.dropout, config.init, config.use_rslora, config.use_dora)
     for name, _ in report.modules_to_save:
         module = modules[name]
         if not isinstance(module, ModulesToSave):
-            module = ModulesToSave(module)
+            module = ModulesToSave(module).train(module.training)
             _replace(model, name, module)
         module.add(adapter_name)
     state.configs[adapter_name] = config

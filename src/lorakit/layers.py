@@ -111,6 +111,7 @@ class LoraLayer(nn.Module):
             self.reset(name, init)
             if use_dora:
                 self.lora_magnitude_vector[name] = nn.Parameter(self.row_norm(name), requires_grad=True)
+        self.train(self.training)  # new sub-modules (dropout) follow the layer's train/eval mode
 
     def _create(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
         raise NotImplementedError

@@ -1,0 +1,202 @@
+"""Invariants of every LoRA wrapper, over a small list of layer types x options (PEFT's TEST_CASES idea)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import lorakit
+from lorakit import LoraConfig, inject
+from lorakit.layers import LoraConv1D, LoraLayer, LoraLinear, wrapper_for
+
+from conftest import randomize_lora
+
+
+class Holder(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def _conv1d() -> nn.Module:
+    layer = Conv1D(12, 10)  # nf=12 outputs, nx=10 inputs; weight (10, 12)
+    nn.init.normal_(layer.weight, std=0.2)
+    return layer
+
+
+LAYERS = {
+    "linear": (lambda: nn.Linear(10, 12), lambda g: torch.randn(3, 5, 10, generator=g)),
+    "conv1d": (_conv1d, lambda g: torch.randn(3, 5, 10, generator=g)),
+    "embedding": (lambda: nn.Embedding(30, 12), lambda g: torch.randint(0, 30, (3, 5), generator=g)),
+    "conv2d_3x3": (lambda: nn.Conv2d(3, 6, 3, stride=2, padding=1), lambda g: torch.randn(2, 3, 9, 9, generator=g)),
+    "conv2d_1x1": (lambda: nn.Conv2d(6, 4, 1), lambda g: torch.randn(2, 6, 5, 5, generator=g)),
+}
+OPTIONS = {
+    "plain": {},
+    "rslora": {"use_rslora": True},
+    "gaussian": {"init": "gaussian"},
+    "dropout": {"dropout": 0.2},
+    "dora": {"use_dora": True},
+    "pissa": {"init": "pissa"},
+}
+LINEAR_ONLY = {"dora", "pissa"}
+TEST_CASES = [(layer, option) for layer in LAYERS for option in OPTIONS
+              if option not in LINEAR_ONLY or layer in ("linear", "conv1d")]
+
+
+def _build(layer: str, option: str, seed: int = 0):
+    torch.manual_seed(seed)
+    make, inputs = LAYERS[layer]
+    model = Holder(make()).eval()
+    x = inputs(torch.Generator().manual_seed(seed + 1))
+    config = LoraConfig(r=2, alpha=4, target_modules=["layer"], **OPTIONS[option])
+    return model, x, config
+
+
+@pytest.mark.parametrize("layer,option", TEST_CASES)
+def test_fresh_adapter_gives_base_output_exactly(layer: str, option: str) -> None:
+    model, x, config = _build(layer, option)
+    expected = model(x)
+    inject(model, config)
+    if option == "pissa":  # the base weight became the residual: W_res + s B A == W up to rounding
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
+    else:
+        assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("layer,option", TEST_CASES)
+def test_merge_equals_unmerged_and_unmerge_restores(layer: str, option: str) -> None:
+    model, x, config = _build(layer, option)
+    inject(model, config)
+    randomize_lora(model, std=0.3)
+    weight_before = model.layer.base_layer.weight.detach().clone()
+    unmerged = model(x)
+    lorakit.merge(model)
+    assert model.layer.merged
+    assert (model(x) - unmerged).abs().max() <= 1e-5
+    assert not torch.equal(model.layer.base_layer.weight, weight_before)
+    lorakit.unmerge(model)
+    assert (model.layer.base_layer.weight - weight_before).abs().max() <= 1e-6
+    assert torch.allclose(model(x), unmerged, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer,option", TEST_CASES)
+def test_only_adapter_trains_and_a_step_changes_only_it(layer: str, option: str) -> None:
+    model, x, config = _build(layer, option)
+    inject(model, config)
+    model.train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(any(k in n for k in ("lora_", )) for n in trainable), trainable
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):  # two steps: with B = 0 at the start, A only moves from the second step
+        optimizer.zero_grad()
+        model(x).float().pow(2).mean().backward()
+        optimizer.step()
+    for name, param in model.named_parameters():
+        changed = not torch.equal(param, before[name])
+        if name in trainable:
+            assert changed or "magnitude" in name, f"{name} did not train"
+        else:
+            assert not changed, f"frozen {name} changed"
+
+
+def test_fixed_value_regression() -> None:
+    """Seeded Kaiming A and a hand-set B give these exact numbers (catches silent changes of the math)."""
+    torch.manual_seed(0)
+    model = Holder(nn.Linear(4, 3))
+    inject(model, LoraConfig(r=2, alpha=4, target_modules=["layer"]))
+    with torch.no_grad():
+        model.layer.lora_B["default"].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]]))
+    out = model(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+    expected = torch.tensor([[-3.6849012, -5.7017603, 5.1364555]])
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_scaling_rslora_vs_plain() -> None:
+    plain = LoraConfig(r=16, alpha=32, target_modules=["layer"])
+    rs = plain.replace(use_rslora=True)
+    assert plain.scaling(16, 32) == 2.0
+    assert rs.scaling(16, 32) == 8.0
+
+
+def test_conv1d_update_is_transposed_like_its_weight() -> None:
+    torch.manual_seed(0)
+    model = Holder(_conv1d())
+    inject(model, LoraConfig(r=2, alpha=2, target_modules=["layer"]))
+    assert isinstance(model.layer, LoraConv1D)
+    randomize_lora(model, std=0.5)
+    delta = model.layer.delta_weight("default")
+    assert delta.shape == model.layer.base_layer.weight.shape == (10, 12)
+    x = torch.randn(2, 10)
+    torch.testing.assert_close(model(x), x @ (model.layer.base_layer.weight + delta) + model.layer.bias)
+
+
+def test_registry_dispatch_and_custom_layer() -> None:
+    class MyLinear(nn.Linear):
+        pass
+
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(5, 5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.weight.T
+
+    assert wrapper_for(MyLinear(3, 3)) is LoraLinear  # subclasses found through the MRO
+    assert wrapper_for(Odd()) is None
+    model = Holder(Odd())
+    with pytest.raises(lorakit.TargetError, match="register_layer"):
+        inject(model, LoraConfig(r=2, target_modules=["layer"]))
+    try:
+        lorakit.register_layer(Odd, LoraLinear)  # same weight layout as Linear, no bias
+        inject(model, LoraConfig(r=2, target_modules=["layer"]))
+        assert isinstance(model.layer, LoraLinear)
+    finally:
+        lorakit.LAYER_REGISTRY.pop(Odd)
+    with pytest.raises(TypeError):
+        lorakit.register_layer(Odd, nn.Linear)  # type: ignore[arg-type]
+
+
+def test_depthwise_and_grouped_conv_are_skipped_with_reason(tiny) -> None:
+    report = lorakit.targeting_report(tiny, LoraConfig(r=2, target_modules=["conv", "pointwise", "depthwise"]))
+    skipped = {row.name: row.skipped for row in report.rows if row.skipped}
+    assert list(skipped) == ["depthwise"] and "depthwise convolution" in skipped["depthwise"]
+    assert "skipped" in str(report)
+    inject(tiny, LoraConfig(r=2, target_modules=["conv", "pointwise", "depthwise"]))
+    assert isinstance(tiny.conv, LoraLayer) and not isinstance(tiny.depthwise, LoraLayer)
+
+
+def test_wrapper_keeps_weight_and_bias_visible() -> None:
+    model = Holder(nn.Linear(3, 2))
+    weight = model.layer.weight
+    inject(model, LoraConfig(r=1, target_modules=["layer"]))
+    assert model.layer.weight is weight and model.layer.bias is model.layer.base_layer.bias
+
+
+def test_dropout_only_in_training() -> None:
+    model, x, config = _build("linear", "dropout")
+    inject(model, config)
+    randomize_lora(model, std=0.5)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(2)
+    assert not torch.equal(a, model(x))
+
+
+def test_dora_magnitude_starts_at_weight_norm() -> None:
+    model, _, config = _build("linear", "dora")
+    weight = copy.deepcopy(model.layer.weight.detach())
+    inject(model, config)
+    torch.testing.assert_close(model.layer.lora_magnitude_vector["default"].detach(), weight.norm(dim=1))
