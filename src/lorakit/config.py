@@ -118,6 +118,10 @@ class LoraConfig:
                     re.compile(value)
                 except re.error as err:
                     raise ConfigError(f"{name} is not a valid regex ({err}): {value!r}") from None
+        if (isinstance(self.target_modules, str) and self.target_modules.lower() != ALL_LINEAR
+                and self.layers_to_transform is not None):
+            raise ConfigError("layers_to_transform cannot be combined with a regex target_modules (PEFT refuses "
+                              r"it too); put the layer indices in the regex, e.g. r'.*\.layers\.(0|1)\.q_proj'")
         if isinstance(self.exclude_modules, str) and self.exclude_modules.lower() == ALL_LINEAR:
             raise ConfigError("exclude_modules cannot be 'all-linear'")
 

@@ -1,0 +1,57 @@
+"""LoraConfig validation and its round trip through PEFT's adapter_config.json."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+
+from lorakit import ConfigError, LoraConfig
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(alpha=0), "alpha must be a positive number"),
+    (dict(dropout=1.0), "dropout must be in"),
+    (dict(bias="some"), "bias must be"),
+    (dict(init="loftq"), "init must be"),
+    (dict(target_modules=[]), "target_modules is empty"),
+    (dict(target_modules=None), "target_modules is empty"),
+    (dict(target_modules="(unclosed"), "not a valid regex"),
+    (dict(exclude_modules="all-linear"), "exclude_modules cannot be"),
+    (dict(target_modules=r".*q", layers_to_transform=[0]), "put the layer indices in the regex"),
+    (dict(rank_pattern={"q": 0}), r"rank_pattern\['q'\] must be a positive integer"),
+])
+def test_invalid_values_name_the_field(kwargs, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        LoraConfig(**{"target_modules": ["q"], **kwargs})
+
+
+def test_rank_and_alpha_pattern_use_peft_suffix_rule() -> None:
+    cfg = LoraConfig(r=4, alpha=8, target_modules=["q"], rank_pattern={r"layers\.1\.q": 2}, alpha_pattern={"q": 1})
+    assert cfg.rank_for("model.layers.1.q") == 2
+    assert cfg.rank_for("model.layers.11.q") == 4  # not a dotted-suffix match
+    assert cfg.alpha_for("a.q") == 1 and cfg.alpha_for("a.qq") == 8
+
+
+@pytest.mark.parametrize("cfg", [
+    LoraConfig(r=4, alpha=16, dropout=0.1, target_modules=["query", "value"], use_rslora=True),
+    LoraConfig(r=8, target_modules="all-linear", use_dora=True, modules_to_save=["classifier"],
+               task_type="SEQ_CLS", init="gaussian"),
+    LoraConfig(r=2, target_modules=["q_proj"], rank_pattern={"q_proj": 4}, alpha_pattern={"q_proj": 2},
+               layers_to_transform=[0, 1], layers_pattern="layers", bias="lora_only", init="pissa"),
+])
+def test_round_trip_through_peft(cfg: LoraConfig) -> None:
+    data = cfg.to_peft_dict()
+    peft_cfg = peft.LoraConfig(**{k: v for k, v in data.items() if k != "peft_type"})
+    assert peft_cfg.r == cfg.r and peft_cfg.lora_alpha == cfg.alpha and peft_cfg.use_dora == cfg.use_dora
+    back = LoraConfig.from_peft_dict(peft_cfg.to_dict())
+    assert back == cfg
+
+
+def test_from_peft_refuses_what_it_cannot_apply() -> None:
+    data = LoraConfig(target_modules=["q"]).to_peft_dict()
+    with pytest.raises(ConfigError, match="lora_bias=True"):
+        LoraConfig.from_peft_dict({**data, "lora_bias": True})
+    with pytest.raises(ConfigError, match="unknown key, possibly from a newer PEFT"):
+        LoraConfig.from_peft_dict({**data, "brand_new_option": 3})
+    with pytest.raises(ConfigError, match="not LoRA"):
+        LoraConfig.from_peft_dict({**data, "peft_type": "IA3"})
