@@ -94,4 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m lorakit.cli` (e.g. under torchrun): commands register on the importable module, not __main__
+    from lorakit.cli import main as _main
+
+    sys.exit(_main())

@@ -127,8 +127,11 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> None
 
 
 def targeting_report(model: nn.Module, config: LoraConfig) -> TargetingReport:
-    """What ``config`` would do to ``model``: matched modules with shape, rank and added parameters, skipped
-    modules with the reason, and totals. Raises when a target matches nothing (listing the closest names)."""
+    r"""What ``config`` would do to ``model``: matched modules with shape, rank and added parameters, skipped
+    modules with the reason, and totals. Raises when a target matches nothing (listing the closest names).
+
+    A name suffix that names a module lorakit cannot adapt is an error; a regex keeps only adaptable layers
+    among its matches (so ``r"features\..*"`` means "every adaptable layer under features")."""
     candidates = list(_candidates(model))
     save_names = _match_modules_to_save(model, config)
     matched = _match_targets(model, config, candidates, save_names)
@@ -237,6 +240,9 @@ def _match_targets(model: nn.Module, config: LoraConfig, candidates: list[tuple[
     else:
         hits = [(n, m) for n, m in candidates if _select(targets, n)]
         _check_every_key_matched(targets, candidates)
+        if isinstance(targets, str):
+            # a regex sweeps over containers and norms too: keep only the layer types lorakit adapts
+            hits = [(n, m) for n, m in hits if wrapper_for(m) is not None]
     hits = [(n, m) for n, m in hits if not _select(config.exclude_modules, n) and _layer_index_ok(config, n)
             and not any(n == s or n.startswith(s + ".") for s in save_names)]
     if not hits:

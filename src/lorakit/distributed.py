@@ -1,0 +1,65 @@
+"""One training loop for 1..N processes: torchrun is detected from the environment (``RANK``/``WORLD_SIZE``).
+
+Multi-node: run the same command on every node with
+``torchrun --nnodes=2 --node_rank=K --nproc_per_node=G --rdzv_backend=c10d --rdzv_endpoint=HOST:29500
+-m lorakit.cli train RECIPE``; gloo is used on CPU, nccl on GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def setup(device: str | None = None) -> World:
+    """Join the process group when launched by torchrun; otherwise a world of one."""
+    want_cuda = torch.cuda.is_available() if device in (None, "auto") else device.startswith("cuda")
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return World(device=torch.device("cuda" if want_cuda else "cpu"))
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+    if want_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    return World(rank, size, local_rank, dev)
+
+
+def all_reduce_sum(value: torch.Tensor, world: World) -> torch.Tensor:
+    """Sum over processes (a no-op in a world of one)."""
+    if world.distributed:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def teardown(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()

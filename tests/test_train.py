@@ -1,0 +1,141 @@
+"""Training: recipes and overrides, smoke runs of every recipe on small slices of the real data, exact
+resume after an interruption, NaN handling, LoRA+ and full fine-tuning, and 2-process torchrun agreement."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorakit.train as lktrain
+from lorakit import ConfigError
+from lorakit.cli import main as cli_main
+from lorakit.train import RECIPES_DIR, TrainingError, load_recipe, train
+
+# a tiny but real slice: MiniLM on Rotten Tomatoes, a few steps
+TINY = ["train.max_train_examples=64", "train.batch_size=8", "train.max_length=32", "eval.max_examples=16",
+        "train.progress=false"]
+
+
+def test_recipe_overrides_and_errors() -> None:
+    recipe = load_recipe("sentiment-minilm", ["train.lr=3e-4", "lora.r=4", "lora.target_modules=[query]",
+                                              "method=full"])
+    assert recipe.train.lr == 3e-4 and recipe.lora["r"] == 4 and recipe.method == "full"
+    assert recipe.lora["target_modules"] == ["query"]
+    with pytest.raises(ConfigError, match="no recipe 'nope'.*sentiment-minilm"):
+        load_recipe("nope")
+    with pytest.raises(ConfigError, match=r"unknown train key\(s\) \['lrr'\]"):
+        load_recipe("sentiment-minilm", ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_recipe("sentiment-minilm", ["train.lr"])
+    with pytest.raises(ConfigError, match="positive integer rank"):
+        load_recipe("sentiment-minilm", ["lora.r=0"])
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+def test_every_recipe_runs_on_a_small_slice(name: str, tmp_path: Path) -> None:
+    recipe = load_recipe(name, ["train.max_steps=2", "train.batch_size=2", "train.max_length=48",
+                                "train.max_train_examples=8", "eval.max_examples=4", "eval.generate_examples=2",
+                                "eval.max_new_tokens=4", "train.progress=false"])
+    metrics = train(recipe, tmp_path)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("task", "model", "method", "trainable_params", "total_params", "trainable_fraction", "base_eval",
+                "eval", "train_time_s", "peak_memory_mb", "examples_seen", "adapter_bytes"):
+        assert key in saved, key
+    assert saved["steps"] == 2 and saved["examples_seen"] == 4
+    assert 0 < saved["trainable_fraction"] < 0.05
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert metrics["eval"]["loss"] == pytest.approx(saved["eval"]["loss"])
+    if recipe.task == "causal-lm":
+        assert "chrf" in saved["eval"] and "perplexity" in saved["eval"]
+
+
+def _final_weights(folder: Path) -> dict[str, torch.Tensor]:
+    payload = torch.load(folder / "checkpoint.pt", weights_only=False)
+    return payload["trainable"]
+
+
+def test_interrupted_run_resumes_to_the_same_adapter(tmp_path: Path) -> None:
+    recipe = load_recipe("sentiment-minilm", TINY + ["train.max_steps=6", "train.checkpoint_every=2",
+                                                     "lora.dropout=0.2"])
+    train(recipe, tmp_path / "straight")
+
+    def interrupt(state, loss) -> None:
+        if state.global_step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, tmp_path / "broken", on_step=interrupt)
+    assert torch.load(tmp_path / "broken" / "checkpoint.pt", weights_only=False)["loop"]["global_step"] == 3
+    train(recipe, tmp_path / "broken", resume=True)
+    a, b = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "broken")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_nan_loss_stops_with_last_checkpoint_intact(tmp_path: Path, monkeypatch) -> None:
+    recipe = load_recipe("sentiment-minilm", TINY + ["train.max_steps=5", "train.checkpoint_every=2"])
+    real = lktrain.loss_sum
+    calls = {"n": 0}
+
+    def poisoned(task, logits, labels):
+        calls["n"] += 1
+        total, count = real(task, logits, labels)
+        return (total * float("nan") if calls["n"] == 3 else total), count
+
+    monkeypatch.setattr(lktrain, "loss_sum", poisoned)
+    with pytest.raises(TrainingError, match="loss became nan at step 3.*last good checkpoint"):
+        train(recipe, tmp_path)
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert payload["loop"]["global_step"] == 2
+    assert all(torch.isfinite(t).all() for t in payload["trainable"].values())
+
+
+def test_lora_plus_gives_b_a_larger_learning_rate() -> None:
+    recipe = load_recipe("sentiment-minilm", ["train.lora_plus_ratio=16"])
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    from lorakit import LoraConfig, inject
+
+    inject(model, LoraConfig(r=2, target_modules=["0"]))
+    optimizer = lktrain._optimizer(model, recipe.train)
+    lrs = sorted(group["lr"] for group in optimizer.param_groups)
+    assert lrs == [recipe.train.lr, 16 * recipe.train.lr]
+
+
+def test_full_fine_tuning_uses_the_same_loop(tmp_path: Path) -> None:
+    metrics = train(load_recipe("sentiment-minilm", TINY + ["train.max_steps=2", "method=full"]), tmp_path)
+    assert metrics["trainable_fraction"] == 1.0
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_cli_train_then_eval_and_predict(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert cli_main(["train", *TINY, "train.max_steps=2", "--output", str(out)]) == 0
+    assert "held-out accuracy" in capsys.readouterr().out
+    assert cli_main(["eval", str(out), "--max-examples", "8"]) == 0
+    assert json.loads(capsys.readouterr().out)["examples"] == 8
+    assert cli_main(["predict", str(out), "a wonderful film", "dull and lifeless"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all(line.split("\t")[0] in ("fresh", "rotten") for line in lines)
+    assert cli_main(["train", "no-such-recipe"]) == 2
+
+
+def test_two_processes_follow_the_single_process_loss_trajectory(tmp_path: Path) -> None:
+    overrides = TINY + ["train.max_steps=4", "lora.dropout=0.0"]
+    single = train(load_recipe("sentiment-minilm", overrides), tmp_path / "one")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "lorakit.cli", "train", *overrides, "train.num_threads=1", "--output", str(tmp_path / "two")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    multi = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert multi["world_size"] == 2
+    losses_one = [h["loss"] for h in single["history"] if "loss" in h]
+    losses_two = [h["loss"] for h in multi["history"] if "loss" in h]
+    assert len(losses_one) == len(losses_two) == 4
+    assert max(abs(a - b) for a, b in zip(losses_one, losses_two)) <= 1e-4
