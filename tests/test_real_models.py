@@ -95,7 +95,8 @@ VARIANTS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": Tru
 def test_same_outputs_and_counts_as_peft(name: str, variant: str, request) -> None:
     model, tokenizer = request.getfixturevalue(name)
     config = LoraConfig(r=8, alpha=16, target_modules=TARGETS[name], **VARIANTS[variant])
-    peft_config = peft.LoraConfig(**{k: v for k, v in config.to_peft_dict().items() if k != "peft_type"})
+    peft_config = peft.LoraConfig(**{**{k: v for k, v in config.to_peft_dict().items() if k != "peft_type"},
+                                     "inference_mode": False})
     theirs = peft.get_peft_model(copy.deepcopy(model), peft_config)
     inject(model, config)
     randomize_lora(model, std=0.02)

@@ -131,11 +131,11 @@ def load_recipe(name_or_path: str = DEFAULT_RECIPE, overrides: list[str] | tuple
 
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     def build(cls: type, values: dict[str, Any], where: str) -> Any:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - names
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(values) - set(fields)
         if unknown:
-            raise ConfigError(f"{source}: unknown {where} key(s) {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**values)
+            raise ConfigError(f"{source}: unknown {where} key(s) {sorted(unknown)}; known: {sorted(fields)}")
+        return cls(**{k: _coerce(f"{where}.{k}", fields[k], v, source) for k, v in values.items()})
 
     data = dict(data)
     train_args = build(TrainArgs, data.pop("train", None) or {}, "train")
@@ -153,6 +153,18 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     if recipe.method == "lora":
         recipe.lora_config()  # validate early
     return recipe
+
+
+def _coerce(key: str, spec: dataclasses.Field, value: Any, source: str) -> Any:
+    """YAML reads ``1e-3`` as a string (1.1 wants ``1.0e-3``); numbers in numeric fields are converted."""
+    kind = spec.type if isinstance(spec.type, str) else getattr(spec.type, "__name__", "")
+    numeric = next((t for t in ("float", "int") if kind.startswith(t)), None)
+    if numeric is None or not isinstance(value, str):
+        return value
+    try:
+        return float(value) if numeric == "float" else int(value)
+    except ValueError:
+        raise ConfigError(f"{source}: {key} must be a number, got {value!r}") from None
 
 
 # -- the loop ------------------------------------------------------------------------------------------------
