@@ -59,7 +59,8 @@ def _targets(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     # importing these modules registers their sub-commands
-    for module in ("lorakit.train", "lorakit.io"):
+    for module in ("lorakit.train", "lorakit.io", "lorakit.compare", "lorakit.analyze", "lorakit.multitask",
+                   "lorakit.serve"):
         try:
             __import__(module)
         except ModuleNotFoundError as err:
