@@ -48,7 +48,7 @@ def test_every_recipe_runs_on_a_small_slice(name: str, tmp_path: Path) -> None:
                 "eval", "train_time_s", "peak_memory_mb", "examples_seen", "adapter_bytes"):
         assert key in saved, key
     assert saved["steps"] == 2 and saved["examples_seen"] == 4
-    assert 0 < saved["trainable_fraction"] < 0.05
+    assert 0 < saved["trainable_fraction"] < 0.1
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert metrics["eval"]["loss"] == pytest.approx(saved["eval"]["loss"])
     if recipe.task == "causal-lm":
@@ -126,7 +126,7 @@ def test_cli_train_then_eval_and_predict(tmp_path: Path, capsys) -> None:
 
 
 def test_two_processes_follow_the_single_process_loss_trajectory(tmp_path: Path) -> None:
-    overrides = TINY + ["train.max_steps=4", "lora.dropout=0.0"]
+    overrides = TINY + ["train.max_steps=4", "lora.dropout=0.0", "train.model_dropout=0.0"]
     single = train(load_recipe("sentiment-minilm", overrides), tmp_path / "one")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",

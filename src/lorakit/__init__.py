@@ -25,12 +25,17 @@ from .inject import TargetingReport, add_adapter, inject, targeting_report, trai
 from .layers import LAYER_REGISTRY, LoraLayer, register_layer
 from .models import LoadedModel, ModelLoadError, load_model
 from .data import DataError, load_dataset
+from .io import (adapter_info, adapter_state_dict, base_fingerprint, export_adapter, load_adapter, load_adapters,
+                 merge_to_folder, read_adapter, save_adapter, save_adapters)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LAYER_REGISTRY", "AdapterError", "AdapterStateError", "ConfigError", "LoraConfig", "LoraLayer",
-    "LorakitError", "TargetError", "TargetingReport", "active_adapters", "adapter_names", "add_adapter",
-    "add_weighted_adapter", "delete_adapter", "disable_adapters", "get_config", "inject", "merge",
-    "register_layer", "route", "LoadedModel", "ModelLoadError", "load_model", "DataError", "load_dataset", "set_adapter", "targeting_report", "trainable_parameters", "unload", "unmerge",
+    "LAYER_REGISTRY", "AdapterError", "AdapterStateError", "ConfigError", "DataError", "LoadedModel", "LoraConfig",
+    "LoraLayer", "LorakitError", "ModelLoadError", "TargetError", "TargetingReport", "active_adapters",
+    "adapter_info", "adapter_names", "adapter_state_dict", "add_adapter", "add_weighted_adapter",
+    "base_fingerprint", "delete_adapter", "disable_adapters", "export_adapter", "get_config", "inject",
+    "load_adapter", "load_adapters", "load_dataset", "load_model", "merge", "merge_to_folder", "read_adapter",
+    "register_layer", "route", "save_adapter", "save_adapters", "set_adapter", "targeting_report",
+    "trainable_parameters", "unload", "unmerge",
 ]

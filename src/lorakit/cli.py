@@ -71,21 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (configure, run) in COMMANDS.items():
         p = sub.add_parser(name, help=(run.__doc__ or "").strip().splitlines()[0] if run.__doc__ else None)
         configure(p)
-        p.set_defaults(run=run)
+        p.set_defaults(_run=run)  # not `run`: a sub-command may have a positional named run
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "run", None):
+    if not getattr(args, "_run", None):
         if "train" in COMMANDS:  # no arguments: the main job, the default recipe
             args = parser.parse_args(["train", *(argv or [])])
         else:
             parser.print_help()
             return 2
     try:
-        return int(args.run(args) or 0)
+        return int(args._run(args) or 0)
     except LorakitError as err:
         print(f"lorakit: error: {err}", file=sys.stderr)
         return 2

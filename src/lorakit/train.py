@@ -8,6 +8,7 @@ RNG states and the data position (epoch, step), written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -61,6 +62,7 @@ class TrainArgs:
     early_stopping_patience: int | None = None
     checkpoint_every: int = 0  # optimizer steps; 0: only at the end (and on Ctrl-C)
     gradient_checkpointing: bool = False
+    model_dropout: float | None = None  # set every dropout of the base model to this (None: keep the model's)
     device: str = "auto"
     num_threads: int | None = None
     progress: bool = True
@@ -209,10 +211,21 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False,
                          **eval_kwargs)
     _log(world, f"[{recipe.name}] before training: {_fmt(base_eval)}")
 
+    if args.model_dropout is not None:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = args.model_dropout
+    save_extras: dict[str, Any] = {}
     if recipe.method == "lora":
         from .inject import inject
+        from .io import adapter_state_dict, base_fingerprint
 
-        inject(model, recipe.lora_config(loaded.path or loaded.name))
+        config = recipe.lora_config(loaded.path or loaded.name)
+        if config.init == "pissa":  # the base becomes a residual: fingerprint the original, keep A0/B0 for export
+            save_extras["fingerprint"] = base_fingerprint(model, config, tokenizer)
+        inject(model, config)
+        if config.init == "pissa":
+            save_extras["pissa_initial"] = adapter_state_dict(model)
     else:
         model.requires_grad_(True)
     if args.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
@@ -242,17 +255,17 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False,
 
     lengths = _row_lengths(recipe.task, train_rows, tokenizer) if args.group_by_length else None
     best_state: dict[str, torch.Tensor] | None = None
-    rng_at_step = _rng_state()
+    rng_at_step = _rng_state()  # RNG at the last step boundary: what a checkpoint of `state` must hold
     progress = _progress(world, args, total_steps, state.global_step, recipe.name)
     tick, tick_examples = time.perf_counter(), 0
     model.train()
+    stop = _DeferredInterrupt()
     try:
         while state.global_step < total_steps:
             order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed + state.epoch))
             if lengths is not None:
                 order = _group_by_length(order, lengths, chunk=50 * args.batch_size)
             while state.step_in_epoch < steps_per_epoch and state.global_step < total_steps:
-                rng_at_step = _rng_state()
                 first = state.step_in_epoch * args.grad_accum
                 micro = [order[(first + i) * args.batch_size:(first + i + 1) * args.batch_size]
                          for i in range(args.grad_accum)]
@@ -271,10 +284,12 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False,
                     progress.set_postfix(loss=f"{loss:.4f}",
                                          ex_s=f"{tick_examples / max(1e-9, time.perf_counter() - tick):.1f}")
                 state.history.append({"step": state.global_step, "loss": loss, "lr": scheduler.get_last_lr()[0]})
+                rng_at_step = _rng_state()
+                if args.checkpoint_every and state.global_step % args.checkpoint_every == 0:
+                    _save_checkpoint(ckpt, world, model, optimizer, scheduler, state, recipe, rng_at_step)
                 if on_step is not None:
                     on_step(state, loss)
-                if args.checkpoint_every and state.global_step % args.checkpoint_every == 0:
-                    _save_checkpoint(ckpt, world, model, optimizer, scheduler, state, recipe, _rng_state())
+                stop.check()
             if state.step_in_epoch >= steps_per_epoch:  # epoch finished: validate, maybe stop early
                 val = evaluate(model, recipe.task, val_rows, **eval_kwargs)
                 state.history.append({"epoch": state.epoch, "step": state.global_step, "validation": val})
@@ -297,6 +312,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False,
                     f"continue with --resume")
         raise
     finally:
+        stop.restore()
         if progress is not None:
             progress.close()
     if best_state is not None and args.early_stopping_patience is not None:
@@ -320,7 +336,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False,
         "world_size": world.size, "history": state.history, "trainable_names": len(trainable_names),
     }
     if world.is_main:
-        metrics["adapter_bytes"] = _save_result(model, loaded, recipe, out, metrics, splits.train)
+        metrics["adapter_bytes"] = _save_result(model, loaded, recipe, out, metrics, splits.train, save_extras)
         _write_json(out / "metrics.json", metrics)
         (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     distributed.barrier(world)
@@ -346,7 +362,7 @@ def _step(train_model: nn.Module, recipe: Recipe, world: distributed.World, rows
     total = torch.zeros((), dtype=torch.float64)
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1 or not world.distributed
-        context = train_model.no_sync() if not sync else _nullcontext()
+        context = train_model.no_sync() if not sync else contextlib.nullcontext()
         with context:
             logits = forward(train_model, recipe.task, batch)
             part, _ = loss_sum(recipe.task, logits, batch["labels"])
@@ -364,12 +380,31 @@ def _step(train_model: nn.Module, recipe: Recipe, world: distributed.World, rows
     return loss
 
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
+class _DeferredInterrupt:
+    """The first Ctrl-C is handled at the next step boundary (a checkpoint then needs no half-done step);
+    a second one interrupts at once."""
 
-    def __exit__(self, *exc: Any) -> None:
-        return None
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = None
+        if _main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nlorakit: stopping after this step to save a checkpoint (Ctrl-C again to stop now)",
+              file=sys.stderr, flush=True)
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 def _row_lengths(task: str, rows: Any, tokenizer: Any) -> torch.Tensor | None:
@@ -492,7 +527,7 @@ def _main_thread() -> bool:
 
 # -- results -----------------------------------------------------------------------------------------------
 def _save_result(model: nn.Module, loaded: Any, recipe: Recipe, out: Path, metrics: dict[str, Any],
-                 train_data: Any) -> int:
+                 train_data: Any, extras: dict[str, Any]) -> int:
     """Write ``adapter/`` (LoRA, PEFT format with provenance) or ``model/`` (full); return its size in bytes."""
     if recipe.method == "lora":
         from .io import save_adapter
@@ -500,7 +535,7 @@ def _save_result(model: nn.Module, loaded: Any, recipe: Recipe, out: Path, metri
         target = out / "adapter"
         provenance = {"recipe": recipe.to_dict(), "dataset": recipe.data, "dataset_hash": train_data.fingerprint(),
                       "steps": metrics["steps"], "eval": metrics["eval"]}
-        save_adapter(model, target, provenance=provenance, tokenizer=loaded.tokenizer)
+        save_adapter(model, target, provenance=provenance, tokenizer=loaded.tokenizer, **extras)
     else:
         target = out / "model"
         tmp = out / ".model.tmp"

@@ -1,0 +1,608 @@
+"""Adapter files (`lorakit.io`): PEFT format both ways with the real `peft`, fingerprints, safe loading of
+corrupted files, atomic writes, and the merge / export / info commands on the real packaged models."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import shutil
+import warnings
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lorakit
+from lorakit import AdapterError, AdapterStateError, LoraConfig, inject
+from lorakit.adapters import delete_adapter, lora_state
+from lorakit.cli import main
+from lorakit.io import (CONFIG_FILE, PICKLE_FILE, PISSA_INIT_FILE, PREFIX, WEIGHTS_FILE, adapter_info,
+                        adapter_state_dict, base_fingerprint, export_adapter, load_adapter, load_adapters,
+                        save_adapter)
+
+from conftest import randomize_lora
+
+TEXTS = ["A gripping, beautifully acted film.", "The plot falls apart in the second half and never recovers."]
+
+
+def _inputs(tokenizer) -> dict[str, torch.Tensor]:
+    return dict(tokenizer(TEXTS, padding=True, return_tensors="pt"))
+
+
+def _out(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(model, snapshot) -> None:
+    now = model.state_dict()
+    assert now.keys() == snapshot.keys()
+    assert all(torch.equal(now[k], snapshot[k]) for k in snapshot)
+
+
+def _randomize_dora(model, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.1 * torch.randn(param.shape, generator=gen))
+
+
+# -- round trips --------------------------------------------------------------------------------------------
+TINY_CASES = {
+    "every-layer-type": LoraConfig(r=4, alpha=8, target_modules=["embed", "q", "v", "conv", "pointwise"]),
+    "dora-rslora": LoraConfig(r=4, alpha=4, target_modules=["q", "v"], use_dora=True, use_rslora=True),
+    "head-bias-patterns": LoraConfig(r=4, alpha=8, target_modules=["q", "v", "conv"], modules_to_save=["head"],
+                                     bias="lora_only", rank_pattern={"v": 2, "conv": 3}, alpha_pattern={"q": 2.0}),
+}
+
+
+@pytest.mark.parametrize("case", list(TINY_CASES))
+def test_save_load_round_trip_gives_identical_outputs(case, tiny, tiny_ids, tmp_path) -> None:
+    fresh = copy.deepcopy(tiny)
+    inject(tiny, TINY_CASES[case])
+    randomize_lora(tiny, seed=3)
+    _randomize_dora(tiny)
+    with torch.no_grad():
+        for name, param in tiny.named_parameters():
+            if param.requires_grad and ("modules_to_save" in name or name.endswith("bias")):
+                param.add_(0.1)
+    expected = _out(tiny, tiny_ids)
+    save_adapter(tiny, tmp_path / "a", provenance={"steps": 7, "dataset": {"name": "toy", "sha256": "ab"}})
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    keys = load_file(tmp_path / "a" / WEIGHTS_FILE).keys()
+    assert all(k.startswith(PREFIX) and ".default" not in k for k in keys)
+    assert load_adapter(fresh, tmp_path / "a") == "default"
+    assert torch.equal(_out(fresh, tiny_ids), expected)
+    assert all(not p.requires_grad for p in fresh.parameters())
+    assert lorakit.get_config(fresh, "default") == TINY_CASES[case]
+    assert adapter_info(tmp_path / "a")["provenance"]["steps"] == 7
+
+
+def test_trainable_flag_and_name_collision(tiny, tmp_path) -> None:
+    fresh = copy.deepcopy(tiny)
+    inject(tiny, LoraConfig(r=2, target_modules=["q"]))
+    save_adapter(tiny, tmp_path / "a")
+    load_adapter(fresh, tmp_path / "a", trainable=True)
+    trainable = [n for n, p in fresh.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with pytest.raises(AdapterStateError, match="already loaded"):
+        load_adapter(fresh, tmp_path / "a")
+    assert load_adapter(fresh, tmp_path / "a", adapter_name="second") == "second"
+    assert lorakit.active_adapters(fresh) == ["default"]  # added inactive, as PEFT's load_adapter
+
+
+def test_several_adapters_use_peft_layout_both_ways(tiny, tiny_ids, tmp_path) -> None:
+    fresh, for_peft = copy.deepcopy(tiny), copy.deepcopy(tiny)
+    lorakit.add_adapter(tiny, "default", LoraConfig(r=2, target_modules=["q"]))
+    lorakit.add_adapter(tiny, "other", LoraConfig(r=3, target_modules=["v"]))
+    randomize_lora(tiny)
+    expected = {}
+    for name in ("default", "other"):
+        lorakit.set_adapter(tiny, name)
+        expected[name] = _out(tiny, tiny_ids)
+    save_adapter(tiny, tmp_path / "multi", adapter_name=["default", "other"])
+    assert (tmp_path / "multi" / WEIGHTS_FILE).is_file() and (tmp_path / "multi" / "other" / WEIGHTS_FILE).is_file()
+    assert load_adapters(fresh, tmp_path / "multi") == ["default", "other"]
+    for name in ("default", "other"):
+        lorakit.set_adapter(fresh, name)
+        assert torch.equal(_out(fresh, tiny_ids), expected[name])
+    # PEFT reads the same layout: the top folder, then the sub-folder by name
+    model = peft.PeftModel.from_pretrained(for_peft, tmp_path / "multi")
+    model.load_adapter(tmp_path / "multi" / "other", adapter_name="other")
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        assert torch.allclose(_out(model, tiny_ids), expected[name], atol=1e-6)
+
+
+# -- interoperability with the real peft on the real models ----------------------------------------------------
+PEFT_CASES = {
+    "lora": dict(target_modules=["query", "value"]),
+    "dora": dict(target_modules=["query", "value"], use_dora=True),
+    "head": dict(target_modules=["query", "value"], modules_to_save=["classifier"], task_type="SEQ_CLS"),
+}
+
+
+@pytest.fixture(scope="module")
+def minilm_classifier():
+    from lorakit.models import load_model
+
+    return load_model("minilm", task="sequence-classification", num_labels=2)
+
+
+def _minilm_for(case, minilm, minilm_classifier):
+    if case == "head":
+        return copy.deepcopy(minilm_classifier.model).eval(), minilm_classifier.tokenizer
+    return minilm
+
+
+@pytest.mark.parametrize("case", list(PEFT_CASES))
+def test_lorakit_adapter_loads_in_peft_with_same_outputs(case, minilm, minilm_classifier, tmp_path) -> None:
+    model, tokenizer = _minilm_for(case, minilm, minilm_classifier)
+    base, inputs = copy.deepcopy(model), _inputs(tokenizer)
+    kwargs = dict(PEFT_CASES[case])
+    task_type = kwargs.pop("task_type", None)
+    inject(model, LoraConfig(r=8, alpha=16, task_type=task_type, **kwargs))
+    randomize_lora(model, std=0.05)
+    _randomize_dora(model)
+    if case == "head":
+        with torch.no_grad():
+            model.classifier.modules_to_save["default"].weight.add_(0.5)
+    expected = _out(model, inputs)
+    save_adapter(model, tmp_path / "a", tokenizer=tokenizer)
+    with warnings.catch_warnings(record=True) as caught:  # lorakit's fields live where PEFT does not look
+        warnings.simplefilter("always")
+        peft.LoraConfig.from_pretrained(tmp_path / "a")
+        peft_model = peft.PeftModel.from_pretrained(base, tmp_path / "a").eval()
+    assert not [w for w in caught if "Unexpected keyword" in str(w.message)]
+    assert (_out(peft_model, inputs) - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("case", list(PEFT_CASES))
+def test_peft_adapter_loads_in_lorakit_with_same_outputs(case, minilm, minilm_classifier, tmp_path) -> None:
+    model, tokenizer = _minilm_for(case, minilm, minilm_classifier)
+    base, inputs = copy.deepcopy(model), _inputs(tokenizer)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, **PEFT_CASES[case]))
+    randomize_lora(peft_model, std=0.05)
+    _randomize_dora(peft_model)
+    peft_model.eval()
+    expected = _out(peft_model, inputs)
+    peft_model.save_pretrained(tmp_path / "p")
+    load_adapter(base, tmp_path / "p")
+    assert (_out(base, inputs) - expected).abs().max().item() <= 1e-5
+    assert lorakit.get_config(base, "default").use_dora == (case == "dora")
+
+
+def test_smollm2_all_linear_interop_both_ways(smollm2, tmp_path) -> None:
+    model, tokenizer = smollm2
+    inputs = _inputs(tokenizer)
+    base_for_peft, base_for_lorakit = copy.deepcopy(model), copy.deepcopy(model)
+    inject(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    randomize_lora(model, std=0.02)
+    expected = _out(model, inputs)
+    save_adapter(model, tmp_path / "a", tokenizer=tokenizer)
+    peft_model = peft.PeftModel.from_pretrained(base_for_peft, tmp_path / "a").eval()
+    assert (_out(peft_model, inputs) - expected).abs().max().item() <= 1e-5
+    # the other way: peft's own adapter (its B randomized again) into lorakit
+    randomize_lora(peft_model, seed=5, std=0.02)
+    expected = _out(peft_model, inputs)
+    peft_model.save_pretrained(tmp_path / "p")
+    load_adapter(base_for_lorakit, tmp_path / "p", tokenizer=tokenizer)
+    assert (_out(base_for_lorakit, inputs) - expected).abs().max().item() <= 1e-5
+
+
+# -- fingerprint ----------------------------------------------------------------------------------------------
+class _Vocab:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def test_fingerprint_refuses_another_base_unless_forced(minilm, tmp_path) -> None:
+    model, tokenizer = minilm
+    base = copy.deepcopy(model)
+    inject(model, LoraConfig(r=4, target_modules=["query", "value"]))
+    save_adapter(model, tmp_path / "a", tokenizer=tokenizer)
+    stored = adapter_info(tmp_path / "a")["fingerprint"]
+    assert stored["modules"] == 12 and stored["vocab_size"] == len(tokenizer)
+    assert stored["sha256"] == base_fingerprint(base, LoraConfig(r=4, target_modules=["query", "value"]),
+                                                tokenizer)["sha256"]
+
+    other_weights = copy.deepcopy(base)  # weights outside the targets do not count
+    with torch.no_grad():
+        other_weights.encoder.layer[0].attention.self.key.weight[0, 0] += 1.0
+    load_adapter(other_weights, tmp_path / "a", tokenizer=tokenizer)
+
+    changed = copy.deepcopy(base)
+    with torch.no_grad():
+        changed.encoder.layer[3].attention.self.query.weight[5, 7] += 1e-3
+    before = _snapshot(changed)
+    with pytest.raises(AdapterError, match="another base model.*force=True"):
+        load_adapter(changed, tmp_path / "a", tokenizer=tokenizer)
+    _assert_same_state(changed, before)
+    with pytest.raises(AdapterError, match="vocabulary 100 != 30522"):
+        load_adapter(copy.deepcopy(base), tmp_path / "a", tokenizer=_Vocab(100))
+    with pytest.warns(UserWarning, match="another base model"):
+        load_adapter(changed, tmp_path / "a", tokenizer=tokenizer, force=True)
+
+
+def test_fingerprint_of_merged_weights_is_refused(tiny) -> None:
+    inject(tiny, LoraConfig(r=2, target_modules=["q"]))
+    lorakit.merge(tiny)
+    with pytest.raises(AdapterStateError, match="unmerge"):
+        base_fingerprint(tiny, ["layers.0.q"])
+
+
+# -- safe loading ------------------------------------------------------------------------------------------
+def test_pickle_is_refused_unless_allowed(tiny, tiny_ids, tmp_path) -> None:
+    fresh = copy.deepcopy(tiny)
+    inject(tiny, LoraConfig(r=2, target_modules=["q", "v"]))
+    randomize_lora(tiny)
+    save_adapter(tiny, tmp_path / "a")
+    torch.save(load_file(tmp_path / "a" / WEIGHTS_FILE), tmp_path / "a" / PICKLE_FILE)
+    (tmp_path / "a" / WEIGHTS_FILE).unlink()
+    with pytest.raises(AdapterError, match="pickle.*allow_pickle=True"):
+        load_adapter(fresh, tmp_path / "a")
+    assert lora_state(fresh) is None
+    load_adapter(fresh, tmp_path / "a", allow_pickle=True)
+    assert torch.equal(_out(fresh, tiny_ids), _out(tiny, tiny_ids))
+
+
+def test_failure_after_injection_rolls_back(tiny, tmp_path, monkeypatch) -> None:
+    fresh = copy.deepcopy(tiny)
+    inject(tiny, LoraConfig(r=2, target_modules=["q", "embed"], modules_to_save=["head"], bias="lora_only"))
+    save_adapter(tiny, tmp_path / "a")
+    before = _snapshot(fresh)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr("lorakit.io.set_adapter", boom)
+    with pytest.raises(AdapterError, match="disk on fire.*unchanged"):
+        load_adapter(fresh, tmp_path / "a")
+    _assert_same_state(fresh, before)
+    assert lora_state(fresh) is None
+
+
+def _property_adapters(tiny, root: Path) -> list[Path]:
+    """Two good adapters covering every tensor kind: embedding, conv, rank_pattern, a head; DoRA."""
+    first, second = copy.deepcopy(tiny), copy.deepcopy(tiny)
+    inject(first, LoraConfig(r=4, alpha=8, target_modules=["embed", "q", "conv"], modules_to_save=["head"],
+                             rank_pattern={"conv": 2}))
+    inject(second, LoraConfig(r=3, alpha=6, target_modules=["q", "v"], use_dora=True))
+    for model, name in ((first, "mixed"), (second, "dora")):
+        randomize_lora(model)
+        save_adapter(model, root / name)
+    return [root / "mixed", root / "dora"]
+
+
+FILE_DAMAGE = ["truncate", "flip_header", "flip_body", "flip_length", "shape", "drop_key", "extra_key", "dtype", "nan",
+               "rename_key", "no_weights", "pickle", "empty"]
+CONFIG_EDITS = ["unknown_key", "peft_version", "config_value"]
+MUTATIONS = FILE_DAMAGE + CONFIG_EDITS + ["bad_json", "flip_config"]
+
+
+def _mutate(folder: Path, rng: random.Random, kinds: list[str] = MUTATIONS) -> str:
+    """Damage one adapter folder in one random way; returns what was done."""
+    weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
+    data = bytearray(weights.read_bytes())
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    kind = rng.choice(kinds)
+    if kind == "truncate":
+        cut = rng.randrange(0, len(data))
+        weights.write_bytes(bytes(data[:cut]))
+        return f"truncate at {cut}"
+    if kind in ("flip_header", "flip_body", "flip_length"):
+        low, high = {"flip_header": (8, header_end), "flip_body": (header_end, len(data)),
+                     "flip_length": (0, 8)}[kind]
+        pos = rng.randrange(low, high)
+        data[pos] ^= 1 << rng.randrange(8)
+        weights.write_bytes(bytes(data))
+        return f"{kind} at {pos}"
+    if kind in ("no_weights", "pickle", "empty"):
+        tensors = load_file(weights)
+        weights.unlink()
+        if kind == "pickle":
+            torch.save(tensors, folder / PICKLE_FILE)
+        if kind == "empty":
+            save_file({}, weights)
+        return kind
+    if kind in ("shape", "drop_key", "extra_key", "dtype", "nan", "rename_key"):
+        tensors = load_file(weights)
+        key = rng.choice(sorted(tensors))
+        t = tensors[key]
+        if kind == "shape":
+            tensors[key] = torch.zeros(t.shape[0] + rng.choice([-1, 1, 2]), *t.shape[1:]) if t.shape[0] > 1 \
+                else torch.zeros(*t.shape, 2)
+        elif kind == "drop_key":
+            del tensors[key]
+        elif kind == "extra_key":
+            extra = rng.choice([PREFIX + "layers.0.q.lora_C.weight", PREFIX + "missing.lora_A.weight",
+                                PREFIX + "layers.0.q.base_layer.bias", "not_prefixed.lora_A.weight",
+                                PREFIX + "layers.1.v.lora_magnitude_vector"])
+            tensors[extra] = torch.zeros(3, 16)
+        elif kind == "dtype":
+            tensors[key] = t.to(rng.choice([torch.int32, torch.int8, torch.bool]))
+        elif kind == "nan":
+            t = t.clone()
+            t.view(-1)[rng.randrange(t.numel())] = rng.choice([float("nan"), float("inf")])
+            tensors[key] = t
+        else:
+            tensors[key.replace("lora_", "lora")] = tensors.pop(key)
+        save_file(tensors, weights, metadata={"format": "pt"})  # as PEFT writes: no lorakit checksum
+        return f"{kind} {key}"
+    text = config.read_text()
+    if kind == "bad_json":
+        config.write_text(text[: rng.randrange(0, len(text) - 2)])
+        return "bad_json"
+    if kind == "flip_config":
+        pos = rng.randrange(len(text))
+        config.write_text(text[:pos] + rng.choice("{}[]\",:0x- ") + text[pos + 1:])
+        return f"flip_config at {pos}"
+    raw = json.loads(text)
+    if kind == "unknown_key":
+        raw[rng.choice(["use_quantum", "lora_bias", "trainable_token_indices"])] = rng.choice([True, [1, 2], "x"])
+    elif kind == "peft_version":
+        raw["peft_version"] = "9.9.9"
+    else:
+        key, value = rng.choice([("r", 5), ("r", 0), ("r", -2), ("r", "8"), ("r", 2.5), ("r", None),
+                                 ("target_modules", ["q"]), ("target_modules", ["nothing"]), ("target_modules", 5),
+                                 ("target_modules", "all-linear"), ("target_modules", "(("), ("use_dora", True),
+                                 ("use_dora", False), ("bias", "all"), ("bias", "sideways"),
+                                 ("modules_to_save", None), ("modules_to_save", ["nope"]), ("rank_pattern", {"q": 3}),
+                                 ("rank_pattern", []), ("lora_alpha", -1), ("lora_alpha", 3), ("lora_dropout", 2.0),
+                                 ("init_lora_weights", "weird"), ("layers_to_transform", [0]), ("peft_type", "IA3"),
+                                 ("alpha_pattern", {"q": "x"}), ("exclude_modules", ["q"])])
+        raw[key] = value
+    config.write_text(json.dumps(raw))
+    return f"{kind} {raw.get('peft_version') if kind == 'peft_version' else ''}"
+
+
+def test_corrupted_adapters_raise_only_adapter_errors_and_leave_model_unchanged(tiny, tmp_path) -> None:
+    good = _property_adapters(tiny, tmp_path / "good")
+    model = copy.deepcopy(tiny)
+    before = _snapshot(model)
+    modules_before = [type(m) for m in model.modules()]
+    rng = random.Random(20240601)
+    outcomes = {"error": 0, "loaded": 0}
+    for i in range(240):
+        source = rng.choice(good)
+        folder = tmp_path / f"m{i}"
+        shutil.copytree(source, folder)
+        if rng.random() < 0.2:  # two at once: an edited config and damaged weights
+            what = _mutate(folder, rng, CONFIG_EDITS) + " + " + _mutate(folder, rng, FILE_DAMAGE)
+        else:
+            what = _mutate(folder, rng)
+        try:
+            name = load_adapter(model, folder)
+        except AdapterError as err:
+            assert str(err), what
+            outcomes["error"] += 1
+        except Exception as err:  # noqa: BLE001 - the property under test
+            pytest.fail(f"mutation {i} ({what}) of {source.name} raised {type(err).__name__}: {err}")
+        else:
+            outcomes["loaded"] += 1
+            delete_adapter(model, name)
+        _assert_same_state(model, before)
+        assert lora_state(model) is None and [type(m) for m in model.modules()] == modules_before, what
+        shutil.rmtree(folder)
+    assert outcomes["error"] >= 150 and outcomes["loaded"] >= 1, outcomes
+
+
+def test_clear_messages_for_common_damage(tiny, tmp_path) -> None:
+    (good,) = _property_adapters(tiny, tmp_path)[:1]
+    model = copy.deepcopy(tiny)
+
+    def damaged(name: str) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        return folder
+
+    folder = damaged("truncated")
+    data = (folder / WEIGHTS_FILE).read_bytes()
+    (folder / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterError, match="truncated or corrupted"):
+        load_adapter(model, folder)
+    folder = damaged("flipped")
+    data = bytearray((folder / WEIGHTS_FILE).read_bytes())
+    data[-3] ^= 0x10
+    (folder / WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(AdapterError, match="checksum"):
+        load_adapter(model, folder)
+    folder = damaged("newer")
+    raw = json.loads((folder / CONFIG_FILE).read_text())
+    raw["use_quantum"] = True
+    (folder / CONFIG_FILE).write_text(json.dumps(raw))
+    with pytest.raises(AdapterError, match="use_quantum.*newer PEFT"):
+        load_adapter(model, folder)
+    folder = damaged("shape")
+    tensors = load_file(folder / WEIGHTS_FILE)
+    tensors[PREFIX + "layers.0.q.lora_B.weight"] = torch.zeros(17, 4)
+    save_file(tensors, folder / WEIGHTS_FILE)
+    with pytest.raises(AdapterError, match=r"layers.0.q.*lora_B has shape \(17, 4\), the model needs \(16, 4\)"):
+        load_adapter(model, folder)
+    with pytest.raises(AdapterError, match="does not exist"):
+        load_adapter(model, tmp_path / "nowhere")
+
+
+# -- atomic writes ---------------------------------------------------------------------------------------------
+def test_failed_write_leaves_no_partial_adapter(tiny, tiny_ids, tmp_path, monkeypatch) -> None:
+    inject(tiny, LoraConfig(r=2, target_modules=["q"]))
+    randomize_lora(tiny)
+    import lorakit.io as lio
+
+    real_write, calls = lio._write_file, []
+
+    def failing_write(path, data):
+        calls.append(path)
+        if len(calls) == 2:  # the weights are on disk, the config is not
+            raise OSError("no space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(lio, "_write_file", failing_write)
+    with pytest.raises(OSError, match="no space"):
+        save_adapter(tiny, tmp_path / "new")
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a temporary one
+
+    monkeypatch.setattr(lio, "_write_file", real_write)
+    save_adapter(tiny, tmp_path / "old")
+    (tmp_path / "old" / "README.md").write_text("mine")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()}
+    with torch.no_grad():
+        tiny.layers[0]["q"].lora_B["default"].weight.add_(1.0)
+    calls.clear()
+    monkeypatch.setattr(lio, "_write_file", failing_write)
+    with pytest.raises(OSError):
+        save_adapter(tiny, tmp_path / "old")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+    monkeypatch.setattr(lio, "_write_file", real_write)
+    save_adapter(tiny, tmp_path / "old")  # a successful overwrite keeps files that are not the adapter's
+    assert (tmp_path / "old" / "README.md").read_text() == "mine"
+    fresh = copy.deepcopy(tiny)
+    lorakit.unload(fresh, merge=False)
+    load_adapter(fresh, tmp_path / "old")
+    assert torch.equal(_out(fresh, tiny_ids), _out(tiny, tiny_ids))
+
+
+# -- merge -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("task", ["base", "sequence-classification"])
+def test_merge_cli_writes_a_transformers_folder(task, minilm, minilm_classifier, tmp_path, capsys) -> None:
+    import transformers
+
+    head = task == "sequence-classification"
+    model, tokenizer = _minilm_for("head" if head else "lora", minilm, minilm_classifier)
+    inject(model, LoraConfig(r=8, alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"] if head
+                             else None, task_type="SEQ_CLS" if head else None))
+    randomize_lora(model, std=0.05)
+    save_adapter(model, tmp_path / "a", tokenizer=tokenizer)
+    inputs = _inputs(tokenizer)
+    unmerged = _out(model, inputs)
+
+    assert main(["merge", "minilm", str(tmp_path / "a"), str(tmp_path / "merged")]) == 0
+    printed = capsys.readouterr().out
+    assert "max |diff|" in printed and "mean |diff|" in printed
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    auto = transformers.AutoModelForSequenceClassification if head else transformers.AutoModel
+    merged = auto.from_pretrained(tmp_path / "merged").eval()
+    real = inputs["attention_mask"].bool() if not head else slice(None)  # padding positions carry no meaning
+    diff = (_out(merged, inputs)[real] - unmerged[real]).abs().max().item()
+    assert diff <= 1e-5 * max(1.0, unmerged[real].abs().max().item()), diff
+    record = json.loads((tmp_path / "merged" / "lorakit_merge.json").read_text())
+    assert record["max_abs_diff"] <= 1e-4 and record["task"] == task
+
+
+# -- export ----------------------------------------------------------------------------------------------------
+def test_export_vllm_lists_what_it_cannot_serve(tiny, tmp_path, capsys) -> None:
+    dora = copy.deepcopy(tiny)
+    inject(tiny, LoraConfig(r=2, target_modules=["embed", "q"], modules_to_save=["head"], bias="lora_only"))
+    save_adapter(tiny, tmp_path / "a")
+    report = export_adapter(tmp_path / "a", "vllm")
+    reasons = " | ".join(report.reasons)
+    assert not report.ok and "bias" in reasons and "modules_to_save ['head']" in reasons and "embedding" in reasons
+    assert main(["export", str(tmp_path / "a"), "--target", "vllm", "--output", str(tmp_path / "out")]) == 1
+    assert "cannot serve" in capsys.readouterr().out and not (tmp_path / "out").exists()
+    with pytest.raises(AdapterError, match="cannot serve"):
+        export_adapter(tmp_path / "a", "vllm", tmp_path / "out")
+    inject(dora, LoraConfig(r=8, target_modules=["q"], use_dora=True))
+    save_adapter(dora, tmp_path / "d")
+    assert any("DoRA" in r for r in export_adapter(tmp_path / "d", "vllm").reasons)
+    assert export_adapter(tmp_path / "d", "peft").ok
+
+
+def test_export_vllm_pads_ranks_and_folds_scaling(tiny, tiny_ids, tmp_path) -> None:
+    fresh, plain = copy.deepcopy(tiny), copy.deepcopy(tiny)
+    inject(tiny, LoraConfig(r=4, alpha=8, target_modules=["q", "v"], rank_pattern={"v": 2}, use_rslora=True))
+    randomize_lora(tiny)
+    save_adapter(tiny, tmp_path / "a")
+    assert main(["export", str(tmp_path / "a"), "--target", "vllm", "--output", str(tmp_path / "v")]) == 0
+    config = json.loads((tmp_path / "v" / CONFIG_FILE).read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 8 and config["rank_pattern"] == {}
+    assert all(t.shape[0 if k.endswith("lora_A.weight") else 1] == 8
+               for k, t in load_file(tmp_path / "v" / WEIGHTS_FILE).items())
+    load_adapter(fresh, tmp_path / "v")
+    assert (_out(fresh, tiny_ids) - _out(tiny, tiny_ids)).abs().max().item() <= 1e-5
+    inject(plain, LoraConfig(r=8, target_modules=["q"]))  # already servable: copied unchanged
+    save_adapter(plain, tmp_path / "p")
+    report = export_adapter(tmp_path / "p", "vllm", tmp_path / "pv")
+    assert report.ok and not report.conversions
+    original, exported = load_file(tmp_path / "p" / WEIGHTS_FILE), load_file(tmp_path / "pv" / WEIGHTS_FILE)
+    assert all(torch.equal(original[k], exported[k]) for k in original)
+
+
+def test_pissa_exports_as_rank_2r_lora_for_the_original_base(minilm, tmp_path) -> None:
+    model, tokenizer = minilm
+    original, inputs = copy.deepcopy(model), _inputs(tokenizer)
+    config = LoraConfig(r=4, alpha=8, target_modules=["query", "value"], init="pissa")
+    fingerprint = base_fingerprint(model, config, tokenizer)  # before PiSSA rewrites the base weights
+    inject(model, config)
+    initial = adapter_state_dict(model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # "training" moves both A and B away from their SVD start
+        for name, param in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                param.add_(0.02 * torch.randn(param.shape, generator=gen))
+    trained = _out(model, inputs)
+    assert (trained - _out(original, inputs)).abs().max().item() > 1e-2
+    save_adapter(model, tmp_path / "pissa", tokenizer=tokenizer, fingerprint=fingerprint, pissa_initial=initial)
+    assert (tmp_path / "pissa" / PISSA_INIT_FILE).is_file()
+
+    report = export_adapter(tmp_path / "pissa", "peft", tmp_path / "lora")
+    assert report.ok and "2r=8" in report.conversions[0]
+    converted = json.loads((tmp_path / "lora" / CONFIG_FILE).read_text())
+    assert converted["r"] == 8 and converted["lora_alpha"] == 16 and converted["init_lora_weights"] is True
+    plain = copy.deepcopy(original)
+    load_adapter(plain, tmp_path / "lora", tokenizer=tokenizer)  # fingerprint: the original base
+    assert (_out(plain, inputs) - trained).abs().max().item() <= 1e-4
+    lorakit.merge(plain)
+    assert (_out(plain, inputs) - trained).abs().max().item() <= 1e-4
+    in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "lora").eval()
+    assert (_out(in_peft, inputs) - trained).abs().max().item() <= 1e-4
+
+    vllm = export_adapter(tmp_path / "pissa", "vllm", tmp_path / "vllm")
+    assert vllm.ok and json.loads((tmp_path / "vllm" / CONFIG_FILE).read_text())["r"] == 8
+    served = copy.deepcopy(original)
+    load_adapter(served, tmp_path / "vllm", tokenizer=tokenizer)
+    assert (_out(served, inputs) - trained).abs().max().item() <= 1e-4
+    # the PiSSA adapter itself, as PEFT does, recomputes the residual from the original base on load
+    again = copy.deepcopy(original)
+    load_adapter(again, tmp_path / "pissa", tokenizer=tokenizer)
+    assert (_out(again, inputs) - trained).abs().max().item() <= 1e-4
+
+
+def test_pissa_without_fingerprint_warns(tiny, tmp_path) -> None:
+    inject(tiny, LoraConfig(r=2, target_modules=["q"], init="pissa"))
+    with pytest.warns(UserWarning, match="no base fingerprint"):
+        save_adapter(tiny, tmp_path / "a")
+    assert adapter_info(tmp_path / "a")["fingerprint"] is None
+    assert any("PiSSA" in r for r in export_adapter(tmp_path / "a", "vllm").reasons)
+
+
+# -- info ------------------------------------------------------------------------------------------------------
+def test_info_cli_shows_config_size_fingerprint_and_provenance(minilm, tmp_path, capsys) -> None:
+    model, tokenizer = minilm
+    inject(model, LoraConfig(r=8, alpha=16, target_modules=["query", "value"]))
+    save_adapter(model, tmp_path / "a", provenance={"dataset": "rotten-tomatoes", "steps": 100}, tokenizer=tokenizer)
+    assert main(["info", str(tmp_path / "a")]) == 0
+    text = capsys.readouterr().out
+    for expected in ("r=8", "query x6", "value x6", "73,728", "fingerprint    sha256", "rotten-tomatoes",
+                     "% of it"):
+        assert expected in text, expected
+    assert main(["info", str(tmp_path / "a"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == 12 * 8 * (384 + 384) and info["ranks"] == [8]
+    assert info["weights_bytes"] < info["base_model_bytes"] / 100
+    assert main(["info", str(tmp_path / "missing")]) == 2
