@@ -154,17 +154,25 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 
 @contextmanager
-def route(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[None]:
+def route(model: nn.Module, adapter_names: Sequence[str | None], shared: Sequence[str] = ()) -> Iterator[None]:
     """Mixed batch: row ``i`` of every forward inside the block uses adapter ``adapter_names[i]`` (None: the
-    base model). One pass over the model, rows batched per layer; gradients flow to every named adapter."""
+    base model). One pass over the model, rows batched per layer; gradients flow to every named adapter.
+
+    ``shared`` adapters are added on every row as well (a shared part plus a per-row task part, as in MTLoRA);
+    row ``i`` then computes what ``set_adapter(model, [*shared, adapter_names[i]])`` computes, except that
+    ``modules_to_save`` copies follow the row's own adapter only."""
     state = _require_state(model)
     distinct = list(dict.fromkeys(n for n in adapter_names if n is not None))
-    _check_known(state, distinct)
+    shared = list(dict.fromkeys(shared))
+    _check_known(state, distinct + shared)
+    if set(shared) & set(distinct):
+        raise AdapterStateError(f"adapter(s) {sorted(set(shared) & set(distinct))} are both shared and per-row; "
+                                "each row would get them twice")
     if any(layer.merged for _, layer in lora_layers(model)):
         raise AdapterStateError("mixed batches need unmerged adapters; unmerge(model) first")
     device = next(model.parameters()).device
     index = torch.tensor([-1 if n is None else distinct.index(n) for n in adapter_names], device=device)
-    routing = Routing(distinct, index)
+    routing = Routing(distinct, index, shared)
     modules = [module for _, module in lora_modules(model)]
     for module in modules:
         module.routing = routing
@@ -195,7 +203,7 @@ def _merge(model: nn.Module, names: list[str], safe: bool) -> list[str]:
             if name in layer.merged_adapters:
                 raise AdapterStateError(f"adapter {name!r} is already merged (in {layer_name}); unmerge(model) "
                                         "first, or merge only adapters that are not merged yet")
-    backups: list[tuple[LoraLayer, torch.Tensor, int]] = []
+    backups: list[tuple[LoraLayer, dict[str, torch.Tensor], int]] = []
     with torch.no_grad():
         try:
             for layer_name, layer in layers:
@@ -203,7 +211,7 @@ def _merge(model: nn.Module, names: list[str], safe: bool) -> list[str]:
                 if not todo:
                     continue
                 if safe:
-                    backups.append((layer, layer.base_layer.weight.detach().clone(), len(layer.merged_adapters)))
+                    backups.append((layer, layer.base_snapshot(), len(layer.merged_adapters)))
                 for name in todo:
                     new_weight = layer.merged_weight(name)
                     if safe and not torch.isfinite(new_weight).all():
@@ -211,8 +219,8 @@ def _merge(model: nn.Module, names: list[str], safe: bool) -> list[str]:
                                                 "nothing was merged. Check the adapter (or merge with safe=False)")
                     layer.commit_merge(name, new_weight)
         except AdapterStateError:
-            for layer, weight, n_merged in reversed(backups):
-                layer.base_layer.weight.data.copy_(weight)
+            for layer, snapshot, n_merged in reversed(backups):
+                layer.restore_base(snapshot)
                 del layer.merged_adapters[n_merged:]
             raise
     return names

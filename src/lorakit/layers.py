@@ -12,8 +12,8 @@ DoRA (Liu et al. 2024, eq. 5): ``y = m / ||W + s B A||_row · (W + s B A) x + b`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +24,13 @@ from .errors import ConfigError
 
 @dataclass
 class Routing:
-    """Per-row adapter choice for a mixed batch: ``names[index[i]]`` is row i's adapter (-1: base model)."""
+    """Per-row adapter choice for a mixed batch: ``names[index[i]]`` is row i's adapter (-1: base model);
+    the ``shared`` adapters are added on every row, on top of the row's own."""
 
     names: list[str]
     index: Tensor  # (batch,) long
+    shared: list[str] = field(default_factory=list)
+    _memo: dict[tuple[str, ...], Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def slots(self, present: Callable[[str], bool]) -> Tensor:
         """Row -> slot in a stack of the present adapters, ``len(present names)`` being the all-zero slot."""
@@ -38,6 +41,18 @@ class Routing:
         lookup = torch.tensor(table + [-1], dtype=torch.long, device=self.index.device)
         slot = lookup[self.index]  # -1 for base rows; index -1 reads the trailing -1
         return torch.where(slot < 0, torch.full_like(slot, k), slot)
+
+    def slots_in(self, order: Sequence[str]) -> Tensor:
+        """Row -> position of its adapter in ``order``; ``len(order)`` (an all-zero slot) for base rows and
+        adapters not in ``order``. Memoized: the layers of one forward ask with the same few orders."""
+        key = tuple(order)
+        slot = self._memo.get(key)
+        if slot is None:
+            position = {name: i for i, name in enumerate(order)}
+            lookup = torch.tensor([position.get(n, len(order)) for n in self.names] + [len(order)],
+                                  dtype=torch.long, device=self.index.device)
+            slot = self._memo[key] = lookup[self.index]  # index -1 (base row) reads the trailing entry
+        return slot
 
 
 class LoraLayer(nn.Module):
@@ -183,10 +198,12 @@ class LoraLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
-        if self.routing is not None:
-            return result + self.routed_output(x, self.routing, result)
         base = result
-        for name in self.active_adapters:
+        names = self.active_adapters
+        if self.routing is not None:
+            result = result + self.routed_output(x, self.routing, base)
+            names = self.routing.shared
+        for name in names:
             if name in self.merged_adapters or name not in self.r:
                 continue
             if name in self.lora_magnitude_vector:
@@ -242,6 +259,13 @@ class LoraLayer(nn.Module):
 
     def _from_matrix(self, matrix: Tensor) -> Tensor:
         return matrix
+
+    def base_snapshot(self) -> dict[str, Tensor]:
+        """A copy of the base layer's tensors, for `restore_base` (safe merge)."""
+        return {k: v.detach().clone() for k, v in self.base_layer.state_dict().items()}
+
+    def restore_base(self, snapshot: dict[str, Tensor]) -> None:
+        self.base_layer.load_state_dict(snapshot)
 
     def commit_merge(self, name: str, new_weight: Tensor) -> None:
         if name in self.lora_magnitude_vector:
@@ -320,31 +344,57 @@ class LoraLinear(LoraLayer):
         self.base_layer.weight.data.copy_(self._from_matrix(residual).to(weight.dtype))
 
     def routed_output(self, x: Tensor, routing: Routing, base_result: Tensor) -> Tensor:
-        """One batched matmul for all rows: gather each row's A and B (ranks zero-padded to the largest)."""
+        """One batched matmul for all rows: gather each row's A and B (ranks zero-padded to the largest).
+
+        Without autograd (serving) the stacks of all adapters are built once and reused until an adapter is
+        added, removed or changed in place (tensor version counters), instead of being rebuilt every forward.
+        """
         present = [n for n in routing.names if n in self.r and n not in self.merged_adapters]
         if not present:
             return torch.zeros_like(base_result)
         if any(n in self.lora_magnitude_vector for n in present) or any(
                 isinstance(self.lora_dropout[n], nn.Dropout) and self.training for n in present):
             return super().routed_output(x, routing, base_result)
-        r_max = max(self.r[n] for n in present)
-        A0 = self.lora_A[present[0]].weight
-        zero_A = A0.new_zeros(r_max, A0.shape[1])
-        zero_B = A0.new_zeros(self.lora_B[present[0]].weight.shape[0], r_max)
-        A_stack = torch.stack([F.pad(self.lora_A[n].weight, (0, 0, 0, r_max - self.r[n])) for n in present]
-                              + [zero_A])
-        B_stack = torch.stack([F.pad(self.lora_B[n].weight * self.scaling[n], (0, r_max - self.r[n]))
-                               for n in present] + [zero_B])
-        slot = routing.slots(lambda n: n in present)
+        if torch.is_grad_enabled():
+            names, (A_stack, B_stack) = present, self._stacks(present)
+        else:
+            names, A_stack, B_stack = self._inference_stacks()
+        slot = routing.slots_in(names)
         batch = x.shape[0]
         if slot.shape[0] != batch:
             raise ValueError(f"mixed batch: {slot.shape[0]} adapter names for a batch of {batch} rows")
         x3 = x.reshape(batch, -1, x.shape[-1])
-        if x3.dtype != A0.dtype:
-            x3 = x3.to(A0.dtype)
-        hidden = torch.bmm(x3, A_stack[slot].transpose(1, 2))  # (batch, tokens, r_max)
-        out = torch.bmm(hidden, B_stack[slot].transpose(1, 2))  # (batch, tokens, out)
+        if x3.dtype != A_stack.dtype:
+            x3 = x3.to(A_stack.dtype)
+        # index_select on contiguous (slot, in, r) / (slot, r, out) stacks: ~3x faster than advanced indexing
+        hidden = torch.bmm(x3, A_stack.index_select(0, slot))  # (batch, tokens, r_max)
+        out = torch.bmm(hidden, B_stack.index_select(0, slot))  # (batch, tokens, out)
         return out.reshape(base_result.shape).to(base_result.dtype)
+
+    def _stacks(self, names: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """``A^T`` stacked ``(len(names) + 1, in, r_max)`` and ``s · B^T`` stacked ``(len(names) + 1, r_max, out)``;
+        ranks zero-padded to the largest, the last slot all zero (base rows)."""
+        r_max = max(self.r[n] for n in names)
+        A0, B0 = self.lora_A[names[0]].weight, self.lora_B[names[0]].weight
+        A_stack = torch.stack([F.pad(self.lora_A[n].weight, (0, 0, 0, r_max - self.r[n])).T for n in names]
+                              + [A0.new_zeros(A0.shape[1], r_max)])
+        B_stack = torch.stack([F.pad(self.lora_B[n].weight * self.scaling[n], (0, r_max - self.r[n])).T
+                               for n in names] + [B0.new_zeros(r_max, B0.shape[0])])
+        return A_stack, B_stack
+
+    def _inference_stacks(self) -> tuple[list[str], Tensor, Tensor]:
+        """`_stacks` of every unmerged adapter, cached while names, scalings and tensors stay the same."""
+        names = [n for n in self.r if n not in self.merged_adapters]
+        params = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in names]
+        key = [(n, self.scaling[n], a._version, b._version, a.data_ptr(), b.data_ptr()) for n, (a, b) in
+               zip(names, params)]
+        cached = self.__dict__.get("_routing_cache")
+        if cached is None or cached[0] != key or any(a is not ca or b is not cb for (a, b), (ca, cb) in
+                                                      zip(params, cached[1])):
+            A_stack, B_stack = self._stacks(names)
+            cached = self.__dict__["_routing_cache"] = (key, params, names, A_stack.contiguous(),
+                                                        B_stack.contiguous())
+        return cached[2], cached[3], cached[4]
 
 
 class LoraConv1D(LoraLinear):

@@ -87,6 +87,7 @@ class Recipe:
     train: TrainArgs = field(default_factory=TrainArgs)
     eval: EvalArgs = field(default_factory=EvalArgs)
     image_size: int | None = None
+    quantize: str | None = None  # int8 | nf4: frozen quantized base under the adapters (QLoRA-style)
     description: str = ""
 
     def lora_config(self, base_model_name: str | None = None) -> LoraConfig:
@@ -150,6 +151,10 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
         raise ConfigError(f"{source}: task must be one of {list(_TASK_TYPES)}, got {recipe.task!r}")
     if recipe.method not in ("lora", "full"):
         raise ConfigError(f"{source}: method must be 'lora' or 'full', got {recipe.method!r}")
+    if recipe.quantize not in (None, "int8", "nf4"):
+        raise ConfigError(f"{source}: quantize must be int8 or nf4, got {recipe.quantize!r}")
+    if recipe.method == "full" and recipe.quantize:
+        raise ConfigError(f"{source}: a quantized base is frozen; quantize needs method=lora")
     if recipe.train.schedule not in ("cosine", "linear", "constant"):
         raise ConfigError(f"{source}: train.schedule must be cosine, linear or constant")
     if recipe.method == "lora":
@@ -205,6 +210,12 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False,
     num_labels = len(splits.train.labels) if recipe.task != "causal-lm" and splits.train.labels else None
     loaded = load_model(recipe.model, task=recipe.task, num_labels=num_labels, seed=args.seed)
     model, tokenizer = loaded.model.to(world.device), loaded.tokenizer
+    quantized_bytes = None
+    if recipe.quantize:
+        from .quant import quantize_model, weight_bytes
+
+        quantize_model(model, recipe.quantize, skip=recipe.lora.get("modules_to_save") or ())
+        quantized_bytes = weight_bytes(model)
     eval_kwargs = dict(tokenizer=tokenizer, batch_size=recipe.eval.batch_size, max_length=args.max_length,
                        image_size=recipe.image_size, max_new_tokens=recipe.eval.max_new_tokens, device=world.device)
     base_eval = evaluate(model, recipe.task, test_rows, generate_examples=recipe.eval.generate_examples,
@@ -333,8 +344,10 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False,
         "trainable_fraction": n_trainable / n_total, "base_eval": base_eval, "eval": final_eval,
         "train_eval": train_eval, "train_time_s": train_time, "steps": state.global_step,
         "examples_seen": state.examples_seen, "peak_memory_mb": _peak_memory_mb(world),
-        "world_size": world.size, "history": state.history, "trainable_names": len(trainable_names),
+        "world_size": world.size, "history": state.history, "trainable_tensors": len(trainable_names),
     }
+    if quantized_bytes is not None:
+        metrics["quantized_weight_bytes"], metrics["quantized_weight_fp32_bytes"] = quantized_bytes
     if world.is_main:
         metrics["adapter_bytes"] = _save_result(model, loaded, recipe, out, metrics, splits.train, save_extras)
         _write_json(out / "metrics.json", metrics)
@@ -674,6 +687,10 @@ def load_run(run: str | Path) -> tuple[Recipe, Any]:
         labels = load_dataset(recipe.data, seed=recipe.train.seed).train.labels
     loaded = load_model(recipe.model, task=recipe.task, num_labels=len(labels) if labels else None,
                         seed=recipe.train.seed)
+    if recipe.quantize:
+        from .quant import quantize_model
+
+        quantize_model(loaded.model, recipe.quantize, skip=recipe.lora.get("modules_to_save") or ())
     if recipe.method == "lora":
         from .io import load_adapter
 
