@@ -1,0 +1,315 @@
+"""lorakit vs peft vs full fine-tuning, side by side: training step, peak memory, inference, mixed batches,
+adapter save/load. One command, configurations alternated in fresh worker processes, medians and ratios.
+
+    .venv/bin/python benchmarks/bench.py                  # MiniLM (8 x 128) and SmolLM2 (4 x 128), r=8, 2 threads
+    .venv/bin/python benchmarks/bench.py --models minilm --rounds 3 --steps 6
+
+Each (model, case) runs in its own process (so peak RSS is that case's), round after round in alternating
+order. Inside a worker every timed step also records how much CPU *other* processes used meanwhile
+(/proc/stat minus our own /proc/self/stat); steps where others took more than 10% of a core are discarded,
+because this machine is shared. Prints a table and writes benchmarks/results/bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = {"minilm": (8, 128), "smollm2": (4, 128)}
+ATTENTION = {"minilm": ["query", "value"], "smollm2": ["q_proj", "v_proj"]}
+TRAIN_CASES = ["floor", "lorakit-attn", "peft-attn", "lorakit-all", "peft-all", "full"]
+INFER_CASES = ["infer-base", "infer-lorakit", "infer-lorakit-merged", "infer-peft", "infer-peft-merged"]
+MIXED_CASES = ["mixed-lorakit-1", "mixed-lorakit-4", "mixed-lorakit-16", "mixed-lorakit-64", "mixed-peft-4",
+               "mixed-peft-16", "mixed-peft-64", "saveload-lorakit", "saveload-peft"]
+
+
+# -- worker side ------------------------------------------------------------------------------------------
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy ticks of the whole machine, ticks used by this process)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    busy = sum(fields) - fields[3] - fields[4]  # minus idle and iowait
+    with open("/proc/self/stat") as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    own = int(parts[11]) + int(parts[12])  # utime + stime (this process, all threads)
+    return busy, own
+
+
+def _timed(fn, steps: int, warmup: int) -> dict:
+    """Median seconds of ``fn()`` over ``steps`` clean runs (others used < 10% of a core meanwhile). If the
+    machine never gets quiet enough, the median of every run is reported with ``noisy: true``."""
+    for _ in range(warmup):
+        fn()
+    hz = os.sysconf("SC_CLK_TCK")
+    clean, every = [], []
+    for _ in range(steps * 3):
+        busy0, own0 = _cpu_ticks()
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        busy1, own1 = _cpu_ticks()
+        every.append(elapsed)
+        if ((busy1 - busy0) - (own1 - own0)) / hz <= 0.10 * elapsed:
+            clean.append(elapsed)
+            if len(clean) == steps:
+                break
+    noisy = len(clean) < max(1, steps // 2)
+    return {"median_s": statistics.median(every if noisy else clean), "kept": len(clean),
+            "dropped": len(every) - len(clean), "noisy": noisy}
+
+
+def _model(name: str):
+    import torch
+
+    from lorakit.models import load_model
+
+    task = "causal-lm" if name == "smollm2" else "base"
+    loaded = load_model(name, task=task)
+    batch, seq = SHAPES[name]
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 1000, (batch, seq), generator=gen)
+    return loaded.model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _out(model, inputs):
+    out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _lora(name: str, model, library: str, targets, n: int = 1):
+    """Add ``n`` r=8 adapters (B randomised so merged/unmerged work is real)."""
+    import torch
+
+    if library == "lorakit":
+        import lorakit
+
+        cfg = lorakit.LoraConfig(r=8, alpha=16, target_modules=targets)
+        lorakit.inject(model, cfg, "a0")
+        for i in range(1, n):
+            lorakit.add_adapter(model, f"a{i}", cfg)
+        wrapped = model
+    else:
+        import peft
+
+        cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets)
+        wrapped = peft.get_peft_model(model, cfg, adapter_name="a0")
+        for i in range(1, n):
+            wrapped.add_adapter(f"a{i}", cfg)
+        wrapped.set_adapter("a0")
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for pname, p in wrapped.named_parameters():
+            if "lora_B" in pname:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+    return wrapped
+
+
+def run_case(name: str, case: str, steps: int) -> dict:
+    import resource
+
+    import torch
+
+    torch.manual_seed(0)
+    model, inputs = _model(name)
+    result: dict = {}
+    if case in TRAIN_CASES:
+        if case == "floor":  # frozen base, gradients flow to the inputs only: the cost LoRA cannot go below
+            model.requires_grad_(False)
+            embed = model.get_input_embeddings()
+            params: list = []
+
+            def forward():
+                emb = embed(inputs["input_ids"]).detach().requires_grad_(True)
+                out = model(inputs_embeds=emb, attention_mask=inputs["attention_mask"])
+                return out.logits if hasattr(out, "logits") else out.last_hidden_state
+        elif case == "full":
+            params = list(model.parameters())
+
+            def forward():
+                return _out(model, inputs)
+        else:
+            library, scope = case.split("-")
+            targets = ATTENTION[name] if scope == "attn" else "all-linear"
+            model = _lora(name, model, library, targets)
+            params = [p for p in model.parameters() if p.requires_grad]
+
+            def forward():
+                return _out(model, inputs)
+        model.train()
+        optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+        def step():
+            out = forward()
+            out.float().pow(2).mean().backward()
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        result = _timed(step, steps, warmup=2)
+    elif case in INFER_CASES:
+        if case != "infer-base":
+            _, library, *merged = case.split("-")
+            model = _lora(name, model, library, "all-linear")
+            if merged:
+                if library == "lorakit":
+                    import lorakit
+
+                    lorakit.merge(model)
+                else:
+                    model.merge_adapter()
+        model.eval()
+        with torch.inference_mode():
+            result = _timed(lambda: _out(model, inputs), steps, warmup=2)
+    elif case.startswith("mixed"):
+        _, library, n = case.split("-")
+        n = int(n)
+        batch = inputs["input_ids"].shape[0] * 4  # a bigger batch so many adapters can be in it
+        ids = inputs["input_ids"].repeat(4, 1)
+        mixed_inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        model = _lora(name, model, library, "all-linear", n=max(n, 1))
+        model.eval()
+        names = [f"a{i % n}" for i in range(batch)]
+        with torch.inference_mode():
+            if library == "lorakit":
+                import lorakit
+
+                def run():
+                    with lorakit.route(model, names):
+                        return _out(model, mixed_inputs)
+            else:
+                def run():
+                    return _out(model, {**mixed_inputs, "adapter_names": names})
+            result = _timed(run, steps, warmup=1)
+        result["rows"] = batch
+    elif case.startswith("saveload"):
+        library = case.split("-")[1]
+        model = _lora(name, model, library, "all-linear")
+        folder = Path(tempfile.mkdtemp())
+        if library == "lorakit":
+            import lorakit
+
+            def cycle():
+                lorakit.save_adapter(model, folder / "x", "a0")
+                if "b" in lorakit.adapter_names(model):
+                    lorakit.delete_adapter(model, "b")
+                lorakit.load_adapter(model, folder / "x", adapter_name="b")
+        else:
+            def cycle():
+                model.save_pretrained(str(folder / "x"), selected_adapters=["a0"])
+                if "b" in model.peft_config:
+                    model.delete_adapter("b")
+                model.load_adapter(str(folder / "x"), adapter_name="b")
+        result = _timed(cycle, steps, warmup=1)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+# -- parent side ------------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"], choices=list(SHAPES))
+    parser.add_argument("--cases", nargs="+", default=TRAIN_CASES + INFER_CASES + MIXED_CASES)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per case (fresh process each)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per worker")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--worker", nargs=2, metavar=("MODEL", "CASE"), help=argparse.SUPPRESS)
+    parser.add_argument("--output", default=str(RESULTS / "bench.json"))
+    args = parser.parse_args()
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print("RESULT " + json.dumps(run_case(args.worker[0], args.worker[1], args.steps)), flush=True)
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    runs: dict[str, list[dict]] = {}
+    for round_ in range(args.rounds):
+        order = args.cases if round_ % 2 == 0 else list(reversed(args.cases))  # alternate the order
+        for model in args.models:
+            for case in order:
+                done = subprocess.run([sys.executable, __file__, "--worker", model, case, "--steps", str(args.steps),
+                                       "--threads", str(args.threads)], env=env, capture_output=True, text=True)
+                line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+                if line is None:
+                    print(f"{model}/{case} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                runs.setdefault(f"{model}/{case}", []).append(json.loads(line[7:]))
+                print(f"  round {round_ + 1} {model}/{case}: {runs[f'{model}/{case}'][-1]}", file=sys.stderr)
+    summary = {key: {"median_s": statistics.median(r["median_s"] for r in rs),
+                     "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
+                     "kept": sum(r["kept"] for r in rs), "dropped": sum(r["dropped"] for r in rs),
+                     "noisy": any(r.get("noisy") for r in rs),
+                     **({"rows": rs[0]["rows"]} if "rows" in rs[0] else {})}
+               for key, rs in runs.items()}
+    ratios = _ratios(summary, args.models)
+    print(_table(summary, ratios))
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": _machine(args.threads), "rounds": args.rounds, "steps": args.steps,
+                               "summary": summary, "ratios": ratios, "runs": runs}, indent=2))
+    print(f"\nwritten {out}")
+
+
+def _ratios(s: dict, models: list[str]) -> dict[str, float]:
+    def r(a: str, b: str) -> float | None:
+        if a in s and b in s and s[b]["median_s"]:
+            return s[a]["median_s"] / s[b]["median_s"]
+        return None
+
+    out = {}
+    for m in models:
+        for scope in ("attn", "all"):
+            out[f"{m} train lorakit-{scope} / floor"] = r(f"{m}/lorakit-{scope}", f"{m}/floor")
+            out[f"{m} train lorakit-{scope} / peft-{scope}"] = r(f"{m}/lorakit-{scope}", f"{m}/peft-{scope}")
+            if f"{m}/lorakit-{scope}" in s and f"{m}/peft-{scope}" in s:
+                out[f"{m} peak RSS lorakit-{scope} / peft-{scope}"] = (
+                    s[f"{m}/lorakit-{scope}"]["peak_rss_mb"] / s[f"{m}/peft-{scope}"]["peak_rss_mb"])
+        out[f"{m} train full / lorakit-attn"] = r(f"{m}/full", f"{m}/lorakit-attn")
+        out[f"{m} infer lorakit unmerged / base"] = r(f"{m}/infer-lorakit", f"{m}/infer-base")
+        out[f"{m} infer peft unmerged / base"] = r(f"{m}/infer-peft", f"{m}/infer-base")
+        out[f"{m} infer lorakit merged / base"] = r(f"{m}/infer-lorakit-merged", f"{m}/infer-base")
+        out[f"{m} infer peft merged / base"] = r(f"{m}/infer-peft-merged", f"{m}/infer-base")
+        for n in (4, 16, 64):
+            out[f"{m} mixed {n} adapters / single (lorakit)"] = r(f"{m}/mixed-lorakit-1", f"{m}/mixed-lorakit-{n}")
+            out[f"{m} mixed {n} adapters lorakit / peft (time)"] = r(f"{m}/mixed-lorakit-{n}", f"{m}/mixed-peft-{n}")
+        out[f"{m} save+load lorakit / peft"] = r(f"{m}/saveload-lorakit", f"{m}/saveload-peft")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _table(s: dict, ratios: dict) -> str:
+    lines = ["| model/case | median ms | peak RSS MB | steps kept/dropped |", "|---|---:|---:|---:|"]
+    for key, v in s.items():
+        flag = " (noisy: machine busy)" if v.get("noisy") else ""
+        lines.append(f"| {key} | {1000 * v['median_s']:.1f} | {v['peak_rss_mb']:.0f} | "
+                     f"{v['kept']}/{v['dropped']}{flag} |")
+    lines += ["", "| ratio of medians | value |", "|---|---:|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in ratios.items()]
+    return "\n".join(lines)
+
+
+def _machine(threads: int) -> dict:
+    import platform
+
+    import torch
+
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+            "peft": peft_version, "python": platform.python_version()}
+
+
+if __name__ == "__main__":
+    main()
