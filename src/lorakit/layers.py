@@ -54,6 +54,38 @@ class Routing:
             slot = self._memo[key] = lookup[self.index]  # index -1 (base row) reads the trailing entry
         return slot
 
+    def groups_in(self, order: Sequence[str]) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
+        """Rows grouped by their adapter's position in ``order``, for one batched matmul over adapter groups.
+
+        Returns ``used`` (the positions the groups stand for; None: all of ``order``, in order), ``members``
+        (flattened ``(groups, size)``: each group's rows, padded with row 0, whose results are never read),
+        ``place`` (``(batch,)``: each row's index in the flattened groups) and ``keep`` (``(batch,)``: 0 for
+        rows whose adapter is not in ``order``; None when there are none). Memoized like `slots_in`.
+        """
+        key = ("groups", *order)
+        if key not in self._memo:
+            slot = self.slots_in(order).tolist()
+            rows_of: dict[int, list[int]] = {}
+            for row, s in enumerate(slot):
+                if s < len(order):
+                    rows_of.setdefault(s, []).append(row)
+            # most adapters in use: read the whole stack (empty groups cost little); else copy the used ones
+            groups = list(range(len(order))) if 2 * len(rows_of) >= len(order) else sorted(rows_of)
+            size = max((len(rows) for rows in rows_of.values()), default=1)
+            members, place = [], [0] * len(slot)
+            for g in groups:
+                rows = rows_of.get(g, [])
+                for k in range(size):
+                    if k < len(rows):
+                        place[rows[k]] = len(members)
+                    members.append(rows[k] if k < len(rows) else 0)
+            device = self.index.device
+            used = None if len(groups) == len(order) else torch.tensor(groups, device=device)
+            keep = None if all(s < len(order) for s in slot) else \
+                torch.tensor([float(s < len(order)) for s in slot], device=device)
+            self._memo[key] = (used, torch.tensor(members, device=device), torch.tensor(place, device=device), keep)
+        return self._memo[key]
+
 
 class LoraLayer(nn.Module):
     """Base of the wrappers: adapter bookkeeping, merge/unmerge, and the forward loop.
@@ -344,7 +376,8 @@ class LoraLinear(LoraLayer):
         self.base_layer.weight.data.copy_(self._from_matrix(residual).to(weight.dtype))
 
     def routed_output(self, x: Tensor, routing: Routing, base_result: Tensor) -> Tensor:
-        """One batched matmul for all rows: gather each row's A and B (ranks zero-padded to the largest).
+        """Each row gets its own adapter's ``s · B A x``: two batched matmuls over groups of rows that share an
+        adapter (ranks zero-padded to the largest).
 
         Without autograd (serving) the stacks of all adapters are built once and reused until an adapter is
         added, removed or changed in place (tensor version counters), instead of being rebuilt every forward.
@@ -352,48 +385,52 @@ class LoraLinear(LoraLayer):
         present = [n for n in routing.names if n in self.r and n not in self.merged_adapters]
         if not present:
             return torch.zeros_like(base_result)
-        if any(n in self.lora_magnitude_vector for n in present) or any(
-                isinstance(self.lora_dropout[n], nn.Dropout) and self.training for n in present):
+        if any(n in self.lora_magnitude_vector for n in present) or self.training and any(
+                isinstance(self.lora_dropout[n], nn.Dropout) for n in present):
             return super().routed_output(x, routing, base_result)
         if torch.is_grad_enabled():
             names, (A_stack, B_stack) = present, self._stacks(present)
         else:
             names, A_stack, B_stack = self._inference_stacks()
-        slot = routing.slots_in(names)
         batch = x.shape[0]
-        if slot.shape[0] != batch:
-            raise ValueError(f"mixed batch: {slot.shape[0]} adapter names for a batch of {batch} rows")
-        x3 = x.reshape(batch, -1, x.shape[-1])
-        if x3.dtype != A_stack.dtype:
-            x3 = x3.to(A_stack.dtype)
-        # index_select on contiguous (slot, in, r) / (slot, r, out) stacks: ~3x faster than advanced indexing
-        hidden = torch.bmm(x3, A_stack.index_select(0, slot))  # (batch, tokens, r_max)
-        out = torch.bmm(hidden, B_stack.index_select(0, slot))  # (batch, tokens, out)
+        if routing.index.shape[0] != batch:
+            raise ValueError(f"mixed batch: {routing.index.shape[0]} adapter names for a batch of {batch} rows")
+        # rows are grouped by adapter and each group meets its adapter's A and B once: copying activations
+        # (rows x in) instead of each row's weights (rows x r x (in + out)), which dominated decoding steps
+        used, members, place, keep = routing.groups_in(names)
+        if used is not None:
+            A_stack, B_stack = A_stack.index_select(0, used), B_stack.index_select(0, used)
+        x3 = x.reshape(batch, -1, x.shape[-1]).to(A_stack.dtype)
+        tokens, groups = x3.shape[1], A_stack.shape[0]
+        grouped = x3.index_select(0, members).reshape(groups, -1, x3.shape[-1])  # (groups, size * tokens, in)
+        # A (r, in) and B (out, r) used transposed, as F.linear uses them: same rounding as one adapter alone
+        out = torch.bmm(torch.bmm(grouped, A_stack.transpose(1, 2)), B_stack.transpose(1, 2))
+        out = out.reshape(-1, tokens, B_stack.shape[1]).index_select(0, place)  # (batch, tokens, out)
+        if keep is not None:
+            out = out * keep.to(out.dtype).view(-1, 1, 1)
         return out.reshape(base_result.shape).to(base_result.dtype)
 
     def _stacks(self, names: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """``A^T`` stacked ``(len(names) + 1, in, r_max)`` and ``s · B^T`` stacked ``(len(names) + 1, r_max, out)``;
-        ranks zero-padded to the largest, the last slot all zero (base rows)."""
+        """A stacked ``(len(names), r_max, in)`` and ``s · B`` stacked ``(len(names), out, r_max)``, ranks
+        zero-padded to the largest."""
         r_max = max(self.r[n] for n in names)
-        A0, B0 = self.lora_A[names[0]].weight, self.lora_B[names[0]].weight
-        A_stack = torch.stack([F.pad(self.lora_A[n].weight, (0, 0, 0, r_max - self.r[n])).T for n in names]
-                              + [A0.new_zeros(A0.shape[1], r_max)])
-        B_stack = torch.stack([F.pad(self.lora_B[n].weight * self.scaling[n], (0, r_max - self.r[n])).T
-                               for n in names] + [B0.new_zeros(r_max, B0.shape[0])])
+        A_stack = torch.stack([F.pad(self.lora_A[n].weight, (0, 0, 0, r_max - self.r[n])) for n in names])
+        B_stack = torch.stack([F.pad(self.lora_B[n].weight * self.scaling[n], (0, r_max - self.r[n]))
+                               for n in names])
         return A_stack, B_stack
 
     def _inference_stacks(self) -> tuple[list[str], Tensor, Tensor]:
         """`_stacks` of every unmerged adapter, cached while names, scalings and tensors stay the same."""
         names = [n for n in self.r if n not in self.merged_adapters]
-        params = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in names]
-        key = [(n, self.scaling[n], a._version, b._version, a.data_ptr(), b.data_ptr()) for n, (a, b) in
-               zip(names, params)]
+        A_mods, B_mods = self.lora_A._modules, self.lora_B._modules  # plain dicts: this check runs every forward
+        params = [(A_mods[n]._parameters["weight"], B_mods[n]._parameters["weight"]) for n in names]
+        # ids are safe keys: the cache keeps the tensors it was built from alive
+        key = [(n, self.scaling[n], id(a), id(b), a._version, b._version, a.data_ptr(), b.data_ptr())
+               for n, (a, b) in zip(names, params)]
         cached = self.__dict__.get("_routing_cache")
-        if cached is None or cached[0] != key or any(a is not ca or b is not cb for (a, b), (ca, cb) in
-                                                      zip(params, cached[1])):
+        if cached is None or cached[0] != key:
             A_stack, B_stack = self._stacks(names)
-            cached = self.__dict__["_routing_cache"] = (key, params, names, A_stack.contiguous(),
-                                                        B_stack.contiguous())
+            cached = self.__dict__["_routing_cache"] = (key, params, names, A_stack, B_stack)
         return cached[2], cached[3], cached[4]
 
 

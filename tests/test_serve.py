@@ -1,0 +1,393 @@
+"""`lorakit serve` against a live server on 127.0.0.1: SmolLM2-135M-Instruct with three small adapters.
+
+Greedy answers equal `lorakit.evaluate.generate` / ``lorakit generate``; concurrent requests for different
+adapters share decoding steps and still get their own adapter's answer; the official ``openai`` client works;
+every bad input gets its status code and the server keeps serving; adapter administration needs the token.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+
+import lorakit
+from lorakit import LoraConfig, inject, save_adapter
+from lorakit.evaluate import generate
+from lorakit.io import load_adapter
+from lorakit.serve import Engine, ServeConfig, ServerThread, create_app
+
+from conftest import randomize_lora
+
+ADAPTERS = ("alpha", "beta", "gamma")
+PROMPTS = ("Name three colors.", "Write a haiku about the sea.")
+TOKENS = 12
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, smollm2_session):
+    """Small real adapters (LoRA on q/v, seeded random B: B = 0 would be the base model) in ``adapters/``, one
+    more outside it, and one saved for another base (its fingerprint does not match)."""
+    root = tmp_path_factory.mktemp("serve")
+    model = inject(copy.deepcopy(smollm2_session.model), LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    targets = [(ADAPTERS[0], 10, root / "adapters"), (ADAPTERS[1], 11, root / "adapters"),
+               (ADAPTERS[2], 12, root / "adapters"), ("delta", 20, root / "outside"), ("foreign", 21, root / "outside")]
+    for name, seed, folder in targets:
+        if name == "foreign":
+            with torch.no_grad():
+                model.model.layers[0].self_attn.q_proj.weight.add_(0.01)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for key, param in model.named_parameters():
+                if "lora_A" in key or "lora_B" in key:
+                    std = param.shape[1] ** -0.5 if "lora_A" in key else 0.06
+                    param.copy_(torch.randn(param.shape, generator=generator) * std)
+        save_adapter(model, folder / name, tokenizer=smollm2_session.tokenizer)
+    (root / "secret").mkdir()
+    return root / "adapters"
+
+
+@pytest.fixture(scope="module")
+def reference(adapter_dir, smollm2_session):
+    """Greedy answers of `lorakit.evaluate.generate` (one prompt at a time), computed on demand."""
+    model = copy.deepcopy(smollm2_session.model)
+    for name in ADAPTERS:
+        load_adapter(model, adapter_dir / name, adapter_name=name)
+    answers: dict[tuple[str, str], str] = {}
+
+    def answer(adapter: str, prompt: str) -> str:
+        if (adapter, prompt) not in answers:
+            if adapter == "smollm2":
+                with lorakit.disable_adapters(model):
+                    answers[adapter, prompt] = generate(model, smollm2_session.tokenizer, [prompt], TOKENS)[0]
+            else:
+                lorakit.set_adapter(model, adapter)
+                answers[adapter, prompt] = generate(model, smollm2_session.tokenizer, [prompt], TOKENS)[0]
+        return answers[adapter, prompt]
+
+    return answer
+
+
+@pytest.fixture(scope="module")
+def server(adapter_dir, smollm2_session):
+    # two adapter slots for three adapters: requests also exercise LRU unloading and waiting for a slot
+    config = ServeConfig(max_batch=8, max_tokens=200, max_context=512, max_adapters=2, admin_token=TOKEN,
+                         request_timeout=120)
+    engine = Engine(copy.deepcopy(smollm2_session.model), smollm2_session.tokenizer, "causal-lm", "smollm2",
+                    config, adapter_dir=adapter_dir)
+    with ServerThread(create_app(engine)) as running:
+        running.engine = engine
+        yield running
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        yield http
+
+
+def _chat(client: httpx.Client, model: str, prompt: str, **extra) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": TOKENS,
+            "temperature": 0, **extra}
+    return client.post("/v1/chat/completions", json=body)
+
+
+def _metric(client: httpx.Client, name: str) -> float:
+    text = client.get("/metrics").text
+    return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.M).group(1))
+
+
+def _wait_idle(client: httpx.Client, seconds: float = 30) -> dict:
+    deadline = time.monotonic() + seconds
+    while True:
+        health = client.get("/health").json()
+        if health["active"] == 0 and health["waiting"] == 0 or time.monotonic() > deadline:
+            return health
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# answers
+# ---------------------------------------------------------------------------------------------------------
+def test_greedy_chat_and_completion_equal_generate(client, reference, smollm2_session) -> None:
+    for model in ("smollm2", "alpha"):
+        response = _chat(client, model, PROMPTS[0])
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["object"] == "chat.completion" and body["model"] == model
+        assert body["choices"][0]["message"]["content"] == reference(model, PROMPTS[0])
+        assert body["usage"]["completion_tokens"] <= TOKENS
+    # /v1/completions takes the raw prompt: the chat-templated text gives the same answer
+    text = smollm2_session.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], tokenize=False,
+                                                         add_generation_prompt=True)
+    response = client.post("/v1/completions", json={"model": "beta", "prompt": text, "max_tokens": TOKENS,
+                                                     "temperature": 0})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == reference("beta", PROMPTS[0])
+
+
+def test_equals_lorakit_generate_cli(client, adapter_dir, capsys) -> None:
+    from lorakit.cli import main
+
+    assert main(["generate", PROMPTS[1], "--adapter", str(adapter_dir / "gamma"),
+                 "--max-new-tokens", str(TOKENS)]) == 0
+    printed = capsys.readouterr().out
+    served = _chat(client, "gamma", PROMPTS[1]).json()["choices"][0]["message"]["content"]
+    assert printed.strip() == served.strip()
+
+
+def test_concurrent_mixed_adapters_share_steps(client, reference, server) -> None:
+    steps_before = _metric(client, "lorakit_decode_steps_total")
+    jobs = [(model, PROMPTS[1]) for model in ("smollm2", *ADAPTERS)] + [("alpha", PROMPTS[0]), ("smollm2", PROMPTS[0])]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        responses = list(pool.map(lambda job: _chat(client, *job), jobs))
+    for (model, prompt), response in zip(jobs, responses):
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == reference(model, prompt), (model, prompt)
+    # the four models answer the second prompt four different ways, so a mix-up would show
+    assert len({reference(model, PROMPTS[1]) for model in ("smollm2", *ADAPTERS)}) == 4
+    metrics = client.get("/metrics").text
+    steps = _metric(client, "lorakit_decode_steps_total") - steps_before
+    single = float(re.search(r'^lorakit_batch_size_bucket\{le="1.0"\} (\S+)$', metrics, re.M).group(1))
+    total = _metric(client, "lorakit_batch_size_count")
+    assert single < total  # some decoding steps carried several requests (and adapters) at once
+    assert steps < len(jobs) * TOKENS  # far fewer steps than one request at a time would need
+    assert _metric(client, "lorakit_adapters_loaded") <= 2  # LRU limit held with three adapters in use
+    assert _metric(client, "lorakit_adapter_unloads_total") >= 1
+
+
+def test_sampling_seed_and_stop(client, reference) -> None:
+    sampled = [_chat(client, "alpha", PROMPTS[1], temperature=0.9, top_p=0.9, seed=7).json() for _ in range(2)]
+    assert sampled[0]["choices"][0]["message"]["content"] == sampled[1]["choices"][0]["message"]["content"]
+    full = reference("smollm2", PROMPTS[0])
+    stop = full.split()[1]  # a word from the middle of the greedy answer
+    body = _chat(client, "smollm2", PROMPTS[0], stop=[stop]).json()
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["choices"][0]["message"]["content"] == full[:full.index(stop)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the official client
+# ---------------------------------------------------------------------------------------------------------
+def test_openai_client(server, reference) -> None:
+    api = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    ids = [m.id for m in api.models.list().data]
+    assert ids[0] == "smollm2" and set(ADAPTERS) <= set(ids)
+    chat = api.chat.completions.create(model="beta", messages=[{"role": "user", "content": PROMPTS[1]}],
+                                       max_tokens=TOKENS, temperature=0)
+    assert chat.choices[0].message.content == reference("beta", PROMPTS[1])
+    chunks = list(api.chat.completions.create(model="beta", messages=[{"role": "user", "content": PROMPTS[1]}],
+                                              max_tokens=TOKENS, temperature=0, stream=True,
+                                              stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reference("beta", PROMPTS[1])
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    completion = api.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4,
+                                        temperature=0)
+    streamed = api.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4,
+                                      temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == completion.choices[0].text
+    with pytest.raises(openai.NotFoundError):
+        api.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# limits and bad inputs
+# ---------------------------------------------------------------------------------------------------------
+def test_bad_inputs_get_their_status_and_server_keeps_serving(client, server, reference) -> None:
+    chat = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    cases = {
+        "unknown model": ({**chat, "model": "no-such-adapter"}, 404),
+        "path as model": ({**chat, "model": "../adapters/alpha"}, 404),
+        "prompt too long": ({**chat, "messages": [{"role": "user", "content": "word " * 600}]}, 400),
+        "max_tokens over limit": ({**chat, "max_tokens": 201}, 400),
+        "prompt + max_tokens over context": ({**chat, "messages": [{"role": "user", "content": "word " * 400}],
+                                              "max_tokens": 200}, 400),
+        "max_tokens zero": ({**chat, "max_tokens": 0}, 400),
+        "temperature out of range": ({**chat, "temperature": 5}, 400),
+        "n > 1": ({**chat, "n": 2}, 400),
+        "logprobs": ({**chat, "logprobs": True}, 400),
+        "no messages": ({**chat, "messages": []}, 400),
+        "missing model": ({"messages": chat["messages"]}, 400),
+    }
+    for what, (body, status) in cases.items():
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == status, (what, response.text)
+        assert response.json()["error"]["message"], what
+    malformed = client.post("/v1/chat/completions", content=b'{"model": "alpha", "messages": [',
+                            headers={"content-type": "application/json"})
+    assert malformed.status_code == 400 and "JSON" in malformed.json()["error"]["message"]
+    assert client.post("/v1/classify", json={"model": "smollm2", "input": "x"}).status_code == 400
+    assert client.get("/v1/nothing").status_code == 404
+
+    engine = server.engine
+    engine.config.max_queue = 0  # nothing may wait: the queue is full
+    try:
+        full = client.post("/v1/chat/completions", json=chat)
+    finally:
+        engine.config.max_queue = 256
+    assert full.status_code == 429 and full.headers["retry-after"]
+    engine.config.request_timeout = 1e-6  # expires before the engine admits it
+    try:
+        late = client.post("/v1/chat/completions", json=chat)
+        late_stream = client.post("/v1/chat/completions", json={**chat, "stream": True})
+    finally:
+        engine.config.request_timeout = 120
+    assert late.status_code == 408 and late_stream.status_code == 408, (late.text, late_stream.text)
+
+    assert client.get("/health").json()["status"] == "ok"
+    assert _chat(client, "smollm2", PROMPTS[0]).json()["choices"][0]["message"]["content"] == \
+        reference("smollm2", PROMPTS[0])
+    metrics = client.get("/metrics").text
+    assert 'endpoint="/v1/chat/completions",status="429"' in metrics
+    assert 'endpoint="/v1/chat/completions",status="404"' in metrics
+
+
+def test_client_disconnect_frees_its_slot(client, server) -> None:
+    cancelled = _metric(client, "lorakit_cancelled_total")
+    body = {"model": "smollm2", "prompt": "Count from 1 to 1000: 1, 2, 3,", "max_tokens": 200, "temperature": 0,
+            "stream": True}
+    with httpx.Client(base_url=server.url, timeout=60) as other:
+        with other.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            first = next(response.iter_lines())
+            assert first.startswith("data: ")
+    health = _wait_idle(client)
+    assert health["active"] == 0 and health["waiting"] == 0
+    assert _metric(client, "lorakit_cancelled_total") == cancelled + 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# adapter administration
+# ---------------------------------------------------------------------------------------------------------
+def test_adapter_admin_needs_token_and_refuses_paths(client, adapter_dir, reference) -> None:
+    outside = adapter_dir.parent / "outside"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert client.post("/v1/adapters", json={"name": "delta", "path": str(outside / "delta")}).status_code == 401
+    assert client.post("/v1/adapters", json={"name": "delta", "path": str(outside / "delta")},
+                       headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.delete("/v1/adapters/alpha").status_code == 401
+    for name in ("../secret", "../adapters/alpha", "a/b", "..", ".hidden", "x" * 200):
+        response = client.post("/v1/adapters", json={"name": name}, headers=auth)
+        assert response.status_code == 400, (name, response.text)
+    assert client.post("/v1/adapters", json={"name": "missing"}, headers=auth).status_code == 404
+    foreign = client.post("/v1/adapters", json={"name": "foreign", "path": str(outside / "foreign")}, headers=auth)
+    assert foreign.status_code == 422 and "another base" in foreign.json()["error"]["message"]
+
+    added = client.post("/v1/adapters", json={"name": "delta", "path": str(outside / "delta")}, headers=auth)
+    assert added.status_code == 201, added.text
+    assert client.post("/v1/adapters", json={"name": "delta", "path": str(outside / "delta")},
+                       headers=auth).status_code == 409
+    assert "delta" in [m["id"] for m in client.get("/v1/models").json()["data"]]
+    answer = _chat(client, "delta", PROMPTS[0])
+    assert answer.status_code == 200
+    assert client.delete("/v1/adapters/delta", headers=auth).status_code == 200
+    assert _chat(client, "delta", PROMPTS[0]).status_code == 404
+    assert client.delete("/v1/adapters/delta", headers=auth).status_code == 404
+    # an adapter-folder entry is only unloaded: it loads again on next use
+    assert client.post("/v1/adapters", json={"name": "gamma"}, headers=auth).status_code in (201, 409)
+    assert client.delete("/v1/adapters/gamma", headers=auth).status_code == 200
+    assert _chat(client, "gamma", PROMPTS[0]).json()["choices"][0]["message"]["content"] == \
+        reference("gamma", PROMPTS[0])
+
+
+def test_admin_disabled_without_token(smollm2_session) -> None:
+    engine = Engine(smollm2_session.model, smollm2_session.tokenizer, "causal-lm", "smollm2")
+    with ServerThread(create_app(engine)) as running:
+        response = httpx.post(running.url + "/v1/adapters", json={"name": "x"},
+                              headers={"Authorization": "Bearer anything"})
+        assert response.status_code == 403
+        assert httpx.get(running.url + "/health").json()["adapters_loaded"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# classification bases, CLI, routing cache
+# ---------------------------------------------------------------------------------------------------------
+def test_classify_matches_direct_forward(tmp_path) -> None:
+    from lorakit.models import load_model
+
+    loaded = load_model("minilm", task="sequence-classification", num_labels=2)
+    model = copy.deepcopy(loaded.model)
+    inject(model, LoraConfig(r=4, alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    randomize_lora(model, seed=3, std=0.05)
+    with torch.no_grad():
+        model.classifier.modules_to_save["default"].weight.mul_(3)
+    save_adapter(model, tmp_path / "sentiment", tokenizer=loaded.tokenizer)
+    texts = ["A gripping, beautifully acted film.", "Dull."]
+    enc = loaded.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = torch.softmax(model(**enc).logits, -1)
+        with lorakit.disable_adapters(model):
+            expected_base = torch.softmax(model(**enc).logits, -1)
+
+    engine = Engine(loaded.model, loaded.tokenizer, "sequence-classification", "minilm",
+                    adapter_dir=tmp_path)
+    with ServerThread(create_app(engine)) as running, httpx.Client(base_url=running.url, timeout=60) as http:
+        with ThreadPoolExecutor(2) as pool:
+            adapted, base = pool.map(lambda m: http.post("/v1/classify", json={"model": m, "input": texts}),
+                                     ["sentiment", "minilm"])
+        assert adapted.status_code == 200, adapted.text
+        got = torch.tensor([row["probs"] for row in adapted.json()["data"]])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+        got_base = torch.tensor([row["probs"] for row in base.json()["data"]])
+        torch.testing.assert_close(got_base, expected_base, atol=1e-5, rtol=1e-4)
+        assert adapted.json()["data"][0]["label"] in ("LABEL_0", "LABEL_1")
+        assert http.post("/v1/chat/completions", json={"model": "minilm", "messages": [
+            {"role": "user", "content": "hi"}]}).status_code == 400
+
+
+def test_serve_command_registered() -> None:
+    from lorakit.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--base", "smollm2", "--adapter", "a=/x", "--adapter-dir", "d",
+                                      "--max-adapters", "4", "--port", "0"])
+    assert args.command == "serve" and args.adapter == ["a=/x"] and args.max_adapters == 4
+
+
+def test_routed_inference_cache_follows_weight_changes(tiny, tiny_ids) -> None:
+    """LoRA layers reuse stacked adapters without autograd; an in-place change or a new adapter is seen."""
+    inject(tiny, LoraConfig(r=4, target_modules=["q", "v"]))
+    lorakit.add_adapter(tiny, "other", LoraConfig(r=2, target_modules=["q"]))
+    randomize_lora(tiny)
+    names = ["default", None, "other", "default"]
+
+    def routed() -> torch.Tensor:
+        with torch.no_grad(), lorakit.route(tiny, names):
+            return tiny(tiny_ids)
+
+    def alone(i: int) -> torch.Tensor:
+        with torch.no_grad():
+            if names[i] is None:
+                with lorakit.disable_adapters(tiny):
+                    return tiny(tiny_ids[i:i + 1])
+            lorakit.set_adapter(tiny, names[i])
+            return tiny(tiny_ids[i:i + 1])
+
+    first = routed()
+    for _ in range(2):
+        for i in range(len(names)):
+            torch.testing.assert_close(routed()[i:i + 1], alone(i), atol=1e-6, rtol=1e-5)
+        with torch.no_grad():
+            tiny.layers[0]["q"].lora_B["default"].weight.add_(0.5)  # in place: the cached stack is stale
+    assert not torch.allclose(routed(), first)
+    lorakit.add_adapter(tiny, "third", LoraConfig(r=3, target_modules=["v"]))
+    randomize_lora(tiny, seed=5)
+    names[1] = "third"
+    for i in range(len(names)):
+        torch.testing.assert_close(routed()[i:i + 1], alone(i), atol=1e-6, rtol=1e-5)
+
+
+def test_engine_rejects_unsupported_tasks(smollm2_session) -> None:
+    from lorakit.serve import ServeError
+
+    with pytest.raises(ServeError):
+        Engine(smollm2_session.model, smollm2_session.tokenizer, "image-classification", "x")
+    assert json.dumps(ServeError(429, "busy").body())  # error bodies are plain JSON
