@@ -101,9 +101,13 @@ def test_safe_merge_refuses_nan_and_keeps_weights(tiny) -> None:
     assert not torch.isfinite(tiny.layers[1]["v"].base_layer.weight).all()
 
 
-def test_mixed_batch_equals_each_row_alone(tiny, tiny_ids) -> None:
+@pytest.mark.parametrize("names", [
+    ["b", None, "default", "b"],  # interleaved: gathered rows
+    ["b", "b", None, "default"],  # contiguous runs of unequal length: views and one concatenation
+    ["default", "default", "b", "b"],  # equal contiguous groups: plain reshapes
+], ids=["interleaved", "runs", "equal-runs"])
+def test_mixed_batch_equals_each_row_alone(tiny, tiny_ids, names) -> None:
     _two_adapters(tiny)
-    names = ["b", None, "default", "b"]
     with lorakit.route(tiny, names):
         mixed = tiny(tiny_ids)
     for i, name in enumerate(names):
@@ -138,6 +142,32 @@ def test_mixed_batch_with_dora_and_gradients() -> None:
     lorakit.set_adapter(model, ["default", "plain"])
     for name, grad in grad_mixed.items():
         torch.testing.assert_close(grad, model.get_parameter(name).grad, atol=1e-6, rtol=1e-5)
+
+
+def test_contiguous_mixed_batch_gradients_equal_each_group_alone(tiny, tiny_ids) -> None:
+    """Multi-task batches (one task's rows after another) take the view path in every layer type (DoRA sends
+    Linear there too); outputs and gradients must be those of running each group through its own adapter."""
+    inject(tiny, LoraConfig(r=2, target_modules=["q", "v", "embed", "conv", "pointwise"],
+                            modules_to_save=["head"]))
+    lorakit.add_adapter(tiny, "b", LoraConfig(r=3, target_modules=["q", "v"], use_dora=True,
+                                              modules_to_save=["head"]))
+    randomize_lora(tiny, std=0.2)
+    lorakit.set_adapter(tiny, ["default", "b"])
+    tiny.train()
+    names, groups = ["b", "b", "default", "default"], [("b", slice(0, 2)), ("default", slice(2, 4))]
+    with lorakit.route(tiny, names):
+        mixed = tiny(tiny_ids)
+    mixed.pow(2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in tiny.named_parameters() if p.grad is not None}
+    tiny.zero_grad()
+    for name, rows in groups:
+        lorakit.set_adapter(tiny, name)
+        alone = tiny(tiny_ids[rows])
+        torch.testing.assert_close(mixed[rows], alone, atol=1e-6, rtol=0)
+        alone.pow(2).sum().backward()
+    assert grads and set(grads) == {n for n, p in tiny.named_parameters() if p.grad is not None}
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, tiny.get_parameter(name).grad, atol=1e-6, rtol=1e-5)
 
 
 def test_route_rejects_unknown_names_and_merged_models(tiny, tiny_ids) -> None:

@@ -30,7 +30,7 @@ class Routing:
     names: list[str]
     index: Tensor  # (batch,) long
     shared: list[str] = field(default_factory=list)
-    _memo: dict[tuple[str, ...], Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def slots(self, present: Callable[[str], bool]) -> Tensor:
         """Row -> slot in a stack of the present adapters, ``len(present names)`` being the all-zero slot."""
@@ -41,6 +41,22 @@ class Routing:
         lookup = torch.tensor(table + [-1], dtype=torch.long, device=self.index.device)
         slot = lookup[self.index]  # -1 for base rows; index -1 reads the trailing -1
         return torch.where(slot < 0, torch.full_like(slot, k), slot)
+
+    def runs(self) -> list[tuple[int, int, int]] | None:
+        """``(adapter position or -1, start, stop)`` for each run of rows sharing an adapter, in row order, when
+        every adapter's rows form one contiguous run (as in multi-task batches, one task after another);
+        None otherwise. Contiguous rows are views (``narrow``) instead of gathered copies. Memoized."""
+        if "runs" not in self._memo:
+            values = self.index.tolist()
+            runs: list[tuple[int, int, int]] = []
+            for row, v in enumerate(values):
+                if runs and runs[-1][0] == v:
+                    runs[-1] = (v, runs[-1][1], row + 1)
+                else:
+                    runs.append((v, row, row + 1))
+            contiguous = len({v for v, _, _ in runs}) == len(runs)
+            self._memo["runs"] = runs if contiguous else None  # type: ignore[assignment]
+        return self._memo["runs"]  # type: ignore[return-value]
 
     def slots_in(self, order: Sequence[str]) -> Tensor:
         """Row -> position of its adapter in ``order``; ``len(order)`` (an all-zero slot) for base rows and
@@ -54,13 +70,14 @@ class Routing:
             slot = self._memo[key] = lookup[self.index]  # index -1 (base row) reads the trailing entry
         return slot
 
-    def groups_in(self, order: Sequence[str]) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
+    def groups_in(self, order: Sequence[str]) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         """Rows grouped by their adapter's position in ``order``, for one batched matmul over adapter groups.
 
         Returns ``used`` (the positions the groups stand for; None: all of ``order``, in order), ``members``
         (flattened ``(groups, size)``: each group's rows, padded with row 0, whose results are never read),
         ``place`` (``(batch,)``: each row's index in the flattened groups) and ``keep`` (``(batch,)``: 0 for
-        rows whose adapter is not in ``order``; None when there are none). Memoized like `slots_in`.
+        rows whose adapter is not in ``order``; None when there are none). ``members`` and ``place`` are None
+        when the groups are the batch's rows in order (equal contiguous groups). Memoized like `slots_in`.
         """
         key = ("groups", *order)
         if key not in self._memo:
@@ -83,7 +100,11 @@ class Routing:
             used = None if len(groups) == len(order) else torch.tensor(groups, device=device)
             keep = None if all(s < len(order) for s in slot) else \
                 torch.tensor([float(s < len(order)) for s in slot], device=device)
-            self._memo[key] = (used, torch.tensor(members, device=device), torch.tensor(place, device=device), keep)
+            if members == place == list(range(len(slot))):  # equal contiguous groups in order: plain reshapes
+                self._memo[key] = (used, None, None, keep)
+            else:
+                self._memo[key] = (used, torch.tensor(members, device=device), torch.tensor(place, device=device),
+                                   keep)
         return self._memo[key]
 
 
@@ -262,6 +283,21 @@ class LoraLayer(nn.Module):
     def routed_output(self, x: Tensor, routing: Routing, base_result: Tensor) -> Tensor:
         """Mixed batch: each row gets its own adapter's addition. Generic version: one pass per distinct
         adapter over its rows (never per row); Linear-like layers override it with one batched matmul."""
+        runs = routing.runs()
+        if runs is not None:  # each adapter's rows are one slice: views in, one concatenation out
+            parts = []
+            for j, start, stop in runs:
+                name = routing.names[j] if j >= 0 else None
+                if name is None or name not in self.r or name in self.merged_adapters:
+                    parts.append(torch.zeros_like(base_result.narrow(0, start, stop - start)))
+                    continue
+                xr = x.narrow(0, start, stop - start)
+                if name in self.lora_magnitude_vector:
+                    part = self.dora_output(xr, name, base_result.narrow(0, start, stop - start))
+                else:
+                    part = self.lora_output(xr, name)
+                parts.append(part.to(base_result.dtype))
+            return torch.cat(parts) if len(parts) > 1 else parts[0]
         out = torch.zeros_like(base_result)
         for j, name in enumerate(routing.names):
             if name not in self.r or name in self.merged_adapters:
@@ -402,10 +438,14 @@ class LoraLinear(LoraLayer):
             A_stack, B_stack = A_stack.index_select(0, used), B_stack.index_select(0, used)
         x3 = x.reshape(batch, -1, x.shape[-1]).to(A_stack.dtype)
         tokens, groups = x3.shape[1], A_stack.shape[0]
-        grouped = x3.index_select(0, members).reshape(groups, -1, x3.shape[-1])  # (groups, size * tokens, in)
+        if members is not None:
+            x3 = x3.index_select(0, members)
+        grouped = x3.reshape(groups, -1, x3.shape[-1])  # (groups, size * tokens, in)
         # A (r, in) and B (out, r) used transposed, as F.linear uses them: same rounding as one adapter alone
         out = torch.bmm(torch.bmm(grouped, A_stack.transpose(1, 2)), B_stack.transpose(1, 2))
-        out = out.reshape(-1, tokens, B_stack.shape[1]).index_select(0, place)  # (batch, tokens, out)
+        out = out.reshape(-1, tokens, B_stack.shape[1])
+        if place is not None:
+            out = out.index_select(0, place)  # (batch, tokens, out)
         if keep is not None:
             out = out * keep.to(out.dtype).view(-1, 1, 1)
         return out.reshape(base_result.shape).to(base_result.dtype)
@@ -642,6 +682,14 @@ class ModulesToSave(nn.Module):
         if self.routing is None or self.disabled:
             return self.active_module()(x, *args, **kwargs)
         # mixed batch: the original on every row, then each adapter's copy on its own rows
+        runs = self.routing.runs()
+        if runs is not None:  # contiguous rows per adapter: each row runs only through its own module
+            parts = []
+            for j, start, stop in runs:
+                name = self.routing.names[j] if j >= 0 else None
+                module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+                parts.append(module(x.narrow(0, start, stop - start), *args, **kwargs))
+            return torch.cat(parts) if len(parts) > 1 else parts[0]
         out = self.original_module(x, *args, **kwargs)
         for j, name in enumerate(self.routing.names):
             rows = (self.routing.index == j).nonzero().squeeze(1)

@@ -537,9 +537,10 @@ def benchmark(model: nn.Module, tasks: Sequence[TaskData], steps: int, tokenizer
 
 
 def run_multitask(recipe: MultitaskRecipe, output_dir: str | Path, benchmark_steps: int = 0,
-                  benchmark_repeats: int = 3) -> dict[str, Any]:
+                  benchmark_repeats: int = 3, benchmark_only: bool = False) -> dict[str, Any]:
     """Train all tasks of ``recipe`` together into ``output_dir``: ``adapters/TASK/`` (plain PEFT LoRA per task),
-    ``parts/`` (``design: shared``: shared and task parts), ``metrics.json``, ``report.md``; returns the metrics."""
+    ``parts/`` (``design: shared``: shared and task parts), ``metrics.json``, ``report.md``; returns the metrics.
+    With ``benchmark_steps`` the `benchmark` runs first; ``benchmark_only`` stops after it."""
     from .io import save_adapter
 
     out = Path(output_dir)
@@ -548,7 +549,7 @@ def run_multitask(recipe: MultitaskRecipe, output_dir: str | Path, benchmark_ste
     tasks = load_tasks(recipe)
     base = load_base(recipe, tasks)
     model, tokenizer = base.model, base.tokenizer
-    base_eval = {t.name: evaluate_task(model, t, None, tokenizer) for t in tasks}
+    base_eval = {} if benchmark_only else {t.name: evaluate_task(model, t, None, tokenizer) for t in tasks}
     names = add_task_adapters(model, recipe, base.path)
     shared = [SHARED] if recipe.design == "shared" else []
     steps = max(t.steps() for t in tasks)
@@ -564,6 +565,10 @@ def run_multitask(recipe: MultitaskRecipe, output_dir: str | Path, benchmark_ste
               f"{b['one_after_another_s']:.2f} s ({b['speedup']:.2f}x; CPU time {b['cpu_speedup']:.2f}x); "
               "adapters differ by at most "
               f"{b['max_abs_diff']:.2e}", flush=True)
+    if benchmark_only:
+        _write_json(out / "metrics.json", metrics)
+        write_multitask_report(metrics, out)
+        return metrics
     started = time.perf_counter()
     metrics["history"] = train_mixed(model, tasks, steps, tokenizer, shared, progress=recipe.name)
     metrics["train_time_s"] = time.perf_counter() - started
@@ -787,11 +792,35 @@ def stage_curves(curves: dict[str, list[list[float]]], tasks: Sequence[str], met
 
 
 def write_multitask_report(metrics: dict[str, Any], out: str | Path) -> Path:
-    from .report import Report, grouped_bars, loss_curves
+    from .report import Report, loss_curves
 
     tasks = [t["name"] for t in metrics["tasks"]]
     metric = primary_metric(metrics["task"])[0]
     report = Report(f"Multi-task LoRA: {metrics['recipe']} ({metrics['design']})")
+    if "eval" in metrics:
+        _multitask_results(report, metrics, tasks, metric)
+    if "benchmark" in metrics:
+        b = metrics["benchmark"]
+        report.heading("Mixed batch vs one adapter after another")
+        report.text(f"The same {b['steps']} steps from the same initial adapters, alternated {b['repeats']} times; "
+                    "the fastest run of each counts.")
+        rows = [["wall", f"{b['mixed_s']:.2f}", f"{b['one_after_another_s']:.2f}", f"{b['speedup']:.2f}x"]]
+        if "cpu_speedup" in b:
+            rows.append(["CPU", f"{b['mixed_cpu_s']:.2f}", f"{b['one_after_another_cpu_s']:.2f}",
+                         f"{b['cpu_speedup']:.2f}x"])
+        report.table(["time", "mixed s", "one after another s", "speed-up"], rows)
+        report.text(f"{b['rows_per_step']} rows per step; the adapters of the two runs differ by at most "
+                    f"{b['max_abs_diff']:.2e} (largest change from the initial values: {b['max_abs_change']:.2e}).")
+    if "history" in metrics:
+        curves = {t: [(h["step"], h["loss"][t]) for h in metrics["history"]] for t in tasks}
+        report.figure(loss_curves(curves, "Training loss per task (mixed batches)"), "multitask-loss.png")
+    report.write(out)
+    return Path(out) / "report.md"
+
+
+def _multitask_results(report: Any, metrics: dict[str, Any], tasks: list[str], metric: str) -> None:
+    from .report import grouped_bars
+
     report.text(f"{len(tasks)} tasks on {metrics['model']}, {metrics['steps']} mixed-batch steps in "
                 f"{metrics['train_time_s']:.1f} s. Held-out {metric} per task.")
     series = {"base": [metrics["base_eval"][t][metric] for t in tasks],
@@ -805,22 +834,6 @@ def write_multitask_report(metrics: dict[str, Any], out: str | Path) -> Path:
     by_task = {t: [values[k] for values in series.values()] for k, t in enumerate(tasks)}
     report.figure(grouped_bars(list(series), by_task, f"held-out {metric}", f"Held-out {metric} per task"),
                   "multitask-eval.png", "combinations: add_weighted_adapter of all task adapters, method x weight")
-    if "benchmark" in metrics:
-        b = metrics["benchmark"]
-        report.heading("Mixed batch vs one adapter after another")
-        report.text(f"The same {b['steps']} steps from the same initial adapters, alternated {b['repeats']} times; "
-                    "the fastest run of each counts.")
-        rows = [["wall", f"{b['mixed_s']:.2f}", f"{b['one_after_another_s']:.2f}", f"{b['speedup']:.2f}x"]]
-        if "cpu_speedup" in b:
-            rows.append(["CPU", f"{b['mixed_cpu_s']:.2f}", f"{b['one_after_another_cpu_s']:.2f}",
-                         f"{b['cpu_speedup']:.2f}x"])
-        report.table(["time", "mixed s", "one after another s", "speed-up"], rows)
-        report.text(f"{b['rows_per_step']} rows per step; the adapters of the two runs differ by at most "
-                    f"{b['max_abs_diff']:.2e} (largest change from the initial values: {b['max_abs_change']:.2e}).")
-    curves = {t: [(h["step"], h["loss"][t]) for h in metrics["history"]] for t in tasks}
-    report.figure(loss_curves(curves, "Training loss per task (mixed batches)"), "multitask-loss.png")
-    report.write(out)
-    return Path(out) / "report.md"
 
 
 # -- command line ------------------------------------------------------------------------------------------------
@@ -835,14 +848,20 @@ def _multitask_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--benchmark", type=int, default=0, metavar="STEPS",
                    help="first time STEPS steps of mixed batches against the same steps one task after another")
     p.add_argument("--benchmark-repeats", type=int, default=3, metavar="N", help="alternate the two N times")
+    p.add_argument("--benchmark-only", action="store_true", help="stop after the benchmark (no training run)")
 
 
 @command("multitask", _multitask_args)
 def _multitask_cli(args: argparse.Namespace) -> int:
     """Train several tasks on one base at once: one adapter per task in mixed batches, or shared + per task."""
     recipe = load_multitask_recipe(args.recipe, args.overrides)
+    if args.benchmark_only and not args.benchmark:
+        raise ConfigError("--benchmark-only needs --benchmark STEPS")
     output = Path(args.output or Path("runs") / recipe.name)
-    metrics = run_multitask(recipe, output, benchmark_steps=args.benchmark, benchmark_repeats=args.benchmark_repeats)
+    metrics = run_multitask(recipe, output, benchmark_steps=args.benchmark, benchmark_repeats=args.benchmark_repeats,
+                            benchmark_only=args.benchmark_only)
+    if args.benchmark_only:
+        return 0
     print(f"\n{recipe.name}: {recipe.design} design, {metrics['steps']} steps in {metrics['train_time_s']:.1f} s; "
           f"report: {output / 'report.md'}")
     return 0
