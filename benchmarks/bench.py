@@ -3,6 +3,7 @@ adapter save/load. One command, configurations alternated in fresh worker proces
 
     .venv/bin/python benchmarks/bench.py                  # MiniLM (8 x 128) and SmolLM2 (4 x 128), r=8, 2 threads
     .venv/bin/python benchmarks/bench.py --models minilm --rounds 3 --steps 6
+    .venv/bin/python benchmarks/bench.py --compiled       # also torch.compile'd training steps, both libraries
 
 Each (model, case) runs in its own process (so peak RSS is that case's), round after round in alternating
 order. Inside a worker every timed step also records how much CPU *other* processes used meanwhile
@@ -24,11 +25,13 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {"minilm": (8, 128), "smollm2": (4, 128)}
+MIXED_ROWS, MIXED_TOKENS = 64, 32  # mixed-adapter batches: one row per adapter at 64 adapters
 ATTENTION = {"minilm": ["query", "value"], "smollm2": ["q_proj", "v_proj"]}
 TRAIN_CASES = ["floor", "lorakit-attn", "peft-attn", "lorakit-all", "peft-all", "full"]
+COMPILED_CASES = ["lorakit-attn-compiled", "peft-attn-compiled"]  # torch.compile of the model (--compiled)
 INFER_CASES = ["infer-base", "infer-lorakit", "infer-lorakit-merged", "infer-peft", "infer-peft-merged"]
-MIXED_CASES = ["mixed-lorakit-1", "mixed-lorakit-4", "mixed-lorakit-16", "mixed-lorakit-64", "mixed-peft-4",
-               "mixed-peft-16", "mixed-peft-64", "saveload-lorakit", "saveload-peft"]
+MIXED_CASES = ["mixed-lorakit-1", "mixed-peft-1", "mixed-lorakit-4", "mixed-lorakit-16", "mixed-lorakit-64",
+               "mixed-peft-4", "mixed-peft-16", "mixed-peft-64", "saveload-lorakit", "saveload-peft"]
 
 
 # -- worker side ------------------------------------------------------------------------------------------
@@ -120,7 +123,7 @@ def run_case(name: str, case: str, steps: int) -> dict:
     torch.manual_seed(0)
     model, inputs = _model(name)
     result: dict = {}
-    if case in TRAIN_CASES:
+    if case in TRAIN_CASES or case in COMPILED_CASES:
         if case == "floor":  # frozen base, gradients flow to the inputs only: the cost LoRA cannot go below
             model.requires_grad_(False)
             embed = model.get_input_embeddings()
@@ -136,13 +139,14 @@ def run_case(name: str, case: str, steps: int) -> dict:
             def forward():
                 return _out(model, inputs)
         else:
-            library, scope = case.split("-")
+            library, scope, *compiled = case.split("-")
             targets = ATTENTION[name] if scope == "attn" else "all-linear"
             model = _lora(name, model, library, targets)
             params = [p for p in model.parameters() if p.requires_grad]
+            run = torch.compile(model) if compiled else model  # compiled during the warm-up steps
 
             def forward():
-                return _out(model, inputs)
+                return _out(run, inputs)
         model.train()
         optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
 
@@ -171,14 +175,17 @@ def run_case(name: str, case: str, steps: int) -> dict:
     elif case.startswith("mixed"):
         _, library, n = case.split("-")
         n = int(n)
-        batch = inputs["input_ids"].shape[0] * 4  # a bigger batch so many adapters can be in it
-        ids = inputs["input_ids"].repeat(4, 1)
+        batch = MIXED_ROWS  # every adapter of the largest case has a row (64 rows of 32 tokens for both models)
+        ids = torch.randint(100, 1000, (batch, MIXED_TOKENS), generator=torch.Generator().manual_seed(2))
         mixed_inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         model = _lora(name, model, library, "all-linear", n=max(n, 1))
         model.eval()
         names = [f"a{i % n}" for i in range(batch)]
         with torch.inference_mode():
-            if library == "lorakit":
+            if n == 1:  # the reference: a plain batch with one active adapter, no routing
+                def run():
+                    return _out(model, mixed_inputs)
+            elif library == "lorakit":
                 import lorakit
 
                 def run():
@@ -220,6 +227,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per case (fresh process each)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per worker")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compiled", action="store_true",
+                        help="also time torch.compile'd training steps of both libraries (LoRA on attention)")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "CASE"), help=argparse.SUPPRESS)
     parser.add_argument("--output", default=str(RESULTS / "bench.json"))
     args = parser.parse_args()
@@ -230,6 +239,8 @@ def main() -> None:
         print("RESULT " + json.dumps(run_case(args.worker[0], args.worker[1], args.steps)), flush=True)
         return
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    if args.compiled:
+        args.cases = [*args.cases, *(c for c in COMPILED_CASES if c not in args.cases)]
     runs: dict[str, list[dict]] = {}
     for round_ in range(args.rounds):
         order = args.cases if round_ % 2 == 0 else list(reversed(args.cases))  # alternate the order
@@ -273,12 +284,16 @@ def _ratios(s: dict, models: list[str]) -> dict[str, float]:
                 out[f"{m} peak RSS lorakit-{scope} / peft-{scope}"] = (
                     s[f"{m}/lorakit-{scope}"]["peak_rss_mb"] / s[f"{m}/peft-{scope}"]["peak_rss_mb"])
         out[f"{m} train full / lorakit-attn"] = r(f"{m}/full", f"{m}/lorakit-attn")
+        out[f"{m} train compiled lorakit-attn / peft-attn"] = r(f"{m}/lorakit-attn-compiled",
+                                                                  f"{m}/peft-attn-compiled")
+        out[f"{m} train compiled / eager lorakit-attn"] = r(f"{m}/lorakit-attn-compiled", f"{m}/lorakit-attn")
         out[f"{m} infer lorakit unmerged / base"] = r(f"{m}/infer-lorakit", f"{m}/infer-base")
         out[f"{m} infer peft unmerged / base"] = r(f"{m}/infer-peft", f"{m}/infer-base")
         out[f"{m} infer lorakit merged / base"] = r(f"{m}/infer-lorakit-merged", f"{m}/infer-base")
         out[f"{m} infer peft merged / base"] = r(f"{m}/infer-peft-merged", f"{m}/infer-base")
-        for n in (4, 16, 64):
+        for n in (4, 16, 64):  # throughput ratios: single-adapter time / mixed time
             out[f"{m} mixed {n} adapters / single (lorakit)"] = r(f"{m}/mixed-lorakit-1", f"{m}/mixed-lorakit-{n}")
+            out[f"{m} mixed {n} adapters / single (peft)"] = r(f"{m}/mixed-peft-1", f"{m}/mixed-peft-{n}")
             out[f"{m} mixed {n} adapters lorakit / peft (time)"] = r(f"{m}/mixed-lorakit-{n}", f"{m}/mixed-peft-{n}")
         out[f"{m} save+load lorakit / peft"] = r(f"{m}/saveload-lorakit", f"{m}/saveload-peft")
     return {k: v for k, v in out.items() if v is not None}

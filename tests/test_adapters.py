@@ -110,6 +110,8 @@ def test_mixed_batch_equals_each_row_alone(tiny, tiny_ids, names) -> None:
     _two_adapters(tiny)
     with lorakit.route(tiny, names):
         mixed = tiny(tiny_ids)
+        with torch.inference_mode():  # the update goes into the base output in place (baddbmm for Linear)
+            torch.testing.assert_close(tiny(tiny_ids), mixed, atol=1e-6, rtol=0)
     for i, name in enumerate(names):
         if name is None:
             with lorakit.disable_adapters(tiny):
@@ -246,3 +248,14 @@ def test_operations_on_a_model_without_adapters_are_clear(tiny) -> None:
                  lambda: lorakit.unload(tiny)):
         with pytest.raises(AdapterStateError, match="no LoRA adapters"):
             call()
+
+
+def test_lora_modules_walk_equals_named_modules_filter(tiny) -> None:
+    """`lora_modules` skips the inside of LoRA layers (route walks the model every mixed batch): same names,
+    same order as filtering ``named_modules``."""
+    _two_adapters(tiny)
+    from lorakit.layers import LoraLayer, ModulesToSave
+
+    expected = [(n, m) for n, m in tiny.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]
+    assert list(lorakit.adapters.lora_modules(tiny)) == expected
+    assert len(expected) > 5

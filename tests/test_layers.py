@@ -72,6 +72,37 @@ def test_fresh_adapter_gives_base_output_exactly(layer: str, option: str) -> Non
 
 
 @pytest.mark.parametrize("layer,option", TEST_CASES)
+def test_inference_paths_equal_autograd_path_with_two_adapters(layer: str, option: str) -> None:
+    """Without autograd the additions go into the output in place (one fused addmm for Linear-like layers);
+    with two active adapters, a transposed (non-contiguous) input, no_grad and inference_mode must give the
+    autograd forward's output, and the sum must be base + each adapter's own update."""
+    model, x, config = _build(layer, option)
+    if option == "dropout":
+        config = LoraConfig(r=2, alpha=4, target_modules=["layer"])
+    inject(model, config)
+    lorakit.add_adapter(model, "b", LoraConfig(r=3, alpha=3, target_modules=["layer"]))
+    randomize_lora(model, std=0.3)
+    if layer == "linear":  # (transformers' Conv1D itself refuses non-contiguous inputs)
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, non-contiguous
+    lorakit.set_adapter(model, ["default", "b"])
+    with_grad = model(x)
+    with torch.no_grad():
+        no_grad = model(x)
+    with torch.inference_mode():
+        inference = model(x)
+    torch.testing.assert_close(no_grad, with_grad, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(inference, with_grad, atol=1e-6, rtol=1e-6)
+    with torch.no_grad(), lorakit.disable_adapters(model):
+        base = model(x)
+    parts = []
+    for name in ("default", "b"):
+        lorakit.set_adapter(model, name)
+        with torch.no_grad():
+            parts.append(model(x) - base)
+    torch.testing.assert_close(no_grad, base + parts[0] + parts[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer,option", TEST_CASES)
 def test_merge_equals_unmerged_and_unmerge_restores(layer: str, option: str) -> None:
     model, x, config = _build(layer, option)
     inject(model, config)

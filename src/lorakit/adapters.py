@@ -47,14 +47,29 @@ def _require_state(model: nn.Module) -> LoraState:
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoraLayer | ModulesToSave]]:
-    """Every LoRA layer and modules_to_save wrapper in the model, with its name."""
-    for name, module in model.named_modules():
+    """Every LoRA layer and modules_to_save wrapper in the model, with its name, in ``named_modules`` order.
+
+    The walk does not descend into a LoRA layer (its base layer is a leaf and its adapters hold no LoRA
+    layers): with many adapters those sub-modules outnumber the model's own many times over, and `route`
+    walks the model on every mixed batch."""
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        prefix, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
         if isinstance(module, (LoraLayer, ModulesToSave)):
-            yield name, module
+            yield prefix, module
+            if isinstance(module, LoraLayer):
+                continue
+        children = [(f"{prefix}.{name}" if prefix else name, child)
+                    for name, child in module._modules.items() if child is not None]
+        stack.extend(reversed(children))
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    for name, module in model.named_modules():
+    for name, module in lora_modules(model):
         if isinstance(module, LoraLayer):
             yield name, module
 
@@ -168,12 +183,12 @@ def route(model: nn.Module, adapter_names: Sequence[str | None], shared: Sequenc
     if set(shared) & set(distinct):
         raise AdapterStateError(f"adapter(s) {sorted(set(shared) & set(distinct))} are both shared and per-row; "
                                 "each row would get them twice")
-    if any(layer.merged for _, layer in lora_layers(model)):
+    modules = [module for _, module in lora_modules(model)]
+    if any(isinstance(m, LoraLayer) and m.merged for m in modules):
         raise AdapterStateError("mixed batches need unmerged adapters; unmerge(model) first")
     device = next(model.parameters()).device
     index = torch.tensor([-1 if n is None else distinct.index(n) for n in adapter_names], device=device)
     routing = Routing(distinct, index, shared)
-    modules = [module for _, module in lora_modules(model)]
     for module in modules:
         module.routing = routing
     try:

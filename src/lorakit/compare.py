@@ -442,7 +442,7 @@ class ClaimRow:
     measure: str
     full: str
     lora: str
-    verdict: str  # holds | does not hold | not measured
+    verdict: str  # holds | does not hold | not measured | not judged
     rule: str
 
 
@@ -493,7 +493,8 @@ def judge(comparison: dict[str, Any]) -> list[ClaimRow]:
                  f"{full['held_out']:.4f}", f"{lora['held_out']:.4f}",
                  _verdict(metric.worse_by(lora["held_out"], full["held_out"]) > TOLERANCE),
                  f"holds if LoRA's held-out {name} is worse than full fine-tuning's by more than {TOLERANCE}"),
-        ClaimRow("LoRA overfits less", f"train minus held-out {name} (generalization gap)",
+        ClaimRow("LoRA overfits less", f"how much worse held-out {name} is than training {name} "
+                 "(generalization gap)",
                  f"{full['generalization_gap']:+.4f}", f"{lora['generalization_gap']:+.4f}",
                  _verdict(lora["generalization_gap"] < full["generalization_gap"]),
                  "holds if LoRA's generalization gap is smaller"),
@@ -513,8 +514,11 @@ def judge(comparison: dict[str, Any]) -> list[ClaimRow]:
                              f"{comparison['probe']}: before {before:.4f}, drop after training",
                              f"{full['probe_after']:.4f} (drop {full['probe_drop']:+.4f})",
                              f"{lora['probe_after']:.4f} (drop {lora['probe_drop']:+.4f})",
-                             _verdict(lora["probe_drop"] < full["probe_drop"]),
-                             "holds if LoRA's drop of the original capability is smaller"))
+                             # when neither method lost any of the capability there is nothing to compare
+                             "not judged" if max(full["probe_drop"], lora["probe_drop"]) <= 0
+                             else _verdict(lora["probe_drop"] < full["probe_drop"]),
+                             "holds if LoRA's drop of the original capability is smaller; not judged when "
+                             "neither method lost any of it (negative drop: it improved)"))
     else:
         rows.append(ClaimRow("LoRA preserves pretrained knowledge (less forgetting)", "no probe for this task",
                              "-", "-", _verdict(None), "needs a knowledge probe (text tasks)"))

@@ -252,18 +252,28 @@ class LoraLayer(nn.Module):
         if self.disabled:
             return result
         base = result
-        names = self.active_adapters
+        names = self.active_adapters if self.routing is None else self.routing.shared
+        # without autograd the additions go into the output in place, unless a DoRA adapter still reads it
+        inplace = not torch.is_grad_enabled() and not any(n in self.lora_magnitude_vector for n in names)
         if self.routing is not None:
-            result = result + self.routed_output(x, self.routing, base)
-            names = self.routing.shared
+            if inplace:
+                result = self.routed_output(x, self.routing, base, out=result)
+            else:
+                result = result + self.routed_output(x, self.routing, base)
         for name in names:
             if name in self.merged_adapters or name not in self.r:
                 continue
             if name in self.lora_magnitude_vector:
                 result = result + self.dora_output(x, name, base)
             else:
-                result = result + self.lora_output(x, name)
+                result = self.add_lora_output(result, x, name, inplace)
         return result
+
+    def add_lora_output(self, result: Tensor, x: Tensor, name: str, inplace: bool = False) -> Tensor:
+        """``result + s · B A dropout(x)``; ``inplace``: written into ``result`` (no autograd, result not shared).
+        Linear-like layers fuse the last matmul, the scaling and the addition into one ``addmm``."""
+        delta = self.lora_output(x, name).to(result.dtype)
+        return result.add_(delta) if inplace else result + delta
 
     def dora_output(self, x: Tensor, name: str, base_result: Tensor) -> Tensor:
         """DoRA's addition to the base output: ``(m/n - 1) · W x + (m/n) · s B A x`` with n detached."""
@@ -280,9 +290,12 @@ class LoraLayer(nn.Module):
     def _base_no_bias(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def routed_output(self, x: Tensor, routing: Routing, base_result: Tensor) -> Tensor:
-        """Mixed batch: each row gets its own adapter's addition. Generic version: one pass per distinct
-        adapter over its rows (never per row); Linear-like layers override it with one batched matmul."""
+    def routed_output(self, x: Tensor, routing: Routing, base_result: Tensor, out: Tensor | None = None) -> Tensor:
+        """Mixed batch: each row gets its own adapter's addition; with ``out`` (no autograd) it is added into
+        ``out``, which is returned. Generic version: one pass per distinct adapter over its rows (never per
+        row); Linear-like layers override it with one batched matmul."""
+        if out is not None:
+            return out.add_(self.routed_output(x, routing, base_result))
         runs = routing.runs()
         if runs is not None:  # each adapter's rows are one slice: views in, one concatenation out
             parts = []
@@ -391,6 +404,22 @@ class LoraLinear(LoraLayer):
         # scaling on the rank-r intermediate: r multiplies per token instead of out
         return F.linear(F.linear(x, A) * self.scaling[name], B)
 
+    def add_lora_output(self, result: Tensor, x: Tensor, name: str, inplace: bool = False) -> Tensor:
+        """``result + s · B (A dropout(x))`` as one ``addmm`` over ``(tokens, out)``: no separate tensor for the
+        adapter's output, its scaling or the sum (PEFT allocates all three)."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if result.dtype != B.dtype or not result.is_contiguous() or result.shape[-1] != B.shape[0]:
+            return super().add_lora_output(result, x, name, inplace)
+        x = self.lora_dropout[name](x)
+        if x.dtype != A.dtype:
+            x = x.to(A.dtype)
+        h = F.linear(x, A).reshape(-1, A.shape[0])  # (tokens, r)
+        flat = result.view(-1, B.shape[0])  # (tokens, out)
+        if inplace:
+            flat.addmm_(h, B.t(), alpha=self.scaling[name])
+            return result
+        return torch.addmm(flat, h, B.t(), alpha=self.scaling[name]).view(result.shape)
+
     def delta_weight(self, name: str) -> Tensor:
         return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
 
@@ -411,19 +440,20 @@ class LoraLinear(LoraLayer):
         residual = weight.float() - s * (B @ A)
         self.base_layer.weight.data.copy_(self._from_matrix(residual).to(weight.dtype))
 
-    def routed_output(self, x: Tensor, routing: Routing, base_result: Tensor) -> Tensor:
+    def routed_output(self, x: Tensor, routing: Routing, base_result: Tensor, out: Tensor | None = None) -> Tensor:
         """Each row gets its own adapter's ``s · B A x``: two batched matmuls over groups of rows that share an
-        adapter (ranks zero-padded to the largest).
+        adapter (ranks zero-padded to the largest). With ``out`` (no autograd) the update is added into it; when
+        the groups are the batch's rows in order, the second matmul accumulates straight into it (baddbmm).
 
         Without autograd (serving) the stacks of all adapters are built once and reused until an adapter is
         added, removed or changed in place (tensor version counters), instead of being rebuilt every forward.
         """
         present = [n for n in routing.names if n in self.r and n not in self.merged_adapters]
         if not present:
-            return torch.zeros_like(base_result)
+            return torch.zeros_like(base_result) if out is None else out
         if any(n in self.lora_magnitude_vector for n in present) or self.training and any(
                 isinstance(self.lora_dropout[n], nn.Dropout) for n in present):
-            return super().routed_output(x, routing, base_result)
+            return super().routed_output(x, routing, base_result, out)
         if torch.is_grad_enabled():
             names, (A_stack, B_stack) = present, self._stacks(present)
         else:
@@ -442,13 +472,17 @@ class LoraLinear(LoraLayer):
             x3 = x3.index_select(0, members)
         grouped = x3.reshape(groups, -1, x3.shape[-1])  # (groups, size * tokens, in)
         # A (r, in) and B (out, r) used transposed, as F.linear uses them: same rounding as one adapter alone
-        out = torch.bmm(torch.bmm(grouped, A_stack.transpose(1, 2)), B_stack.transpose(1, 2))
-        out = out.reshape(-1, tokens, B_stack.shape[1])
+        h = torch.bmm(grouped, A_stack.transpose(1, 2))  # (groups, size * tokens, r)
+        if out is not None and place is None and keep is None and out.dtype == h.dtype and out.is_contiguous():
+            out.view(groups, -1, B_stack.shape[1]).baddbmm_(h, B_stack.transpose(1, 2))
+            return out
+        delta = torch.bmm(h, B_stack.transpose(1, 2)).reshape(-1, tokens, B_stack.shape[1])
         if place is not None:
-            out = out.index_select(0, place)  # (batch, tokens, out)
+            delta = delta.index_select(0, place)  # (batch, tokens, out)
         if keep is not None:
-            out = out * keep.to(out.dtype).view(-1, 1, 1)
-        return out.reshape(base_result.shape).to(base_result.dtype)
+            delta = delta * keep.to(delta.dtype).view(-1, 1, 1)
+        delta = delta.reshape(base_result.shape).to(base_result.dtype)
+        return delta if out is None else out.add_(delta)
 
     def _stacks(self, names: Sequence[str]) -> tuple[Tensor, Tensor]:
         """A stacked ``(len(names), r_max, in)`` and ``s · B`` stacked ``(len(names), out, r_max)``, ranks

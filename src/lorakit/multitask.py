@@ -49,7 +49,8 @@ from .evaluate import encode, evaluate, forward, loss_sum, to_device
 from .inject import add_adapter
 from .layers import ModulesToSave
 from .train import (EvalArgs, Recipe, TrainArgs, TrainingError, _cap, _coerce, _fmt, _optimizer, _progress,
-                    _scheduler, _seed_everything, _step, _write_json, recipe_from_dict, recipe_path)
+                    _scheduler, _seed_everything, _step, _write_json, read_recipe_yaml, recipe_from_dict,
+                    recipe_path)
 
 DESIGNS = ("per-task", "shared")
 STRATEGIES = ("full", "lora", "per-task")
@@ -126,36 +127,7 @@ def load_multitask_recipe(name_or_path: str, overrides: Sequence[str] = ()) -> M
     ``design=shared``, ``continual.strategies=[lora,per-task]``); a number indexes a list
     (``tasks.1.max_train_examples=400``)."""
     path = recipe_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=1e-3)")
-        node: Any = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            if isinstance(node, list):
-                node = node[_list_index(node, part, item)]
-            elif isinstance(node, dict):
-                node = node.setdefault(part, {})
-            else:
-                raise ConfigError(f"override {item!r}: {part!r} is not in a section")
-        if isinstance(node, list):
-            node[_list_index(node, leaf, item)] = yaml.safe_load(value)
-        elif isinstance(node, dict):
-            node[leaf] = yaml.safe_load(value)
-        else:
-            raise ConfigError(f"override {item!r}: {leaf!r} is not in a section")
-    return multitask_recipe_from_dict(data, source=str(path))
-
-
-def _list_index(node: list, part: str, item: str) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(f"override {item!r}: the list has no entry {part}")
-    return int(part)
+    return multitask_recipe_from_dict(read_recipe_yaml(path, overrides), source=str(path))
 
 
 def multitask_recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> MultitaskRecipe:

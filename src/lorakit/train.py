@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -114,22 +114,41 @@ def recipe_path(name_or_path: str) -> Path:
 def load_recipe(name_or_path: str = DEFAULT_RECIPE, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a recipe and apply ``key=value`` overrides (values parsed as YAML: ``3``, ``1e-3``, ``[q, v]``)."""
     path = recipe_path(name_or_path)
+    return recipe_from_dict(read_recipe_yaml(path, overrides), source=str(path))
+
+
+def read_recipe_yaml(path: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """A recipe file's YAML with ``key=value`` overrides applied: dotted keys walk sections, a number indexes a
+    list (``tasks.1.max_train_examples=400``), values are parsed as YAML (``3``, ``1e-3``, ``[q, v]``)."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a YAML mapping (name: ..., task: ..., ...), got {type(data).__name__}")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=1e-3)")
-        node = data
+        node: Any = data
         *parents, leaf = key.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
+            node = node[_list_index(node, part, item)] if isinstance(node, list) else node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(value)
-    return recipe_from_dict(data, source=str(path))
+        if isinstance(node, list):
+            node[_list_index(node, leaf, item)] = yaml.safe_load(value)
+        elif isinstance(node, dict):
+            node[leaf] = yaml.safe_load(value)
+        else:
+            raise ConfigError(f"override {item!r}: {leaf!r} is not in a section")
+    return data
+
+
+def _list_index(node: list, part: str, item: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {item!r}: the list has no entry {part}")
+    return int(part)
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
