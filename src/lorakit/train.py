@@ -369,10 +369,33 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False,
         metrics["quantized_weight_bytes"], metrics["quantized_weight_fp32_bytes"] = quantized_bytes
     if world.is_main:
         metrics["adapter_bytes"] = _save_result(model, loaded, recipe, out, metrics, splits.train, save_extras)
+        if recipe.quantize and recipe.method == "lora":  # after saving: this leaves the model merged
+            metrics["quantized_merge"] = quantized_merge_check(model, recipe.task, test_rows, eval_kwargs)
+            _log(world, f"[{recipe.name}] merged into the {recipe.quantize} base: "
+                        f"{_fmt(metrics['quantized_merge']['eval'])}; re-quantization drift "
+                        f"{metrics['quantized_merge']['mean_relative']:.2e} (mean relative)")
         _write_json(out / "metrics.json", metrics)
         (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     distributed.barrier(world)
     return metrics
+
+
+def quantized_merge_check(model: nn.Module, task: str, rows: Any, eval_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Merge the active adapters into a quantized base and report what re-quantizing ``W + s B A`` costs:
+    per-layer drift (`lorakit.quant.merge_drift`) and the held-out metrics of the merged model.
+    Leaves the model merged."""
+    from .adapters import active_adapters, lora_layers, merge
+    from .quant import LoraQuantizedLinear, merge_drift
+
+    names = active_adapters(model)
+    drift = {f"{layer_name}:{name}": merge_drift(layer, name) for layer_name, layer in lora_layers(model)
+             if isinstance(layer, LoraQuantizedLinear) for name in names if name in layer.r}
+    merge(model)
+    worst = max(drift, key=lambda k: drift[k]["relative"]) if drift else None
+    return {"layers": len(drift), "max_abs": max((d["max_abs"] for d in drift.values()), default=0.0),
+            "mean_relative": sum(d["relative"] for d in drift.values()) / max(len(drift), 1),
+            "worst_layer": worst, "worst_relative": drift[worst]["relative"] if worst else 0.0,
+            "eval": evaluate(model, task, rows, **eval_kwargs)}
 
 
 def _step(train_model: nn.Module, recipe: Recipe, world: distributed.World, rows: Any, micro: list[torch.Tensor],
