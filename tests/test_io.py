@@ -19,8 +19,9 @@ import lorakit
 from lorakit import AdapterError, AdapterStateError, LoraConfig, inject
 from lorakit.adapters import delete_adapter, lora_state
 from lorakit.cli import main
-from lorakit.io import (CONFIG_FILE, PICKLE_FILE, PISSA_INIT_FILE, PREFIX, WEIGHTS_FILE, adapter_info,
-                        adapter_state_dict, base_fingerprint, export_adapter, load_adapter, load_adapters,
+from lorakit.export import adapter_info, export_adapter
+from lorakit.io import (CONFIG_FILE, PICKLE_FILE, PISSA_INIT_FILE, PREFIX, WEIGHTS_FILE,
+                        adapter_state_dict, base_fingerprint, load_adapter, load_adapters,
                         save_adapter)
 
 from conftest import randomize_lora

@@ -25,8 +25,9 @@ from .inject import TargetingReport, add_adapter, inject, targeting_report, trai
 from .layers import LAYER_REGISTRY, LoraLayer, register_layer
 from .models import LoadedModel, ModelLoadError, load_model
 from .data import DataError, load_dataset
-from .io import (adapter_info, adapter_state_dict, base_fingerprint, export_adapter, load_adapter, load_adapters,
-                 merge_to_folder, read_adapter, save_adapter, save_adapters)
+from .export import adapter_info, export_adapter, merge_to_folder
+from .io import (adapter_state_dict, base_fingerprint, load_adapter, load_adapters,
+                 read_adapter, save_adapter, save_adapters)
 
 __version__ = "0.1.0"
 

@@ -308,7 +308,8 @@ class AdapterPool:
         return True
 
     def _load(self, name: str, path: Path) -> None:
-        from .io import load_adapter, read_adapter_config
+        from .export import read_adapter_config
+        from .io import load_adapter
 
         try:
             if read_adapter_config(path).init == "pissa":

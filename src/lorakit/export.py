@@ -1,0 +1,449 @@
+"""Adapter folders for other tools: export for a serving target (vLLM, plain PEFT LoRA), merge into a full model
+folder, and `lorakit info`. The sub-commands ``lorakit export``, ``lorakit merge`` and ``lorakit info`` live here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .adapters import unload
+from .cli import command
+from .config import LoraConfig
+from .errors import AdapterError, ConfigError
+from .io import (CONFIG_FILE, METADATA_KEY, PICKLE_FILE, PISSA_INIT_FILE, PREFIX, TASK_FROM_PEFT, WEIGHTS_FILE, _PARTS,
+                 AdapterFiles, _config_from_dict, _lorakit_version, _parse_header, _read_safetensors, _write_adapter,
+                 _write_file, adapter_state_dict, atomic_directory, base_fingerprint, load_adapter, load_adapters,
+                 read_adapter, save_adapter, save_adapters)
+
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+# =========================================================================================================
+# Export for a serving target
+# =========================================================================================================
+@dataclass
+class ExportReport:
+    """What a target needs: ``reasons`` it cannot serve the adapter, ``conversions`` done to the written copy."""
+
+    source: Path
+    target: str
+    reasons: list[str] = field(default_factory=list)
+    conversions: list[str] = field(default_factory=list)
+    output: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.reasons
+
+    def __str__(self) -> str:
+        if self.reasons:
+            return f"{self.target} cannot serve {self.source}:\n" + "\n".join(f"  - {r}" for r in self.reasons)
+        done = "; ".join(self.conversions) if self.conversions else "no conversion needed"
+        where = f", written to {self.output}" if self.output else ""
+        return f"{self.target} can serve {self.source} ({done}){where}"
+
+
+def _module_factors(files: AdapterFiles) -> dict[str, tuple[Tensor, Tensor, float]]:
+    """Per LoRA module ``(A, B, s)`` with ``ΔW = s B A``."""
+    config, out = files.config, {}
+    for key, tensor in files.tensors.items():
+        if key.endswith(".lora_A.weight"):
+            module = key[len(PREFIX): -len(".lora_A.weight")]
+            B = files.tensors[PREFIX + module + ".lora_B.weight"]
+            r = tensor.shape[0]
+            out[module] = (tensor, B, config.scaling(r, config.alpha_for(module)))
+    return out
+
+
+def _pissa_to_lora(files: AdapterFiles, initial: Mapping[str, Tensor]) -> dict[str, tuple[Tensor, Tensor, float]]:
+    """PiSSA -> plain LoRA for the original base (PEFT's ``subtract_mutated_init``).
+
+    The trained model is ``W_res + s B' A'`` with ``W_orig = W_res + s B0 A0``, so against ``W_orig`` the update is
+    ``s (B' A' - B0 A0) = s [B', -B0] [A'; A0]``: rank 2r with the same scaling.
+    """
+    factors = {}
+    for module, (A, B, s) in _module_factors(files).items():
+        A0, B0 = initial[PREFIX + module + ".lora_A.weight"], initial[PREFIX + module + ".lora_B.weight"]
+        factors[module] = (torch.cat([A, A0.to(A.dtype)], 0), torch.cat([B, -B0.to(B.dtype)], 1), s)
+    return factors
+
+
+def export_adapter(directory: str | os.PathLike, target: str, output: str | os.PathLike | None = None
+                   ) -> ExportReport:
+    """Check what ``target`` (``"vllm"`` or ``"peft"``) can serve and, with ``output``, write a converted copy.
+
+    Conversions (exact up to float rounding): a PiSSA adapter (with its initial A0/B0) becomes plain LoRA of
+    rank 2r for the original base; for vLLM, ranks outside `VLLM_RANKS` are zero-padded to the next allowed one
+    and per-module ranks/alphas made uniform by folding each module's scaling into B. What cannot be converted
+    (DoRA, trained biases, modules_to_save, embedding/conv LoRA for vLLM) is listed in ``reasons``; with
+    ``output`` set an `AdapterError` lists them and nothing is written.
+    """
+    if target not in ("vllm", "peft"):
+        raise ConfigError(f"export target must be 'vllm' or 'peft', got {target!r}")
+    files = read_adapter(directory)
+    config = files.config
+    report = ExportReport(files.directory, target)
+    lora_keys = [k for k in files.tensors if k.endswith(tuple(_PARTS))]
+    other_keys = sorted(set(files.tensors) - set(lora_keys))
+    initial, init_meta = None, {}
+    if config.init == "pissa":
+        if config.use_dora:
+            report.reasons.append("PiSSA with DoRA cannot be turned into plain LoRA")
+        elif (files.directory / PISSA_INIT_FILE).is_file():
+            initial, init_meta = _read_safetensors(files.directory / PISSA_INIT_FILE)
+            report.conversions.append(f"PiSSA -> plain LoRA of rank 2r={2 * config.r} for the original base")
+        elif target == "vllm":
+            report.reasons.append(f"PiSSA adapter without its initial A0/B0 ({PISSA_INIT_FILE}): it only applies to "
+                                  "the residual base; save it with save_adapter(..., pissa_initial=...)")
+    if target == "vllm":
+        if config.use_dora:
+            report.reasons.append("DoRA (use_dora=true): vLLM serves plain LoRA only")
+        if config.bias != "none":
+            report.reasons.append(f"bias={config.bias!r}: trained biases change the base model, vLLM cannot apply them")
+        if config.modules_to_save and other_keys:
+            report.reasons.append(f"modules_to_save {sorted(set(config.modules_to_save))}: vLLM cannot swap in "
+                                  "fully trained modules")
+        embeds = sorted({k[len(PREFIX):].rsplit(".", 1)[0] for k in lora_keys if ".lora_embedding_" in k})
+        if embeds:
+            report.reasons.append(f"LoRA on embedding layers {embeds}: vLLM serves LoRA on linear layers")
+        convs = sorted({k[len(PREFIX): -len(".lora_A.weight")] for k in lora_keys
+                        if k.endswith(".lora_A.weight") and files.tensors[k].dim() != 2})
+        if convs:
+            report.reasons.append(f"LoRA on convolutions {convs[:3]}: vLLM serves LoRA on linear layers")
+    factors = _pissa_to_lora(files, initial) if initial is not None else None
+    new_config = dict(files.raw_config)
+    if target == "vllm" and not report.reasons:
+        factors = _uniform_for_vllm(files, factors, config, report, new_config)
+        if isinstance(config.target_modules, str):  # vLLM wants a list: the exact modules the weights hold
+            new_config["target_modules"] = sorted(_module_factors(files))
+        new_config["modules_to_save"] = None
+    elif target == "peft" and factors is not None:  # PiSSA conversion: per-module patterns kept, doubled
+        grow = 2.0 if not config.use_rslora else math.sqrt(2.0)
+        new_config.update(r=2 * config.r, lora_alpha=config.alpha * grow,
+                          rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+                          alpha_pattern={k: v * grow for k, v in config.alpha_pattern.items()})
+    if report.reasons:
+        if output is not None:
+            raise AdapterError(str(report))
+        return report
+    if output is None:
+        return report
+    tensors = dict(files.tensors)
+    if factors is not None:
+        new_config["init_lora_weights"] = True
+        for module, (A, B, _) in factors.items():
+            tensors[PREFIX + module + ".lora_A.weight"] = A.contiguous()
+            tensors[PREFIX + module + ".lora_B.weight"] = B.contiguous()
+    ours = dict(files.lorakit)
+    ours.pop("tensors_sha256", None)
+    if initial is not None:  # the converted adapter applies to the original base, whose fingerprint was recorded
+        ours["fingerprint"] = json.loads(init_meta.get(METADATA_KEY, "{}")).get("fingerprint")
+    ours["export"] = {"target": target, "source": str(files.directory), "conversions": report.conversions}
+    with atomic_directory(output, replace=None) as staging:
+        _write_adapter(staging, new_config, tensors, ours)
+    report.output = Path(output)
+    return report
+
+
+def _uniform_for_vllm(files: AdapterFiles, factors: dict[str, tuple[Tensor, Tensor, float]] | None,
+                      config: LoraConfig, report: ExportReport, new_config: dict[str, Any]
+                      ) -> dict[str, tuple[Tensor, Tensor, float]] | None:
+    """One rank from `VLLM_RANKS` and one scaling for every module: smaller ranks zero-padded (A gets zero rows,
+    B zero columns, so ``B A`` is unchanged) and each module's scaling folded into B, with ``lora_alpha = r``."""
+    current = factors or _module_factors(files)
+    ranks = sorted({A.shape[0] for A, _, _ in current.values()})
+    scalings = {s for _, _, s in current.values()}
+    if factors is None and len(ranks) == 1 and ranks[0] in VLLM_RANKS and len(scalings) == 1 \
+            and not config.rank_pattern and not config.alpha_pattern:
+        return None  # servable as it is
+    rank = next((r for r in VLLM_RANKS if r >= ranks[-1]), None)
+    if rank is None:
+        report.reasons.append(f"rank {ranks[-1]} is above vLLM's largest ({VLLM_RANKS[-1]})")
+        return None
+    if ranks != [rank]:
+        report.conversions.append(f"ranks {ranks} zero-padded to {rank} (vLLM ranks: {list(VLLM_RANKS)})")
+    report.conversions.append("each module's scaling folded into B (lora_alpha = r)")
+    new_config.update(r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={})
+    return {m: (torch.cat([A, A.new_zeros(rank - A.shape[0], A.shape[1])], 0),
+                torch.cat([B * s, B.new_zeros(B.shape[0], rank - B.shape[1])], 1), 1.0)
+            for m, (A, B, s) in current.items()}
+
+
+# =========================================================================================================
+# Merge into a full model folder
+# =========================================================================================================
+PROBE_TEXTS = ("The film was a delight from the first scene to the last.",
+               "I would not recommend this place to anyone.",
+               "Low-rank adapters make fine-tuning cheap enough for a laptop.",
+               "What is the capital of Sweden?")
+
+
+@dataclass
+class MergeReport:
+    output: Path
+    task: str
+    max_abs_diff: float  # merged vs unmerged outputs on the probe inputs
+    mean_abs_diff: float
+    inputs: int
+
+    def __str__(self) -> str:
+        return (f"merged model written to {self.output} ({self.task}); outputs on {self.inputs} probe inputs, "
+                f"merged vs unmerged: max |diff| {self.max_abs_diff:.3e}, mean |diff| {self.mean_abs_diff:.3e}")
+
+
+def model_output(model: nn.Module, inputs: Mapping[str, Tensor] | Tensor) -> Tensor:
+    """The main output tensor of a model (logits, else last hidden state)."""
+    out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    for attr in ("logits", "last_hidden_state"):
+        if getattr(out, attr, None) is not None:
+            return getattr(out, attr)
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def _probe_inputs(loaded: Any, texts: Sequence[str] | None) -> tuple[Mapping[str, Tensor] | Tensor, int]:
+    if loaded.tokenizer is not None:
+        texts = list(texts or PROBE_TEXTS)
+        return dict(loaded.tokenizer(texts, return_tensors="pt", padding=True)), len(texts)
+    size = loaded.image_size or 224
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return images, 2
+
+
+def _task_of(files: AdapterFiles) -> str:
+    task = files.provenance.get("task")
+    if isinstance(task, str):
+        return task
+    recipe = files.provenance.get("recipe")
+    if isinstance(recipe, dict) and isinstance(recipe.get("task"), str):
+        return recipe["task"]
+    return TASK_FROM_PEFT.get(files.config.task_type or "", "base")
+
+
+def _num_labels(files: AdapterFiles) -> int | None:
+    """Classes of the trained head: the smallest first dimension of a 2-D modules_to_save weight."""
+    rows = [t.shape[0] for k, t in files.tensors.items()
+            if not k.endswith(tuple(_PARTS)) and k.endswith(".weight") and t.dim() == 2]
+    return min(rows) if rows else None
+
+
+def merge_to_folder(base: str, adapter: str | os.PathLike, output: str | os.PathLike, task: str | None = None,
+                    num_labels: int | None = None, force: bool = False, allow_pickle: bool = False,
+                    texts: Sequence[str] | None = None) -> MergeReport:
+    """Load ``base`` (`lorakit.models.load_model`), apply ``adapter``, fold it in and write a plain model folder
+    (safetensors + tokenizer, loadable by transformers' ``from_pretrained``), atomically.
+
+    The report gives the measured difference between merged and unmerged outputs on a few real inputs.
+    """
+    from .models import load_model
+
+    files = read_adapter(adapter, allow_pickle=allow_pickle)
+    task = task or _task_of(files)
+    if num_labels is None and task.endswith("classification"):
+        num_labels = _num_labels(files)
+    loaded = load_model(base, task=task, num_labels=num_labels)
+    model = loaded.model.eval()
+    load_adapter(model, adapter, force=force, allow_pickle=allow_pickle, tokenizer=loaded.tokenizer)
+    inputs, count = _probe_inputs(loaded, texts)
+    with torch.no_grad():
+        before = model_output(model, inputs).float()
+        unload(model, merge=True)
+        after = model_output(model, inputs).float()
+    diff = (after - before).abs()
+    report = MergeReport(Path(output), task, float(diff.max()), float(diff.mean()), count)
+    with atomic_directory(output, replace=None) as staging:
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(staging)
+        else:
+            from safetensors.torch import save
+
+            _write_file(staging / "model.safetensors",
+                        save({k: v.contiguous() for k, v in model.state_dict().items()}, metadata={"format": "pt"}))
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(staging)
+        record = {"base": base, "adapter": str(adapter), "task": task, "max_abs_diff": report.max_abs_diff,
+                  "mean_abs_diff": report.mean_abs_diff, "fingerprint": files.fingerprint,
+                  "provenance": files.provenance, "lorakit_version": _lorakit_version()}
+        _write_file(staging / "lorakit_merge.json", (json.dumps(record, indent=2, default=str) + "\n").encode())
+    return report
+
+
+# =========================================================================================================
+# Info
+# =========================================================================================================
+def _folder_bytes(folder: Path, suffixes: tuple[str, ...] | None = None) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and (
+        suffixes is None or p.name.endswith(suffixes)))
+
+
+def adapter_info(directory: str | os.PathLike) -> dict[str, Any]:
+    """What an adapter folder holds, from its config and the safetensors header (no tensor is loaded)."""
+    folder = Path(directory)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise AdapterError(f"{folder} has no {WEIGHTS_FILE}" + (" (only a pickle .bin: lorakit does not open it)"
+                                                                  if (folder / PICKLE_FILE).is_file() else ""))
+    total = weights.stat().st_size
+    try:
+        with open(weights, "rb") as f:
+            head = f.read(8)
+            size = int.from_bytes(head, "little") if len(head) == 8 else 0
+            data = head + f.read(min(size, total))
+    except OSError as err:
+        raise AdapterError(f"cannot read {weights}: {err}") from None
+    entries, metadata = _parse_header(data, weights, total)
+    try:
+        ours = json.loads(metadata.get(METADATA_KEY, "{}") or "{}")
+    except json.JSONDecodeError as err:
+        raise AdapterError(f"{weights}: lorakit metadata is not JSON ({err}); the file is corrupted") from None
+    config = read_adapter_config(folder)
+    lora_params = saved_params = 0
+    ranks: dict[str, int] = {}
+    for key, (_, shape, _, _) in entries.items():
+        n = math.prod(shape)
+        if key.endswith(tuple(_PARTS)):
+            lora_params += n
+            if key.endswith((".lora_A.weight", ".lora_embedding_A")) and shape:
+                ranks[key[len(PREFIX):].rsplit(".lora_", 1)[0]] = shape[0]
+        else:
+            saved_params += n
+    leaves: dict[str, int] = {}
+    for module in ranks:
+        leaf = module.rsplit(".", 1)[-1]
+        leaves[leaf] = leaves.get(leaf, 0) + 1
+    info: dict[str, Any] = {
+        "path": str(folder), "peft_type": "LORA", "task_type": config.task_type,
+        "base_model_name_or_path": config.base_model_name_or_path,
+        "r": config.r, "alpha": config.alpha, "ranks": sorted(set(ranks.values())),
+        "rank_pattern": config.rank_pattern, "alpha_pattern": config.alpha_pattern,
+        "init": config.init, "use_dora": config.use_dora, "use_rslora": config.use_rslora, "bias": config.bias,
+        "target_modules": config.target_modules, "adapted_modules": len(ranks), "adapted_by_name": leaves,
+        "modules_to_save": config.modules_to_save, "lora_parameters": lora_params,
+        "modules_to_save_parameters": saved_params, "parameters": lora_params + saved_params,
+        "weights_bytes": total, "folder_bytes": _folder_bytes(folder),
+        "fingerprint": ours.get("fingerprint"), "provenance": ours.get("provenance"),
+        "lorakit_version": ours.get("lorakit_version"), "written_by": "lorakit" if ours else "another tool (PEFT?)",
+        "pissa_initial": (folder / PISSA_INIT_FILE).is_file(),
+        "sub_adapters": sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file()),
+    }
+    base = config.base_model_name_or_path
+    if base and Path(base).is_dir():
+        base_bytes = _folder_bytes(Path(base), (".safetensors", ".bin", ".gguf", ".pth", ".pt"))
+        if base_bytes:
+            info["base_model_bytes"] = base_bytes
+            info["adapter_to_base"] = total / base_bytes
+    return info
+
+
+def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
+    """The `LoraConfig` of an adapter folder (``adapter_config.json`` only)."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterError(f"{Path(directory)} has no {CONFIG_FILE}: not an adapter folder")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterError(f"{path} is not valid JSON ({err})") from None
+    return _config_from_dict(raw, path)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def format_info(info: dict[str, Any]) -> str:
+    fp = info.get("fingerprint")
+    lines = [
+        f"adapter        {info['path']}  (written by {info['written_by']}"
+        + (f" {info['lorakit_version']})" if info.get("lorakit_version") else ")"),
+        f"base model     {info['base_model_name_or_path']}  task_type={info['task_type']}",
+        f"rank           r={info['r']} alpha={info['alpha']:g} ranks in file {info['ranks']}"
+        + (f" rank_pattern={info['rank_pattern']}" if info["rank_pattern"] else "")
+        + (f" alpha_pattern={info['alpha_pattern']}" if info["alpha_pattern"] else ""),
+        f"method         init={info['init']} dora={info['use_dora']} rslora={info['use_rslora']} bias={info['bias']}",
+        f"targets        {info['target_modules']} -> {info['adapted_modules']} modules "
+        + ", ".join(f"{k} x{v}" for k, v in sorted(info["adapted_by_name"].items())),
+        f"modules_to_save {info['modules_to_save']}",
+        f"parameters     {info['parameters']:,} (LoRA {info['lora_parameters']:,}, "
+        f"modules_to_save {info['modules_to_save_parameters']:,})",
+        f"size           {_human(info['weights_bytes'])} weights, {_human(info['folder_bytes'])} folder"
+        + (f"; base model {_human(info['base_model_bytes'])} on disk -> adapter is "
+           f"{100 * info['adapter_to_base']:.2f}% of it" if info.get("base_model_bytes") else ""),
+        "fingerprint    " + (f"sha256 {fp['sha256'][:16]}... over {fp.get('modules')} modules, "
+                             f"{fp.get('bytes', 0):,} bytes, vocab {fp.get('vocab_size')}" if fp else "not recorded"),
+        f"provenance     {json.dumps(info['provenance'], default=str) if info.get('provenance') else 'none'}",
+    ]
+    if info.get("pissa_initial"):
+        lines.append(f"pissa          initial A0/B0 kept ({PISSA_INIT_FILE}): exportable as plain LoRA")
+    if info.get("sub_adapters"):
+        lines.append(f"sub-adapters   {', '.join(info['sub_adapters'])}")
+    return "\n".join(lines)
+
+
+# =========================================================================================================
+# CLI
+# =========================================================================================================
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base", help="base model: packaged name (minilm, smollm2, mobilenet-v2), folder or hub id")
+    p.add_argument("adapter", help="adapter folder")
+    p.add_argument("output", help="folder for the merged model (written atomically)")
+    p.add_argument("--task", default=None, help="default: from the adapter (task_type / provenance)")
+    p.add_argument("--num-labels", type=int, default=None, help="default: from the adapter's classifier head")
+    p.add_argument("--force", action="store_true", help="merge even if the base-model fingerprint differs")
+    p.add_argument("--allow-pickle", action="store_true", help="accept a pickle adapter_model.bin")
+
+
+@command("merge", _merge_args)
+def _merge_cli(args: argparse.Namespace) -> int:
+    """Fold an adapter into its base model and write a plain model folder (safetensors)."""
+    print(merge_to_folder(args.base, args.adapter, args.output, task=args.task, num_labels=args.num_labels,
+                          force=args.force, allow_pickle=args.allow_pickle))
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="adapter folder")
+    p.add_argument("--target", required=True, choices=("vllm", "peft"))
+    p.add_argument("--output", "-o", default=None, help="write the (converted) copy here; without it only check")
+
+
+@command("export", _export_args)
+def _export_cli(args: argparse.Namespace) -> int:
+    """Check an adapter against a serving target (vllm, peft) and write a converted copy."""
+    report = export_adapter(args.adapter, args.target)
+    if report.ok and args.output is not None:
+        report = export_adapter(args.adapter, args.target, args.output)
+    print(report)
+    return 0 if report.ok else 1
+
+
+def _info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="adapter folder")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
+
+@command("info", _info_args)
+def _info_cli(args: argparse.Namespace) -> int:
+    """Show an adapter's config, ranks, targets, size, fingerprint and provenance."""
+    info = adapter_info(args.adapter)
+    print(json.dumps(info, indent=2, default=str) if args.json else format_info(info))
+    return 0
+
+
+__all__ = ["AdapterFiles", "ExportReport", "MergeReport", "adapter_info", "adapter_state_dict", "atomic_directory",
+           "base_fingerprint", "export_adapter", "load_adapter", "load_adapters", "merge_to_folder", "read_adapter",
+           "read_adapter_config", "save_adapter", "save_adapters"]
