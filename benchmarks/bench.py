@@ -1,19 +1,24 @@
 """lorakit vs peft vs full fine-tuning, side by side: training step, peak memory, inference, mixed batches,
-adapter save/load. One command, configurations alternated in fresh worker processes, medians and ratios.
+adapter save/load. One command; medians and ratios of medians.
 
     .venv/bin/python benchmarks/bench.py                  # MiniLM (8 x 128) and SmolLM2 (4 x 128), r=8, 2 threads
-    .venv/bin/python benchmarks/bench.py --models minilm --rounds 3 --steps 6
-    .venv/bin/python benchmarks/bench.py --compiled       # also torch.compile'd training steps, both libraries
+    .venv/bin/python benchmarks/bench.py --models minilm --steps 10
+    .venv/bin/python benchmarks/bench.py --compiled       # also torch.compile'd training steps (MiniLM)
 
-Each (model, case) runs in its own process (so peak RSS is that case's), round after round in alternating
-order. Inside a worker every timed step also records how much CPU *other* processes used meanwhile
-(/proc/stat minus our own /proc/self/stat); steps where others took more than 10% of a core are discarded,
-because this machine is shared. Prints a table and writes benchmarks/results/bench.json.
+**Timings** alternate inside one process: a worker builds every variant it compares (e.g. the frozen-base floor,
+lorakit and peft on attention and on all linear layers, full fine-tuning: separate copies of the same base) and
+runs one step of each in turn, order reversed every round, so drifts of the machine (frequency, other tenants)
+hit all variants alike; separate processes per variant differed by up to 20% on this machine for the same work.
+Every timed step also records how much CPU *other* processes used meanwhile (/proc/stat minus our own
+/proc/self/stat); steps where others took more than 10% of a core are discarded.
+**Peak memory** needs a process per variant (peak RSS is per process): ``mem-*`` workers run two steps each.
+Prints a table and writes benchmarks/results/bench.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -25,13 +30,15 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {"minilm": (8, 128), "smollm2": (4, 128)}
-MIXED_ROWS, MIXED_TOKENS = 64, 32  # mixed-adapter batches: one row per adapter at 64 adapters
+MIXED_ROWS = 64  # mixed-adapter batches: one row per adapter at 64 adapters
+MIXED_TOKENS = {"minilm": 32, "smollm2": 16}
 ATTENTION = {"minilm": ["query", "value"], "smollm2": ["q_proj", "v_proj"]}
-TRAIN_CASES = ["floor", "lorakit-attn", "peft-attn", "lorakit-all", "peft-all", "full"]
-COMPILED_CASES = ["lorakit-attn-compiled", "peft-attn-compiled"]  # torch.compile of the model (--compiled)
-INFER_CASES = ["infer-base", "infer-lorakit", "infer-lorakit-merged", "infer-peft", "infer-peft-merged"]
-MIXED_CASES = ["mixed-lorakit-1", "mixed-peft-1", "mixed-lorakit-4", "mixed-lorakit-16", "mixed-lorakit-64",
-               "mixed-peft-4", "mixed-peft-16", "mixed-peft-64", "saveload-lorakit", "saveload-peft"]
+TRAIN_VARIANTS = ["floor", "lorakit-attn", "peft-attn", "lorakit-all", "peft-all", "full"]
+COMPILED_VARIANTS = ["lorakit-attn-compiled", "peft-attn-compiled"]  # torch.compile of the model (--compiled)
+INFER_VARIANTS = ["infer-base", "infer-lorakit", "infer-lorakit-merged", "infer-peft", "infer-peft-merged"]
+MIXED_COUNTS = (4, 16, 64)
+CASES = ["time-train", "time-infer", "time-mixed", *(f"mem-{v}" for v in TRAIN_VARIANTS), "saveload-lorakit",
+         "saveload-peft"]
 
 
 # -- worker side ------------------------------------------------------------------------------------------
@@ -47,26 +54,41 @@ def _cpu_ticks() -> tuple[int, int]:
 
 
 def _timed(fn, steps: int, warmup: int) -> dict:
-    """Median seconds of ``fn()`` over ``steps`` clean runs (others used < 10% of a core meanwhile). If the
-    machine never gets quiet enough, the median of every run is reported with ``noisy: true``."""
-    for _ in range(warmup):
-        fn()
+    """`_alternate` of one function."""
+    return _alternate({"x": fn}, steps, warmup)["x"]
+
+
+def _alternate(fns: dict, steps: int, warmup: int) -> dict[str, dict]:
+    """Median seconds of each function over ``steps`` clean calls, taking turns (order reversed every round).
+    A call is clean when other processes used < 10% of a core meanwhile; a variant that never gets enough
+    clean calls reports the median of all its calls with ``noisy: true``."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     hz = os.sysconf("SC_CLK_TCK")
-    clean, every = [], []
-    for _ in range(steps * 3):
-        busy0, own0 = _cpu_ticks()
-        start = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - start
-        busy1, own1 = _cpu_ticks()
-        every.append(elapsed)
-        if ((busy1 - busy0) - (own1 - own0)) / hz <= 0.10 * elapsed:
-            clean.append(elapsed)
-            if len(clean) == steps:
-                break
-    noisy = len(clean) < max(1, steps // 2)
-    return {"median_s": statistics.median(every if noisy else clean), "kept": len(clean),
-            "dropped": len(every) - len(clean), "noisy": noisy}
+    names = list(fns)
+    clean: dict[str, list[float]] = {k: [] for k in names}
+    every: dict[str, list[float]] = {k: [] for k in names}
+    for round_ in range(steps * 3):
+        for k in (names if round_ % 2 == 0 else names[::-1]):
+            if len(clean[k]) >= steps:
+                continue
+            busy0, own0 = _cpu_ticks()
+            start = time.perf_counter()
+            fns[k]()
+            elapsed = time.perf_counter() - start
+            busy1, own1 = _cpu_ticks()
+            every[k].append(elapsed)
+            if ((busy1 - busy0) - (own1 - own0)) / hz <= 0.10 * elapsed:
+                clean[k].append(elapsed)
+        if all(len(v) >= steps for v in clean.values()):
+            break
+    out = {}
+    for k in names:
+        noisy = len(clean[k]) < max(1, steps // 2)
+        out[k] = {"median_s": statistics.median(every[k] if noisy else clean[k]), "kept": len(clean[k]),
+                  "dropped": len(every[k]) - len(clean[k]), "noisy": noisy}
+    return out
 
 
 def _model(name: str):
@@ -115,90 +137,110 @@ def _lora(name: str, model, library: str, targets, n: int = 1):
     return wrapped
 
 
+def _train_step(name: str, base, inputs, variant: str):
+    """A training-step function for ``variant`` on its own copy of ``base``."""
+    import torch
+
+    model = copy.deepcopy(base)
+    if variant == "floor":  # frozen base, gradients flow to the inputs only: the cost LoRA cannot go below
+        model.requires_grad_(False)
+        embed = model.get_input_embeddings()
+        params: list = []
+
+        def forward():
+            emb = embed(inputs["input_ids"]).detach().requires_grad_(True)
+            out = model(inputs_embeds=emb, attention_mask=inputs["attention_mask"])
+            return out.logits if hasattr(out, "logits") else out.last_hidden_state
+    elif variant == "full":
+        params = list(model.parameters())
+
+        def forward():
+            return _out(model, inputs)
+    else:
+        library, scope, *compiled = variant.split("-")
+        targets = ATTENTION[name] if scope == "attn" else "all-linear"
+        model = _lora(name, model, library, targets)
+        params = [p for p in model.parameters() if p.requires_grad]
+        run = torch.compile(model) if compiled else model  # compiled during the warm-up steps
+
+        def forward():
+            return _out(run, inputs)
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+    def step():
+        out = forward()
+        out.float().pow(2).mean().backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return step
+
+
 def run_case(name: str, case: str, steps: int) -> dict:
     import resource
 
     import torch
 
     torch.manual_seed(0)
-    model, inputs = _model(name)
+    base, inputs = _model(name)
     result: dict = {}
-    if case in TRAIN_CASES or case in COMPILED_CASES:
-        if case == "floor":  # frozen base, gradients flow to the inputs only: the cost LoRA cannot go below
-            model.requires_grad_(False)
-            embed = model.get_input_embeddings()
-            params: list = []
+    if case.startswith("time-train"):
+        variants = TRAIN_VARIANTS + (COMPILED_VARIANTS if case.endswith("+compiled") else [])
+        fns = {v: _train_step(name, base, inputs, v) for v in variants}
+        result = {"variants": _alternate(fns, steps, warmup=2)}
+    elif case.startswith("mem-"):
+        step = _train_step(name, base, inputs, case[4:])
+        del base
+        result = _timed(step, 2, warmup=1)
+    elif case == "time-infer":
+        lk = _lora(name, copy.deepcopy(base), "lorakit", "all-linear")
+        lk_merged = _lora(name, copy.deepcopy(base), "lorakit", "all-linear")
+        pf = _lora(name, copy.deepcopy(base), "peft", "all-linear")
+        pf_merged = _lora(name, copy.deepcopy(base), "peft", "all-linear")
+        import lorakit
 
-            def forward():
-                emb = embed(inputs["input_ids"]).detach().requires_grad_(True)
-                out = model(inputs_embeds=emb, attention_mask=inputs["attention_mask"])
-                return out.logits if hasattr(out, "logits") else out.last_hidden_state
-        elif case == "full":
-            params = list(model.parameters())
-
-            def forward():
-                return _out(model, inputs)
-        else:
-            library, scope, *compiled = case.split("-")
-            targets = ATTENTION[name] if scope == "attn" else "all-linear"
-            model = _lora(name, model, library, targets)
-            params = [p for p in model.parameters() if p.requires_grad]
-            run = torch.compile(model) if compiled else model  # compiled during the warm-up steps
-
-            def forward():
-                return _out(run, inputs)
-        model.train()
-        optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-
-        def step():
-            out = forward()
-            out.float().pow(2).mean().backward()
-            if optimizer is not None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-        result = _timed(step, steps, warmup=2)
-    elif case in INFER_CASES:
-        if case != "infer-base":
-            _, library, *merged = case.split("-")
-            model = _lora(name, model, library, "all-linear")
-            if merged:
-                if library == "lorakit":
-                    import lorakit
-
-                    lorakit.merge(model)
-                else:
-                    model.merge_adapter()
-        model.eval()
+        lorakit.merge(lk_merged)
+        pf_merged.merge_adapter()
+        models = {"infer-base": base, "infer-lorakit": lk, "infer-lorakit-merged": lk_merged, "infer-peft": pf,
+                  "infer-peft-merged": pf_merged}
+        for m in models.values():
+            m.eval()
+        fns = {k: (lambda m=m: _out(m, inputs)) for k, m in models.items()}
         with torch.inference_mode():
-            result = _timed(lambda: _out(model, inputs), steps, warmup=2)
-    elif case.startswith("mixed"):
-        _, library, n = case.split("-")
-        n = int(n)
-        batch = MIXED_ROWS  # every adapter of the largest case has a row (64 rows of 32 tokens for both models)
-        ids = torch.randint(100, 1000, (batch, MIXED_TOKENS), generator=torch.Generator().manual_seed(2))
+            result = {"variants": _alternate(fns, steps, warmup=2)}
+    elif case == "time-mixed":
+        ids = torch.randint(100, 1000, (MIXED_ROWS, MIXED_TOKENS[name]), generator=torch.Generator().manual_seed(2))
         mixed_inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        model = _lora(name, model, library, "all-linear", n=max(n, 1))
-        model.eval()
-        names = [f"a{i % n}" for i in range(batch)]
-        with torch.inference_mode():
-            if n == 1:  # the reference: a plain batch with one active adapter, no routing
-                def run():
-                    return _out(model, mixed_inputs)
-            elif library == "lorakit":
-                import lorakit
+        n_max = max(MIXED_COUNTS)
+        lk = _lora(name, copy.deepcopy(base), "lorakit", "all-linear", n=n_max)
+        pf = _lora(name, copy.deepcopy(base), "peft", "all-linear", n=n_max)
+        del base
+        lk.eval()
+        pf.eval()
+        import lorakit
 
-                def run():
-                    with lorakit.route(model, names):
-                        return _out(model, mixed_inputs)
-            else:
-                def run():
-                    return _out(model, {**mixed_inputs, "adapter_names": names})
-            result = _timed(run, steps, warmup=1)
-        result["rows"] = batch
+        def lk_run(names=None):
+            if names is None:  # the reference: a plain batch with one active adapter, no routing
+                return _out(lk, mixed_inputs)
+            with lorakit.route(lk, names):
+                return _out(lk, mixed_inputs)
+
+        def pf_run(names=None):
+            return _out(pf, mixed_inputs if names is None else {**mixed_inputs, "adapter_names": names})
+
+        fns = {"mixed-lorakit-1": lk_run, "mixed-peft-1": pf_run}
+        for n in MIXED_COUNTS:
+            names = [f"a{i % n}" for i in range(MIXED_ROWS)]  # interleaved rows: the general case
+            fns[f"mixed-lorakit-{n}"] = lambda names=names: lk_run(names)
+            fns[f"mixed-peft-{n}"] = lambda names=names: pf_run(names)
+        with torch.inference_mode():
+            result = {"variants": _alternate(fns, max(3, steps // 2), warmup=1)}
+        for v in result["variants"].values():
+            v["rows"] = MIXED_ROWS
     elif case.startswith("saveload"):
         library = case.split("-")[1]
-        model = _lora(name, model, library, "all-linear")
+        model = _lora(name, base, library, "all-linear")
         folder = Path(tempfile.mkdtemp())
         if library == "lorakit":
             import lorakit
@@ -213,8 +255,10 @@ def run_case(name: str, case: str, steps: int) -> dict:
                 model.save_pretrained(str(folder / "x"), selected_adapters=["a0"])
                 if "b" in model.peft_config:
                     model.delete_adapter("b")
-                model.load_adapter(str(folder / "x"), adapter_name="b")
+                model.load_adapter(str(folder / "x" / "a0"), adapter_name="b")  # PEFT: non-default in a sub-folder
         result = _timed(cycle, steps, warmup=1)
+    else:
+        raise SystemExit(f"unknown case {case}")
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
@@ -223,9 +267,9 @@ def run_case(name: str, case: str, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"], choices=list(SHAPES))
-    parser.add_argument("--cases", nargs="+", default=TRAIN_CASES + INFER_CASES + MIXED_CASES)
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per case (fresh process each)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per worker")
+    parser.add_argument("--cases", nargs="+", default=CASES)
+    parser.add_argument("--rounds", type=int, default=1, help="fresh-process rounds per case, order alternated")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per variant")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compiled", nargs="*", default=None, choices=list(SHAPES), metavar="MODEL",
                         help="also time torch.compile'd training steps of both libraries (LoRA on attention) for "
@@ -243,18 +287,23 @@ def main() -> None:
     compiled_models = [] if args.compiled is None else (args.compiled or ["minilm"])
     runs: dict[str, list[dict]] = {}
     for round_ in range(args.rounds):
-        order = args.cases if round_ % 2 == 0 else list(reversed(args.cases))  # alternate the order
+        order = args.cases if round_ % 2 == 0 else list(reversed(args.cases))
         for model in args.models:
-            extra = [c for c in COMPILED_CASES if model in compiled_models and c not in order]
-            for case in order + (extra if round_ % 2 == 0 else extra[::-1]):
-                done = subprocess.run([sys.executable, __file__, "--worker", model, case, "--steps", str(args.steps),
-                                       "--threads", str(args.threads)], env=env, capture_output=True, text=True)
+            for case in order:
+                worker_case = f"{case}+compiled" if case == "time-train" and model in compiled_models else case
+                started = time.perf_counter()
+                done = subprocess.run([sys.executable, __file__, "--worker", model, worker_case, "--steps",
+                                       str(args.steps), "--threads", str(args.threads)],
+                                      env=env, capture_output=True, text=True)
                 line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
                 if line is None:
                     print(f"{model}/{case} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
                     continue
-                runs.setdefault(f"{model}/{case}", []).append(json.loads(line[7:]))
-                print(f"  round {round_ + 1} {model}/{case}: {runs[f'{model}/{case}'][-1]}", file=sys.stderr)
+                result = json.loads(line[7:])
+                for key, value in result.pop("variants", {"": result}).items():
+                    entry = {**value, "peak_rss_mb": result.get("peak_rss_mb", value.get("peak_rss_mb"))}
+                    runs.setdefault(f"{model}/{key or case}", []).append(entry)
+                print(f"  round {round_ + 1} {model}/{case}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     summary = {key: {"median_s": statistics.median(r["median_s"] for r in rs),
                      "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
                      "kept": sum(r["kept"] for r in rs), "dropped": sum(r["dropped"] for r in rs),
@@ -265,8 +314,10 @@ def main() -> None:
     print(_table(summary, ratios))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": _machine(args.threads), "rounds": args.rounds, "steps": args.steps,
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps({"machine": _machine(args.threads), "rounds": args.rounds, "steps": args.steps,
                                "summary": summary, "ratios": ratios, "runs": runs}, indent=2))
+    tmp.replace(out)
     print(f"\nwritten {out}")
 
 
@@ -281,9 +332,12 @@ def _ratios(s: dict, models: list[str]) -> dict[str, float]:
         for scope in ("attn", "all"):
             out[f"{m} train lorakit-{scope} / floor"] = r(f"{m}/lorakit-{scope}", f"{m}/floor")
             out[f"{m} train lorakit-{scope} / peft-{scope}"] = r(f"{m}/lorakit-{scope}", f"{m}/peft-{scope}")
-            if f"{m}/lorakit-{scope}" in s and f"{m}/peft-{scope}" in s:
+            if f"{m}/mem-lorakit-{scope}" in s and f"{m}/mem-peft-{scope}" in s:
                 out[f"{m} peak RSS lorakit-{scope} / peft-{scope}"] = (
-                    s[f"{m}/lorakit-{scope}"]["peak_rss_mb"] / s[f"{m}/peft-{scope}"]["peak_rss_mb"])
+                    s[f"{m}/mem-lorakit-{scope}"]["peak_rss_mb"] / s[f"{m}/mem-peft-{scope}"]["peak_rss_mb"])
+            if f"{m}/mem-lorakit-{scope}" in s and f"{m}/mem-full" in s:
+                out[f"{m} peak RSS lorakit-{scope} / full"] = (
+                    s[f"{m}/mem-lorakit-{scope}"]["peak_rss_mb"] / s[f"{m}/mem-full"]["peak_rss_mb"])
         out[f"{m} train full / lorakit-attn"] = r(f"{m}/full", f"{m}/lorakit-attn")
         out[f"{m} train compiled lorakit-attn / peft-attn"] = r(f"{m}/lorakit-attn-compiled",
                                                                   f"{m}/peft-attn-compiled")
@@ -301,11 +355,16 @@ def _ratios(s: dict, models: list[str]) -> dict[str, float]:
 
 
 def _table(s: dict, ratios: dict) -> str:
-    lines = ["| model/case | median ms | peak RSS MB | steps kept/dropped |", "|---|---:|---:|---:|"]
+    """Timings (alternated in one process) with the peak RSS of the variant's own ``mem-*`` process."""
+    lines = ["| model/variant | median ms | steps kept/dropped | peak RSS MB (own process) |", "|---|---:|---:|---:|"]
     for key, v in s.items():
+        if "/mem-" in key:
+            continue
         flag = " (noisy: machine busy)" if v.get("noisy") else ""
-        lines.append(f"| {key} | {1000 * v['median_s']:.1f} | {v['peak_rss_mb']:.0f} | "
-                     f"{v['kept']}/{v['dropped']}{flag} |")
+        model, variant = key.split("/", 1)
+        mem = s.get(f"{model}/mem-{variant}", v if variant.startswith("saveload") else None)
+        rss = "" if mem is None else f"{mem['peak_rss_mb']:.0f}"
+        lines.append(f"| {key} | {1000 * v['median_s']:.1f} | {v['kept']}/{v['dropped']}{flag} | {rss} |")
     lines += ["", "| ratio of medians | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in ratios.items()]
     return "\n".join(lines)
