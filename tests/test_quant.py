@@ -100,6 +100,7 @@ def test_training_recipe_on_a_quantized_base(tmp_path) -> None:
                                               "train.batch_size=8", "eval.max_examples=8", "train.progress=false"])
     metrics = train(recipe, tmp_path)
     assert metrics["quantized_weight_bytes"] <= 0.16 * metrics["quantized_weight_fp32_bytes"]
+    assert metrics["total_params"] == 22_868_356  # quantized weights still count as the model's parameters
     merged = metrics["quantized_merge"]  # merged into the NF4 base after saving: drift and merged metrics
     assert merged["layers"] == 25 and 0 < merged["mean_relative"] <= merged["worst_relative"] < 0.2
     assert abs(merged["eval"]["accuracy"] - metrics["eval"]["accuracy"]) <= 0.5 and merged["eval"]["examples"] == 8

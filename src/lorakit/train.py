@@ -263,6 +263,10 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False,
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
+    if recipe.quantize:  # quantized weights are buffers now; count them as the parameters they replace
+        from .quant import QuantizedLinear
+
+        n_total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
 
     micro_per_epoch = len(train_rows) // args.batch_size
     steps_per_epoch = micro_per_epoch // args.grad_accum
