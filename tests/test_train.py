@@ -4,6 +4,7 @@ resume after an interruption, NaN handling, LoRA+ and full fine-tuning, and 2-pr
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -113,6 +114,23 @@ def test_full_fine_tuning_uses_the_same_loop(tmp_path: Path) -> None:
     metrics = train(load_recipe("sentiment-minilm", TINY + ["train.max_steps=2", "method=full"]), tmp_path)
     assert metrics["trainable_fraction"] == 1.0
     assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_bf16_autocast_trains_the_adapter_in_fp32(tmp_path: Path) -> None:
+    """train.precision=bf16: the forward runs under bf16 autocast (CPU here, CUDA on a GPU); adapter weights,
+    optimizer state and loss stay fp32, the adapter moves and the loss follows the fp32 run closely."""
+    runs = {p: train(load_recipe("sentiment-minilm", TINY + ["train.max_steps=3", "lora.dropout=0.0",
+                                                             "train.model_dropout=0.0", f"train.precision={p}"]),
+                     tmp_path / p) for p in ("fp32", "bf16")}
+    fp32, bf16 = ([h["loss"] for h in runs[p]["history"] if "loss" in h] for p in ("fp32", "bf16"))
+    assert len(bf16) == 3 and all(math.isfinite(v) for v in bf16)
+    assert max(abs(a - b) for a, b in zip(fp32, bf16)) < 0.05 and fp32 != bf16  # close, yet really bf16
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "bf16" / "adapter" / "adapter_model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    with pytest.raises(ConfigError, match="train.precision must be fp32 or bf16"):
+        load_recipe("sentiment-minilm", ["train.precision=fp16"])
 
 
 def test_cli_train_then_eval_and_predict(tmp_path: Path, capsys) -> None:

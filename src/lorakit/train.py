@@ -66,6 +66,7 @@ class TrainArgs:
     device: str = "auto"
     num_threads: int | None = None
     progress: bool = True
+    precision: str = "fp32"  # fp32 | bf16: bf16 autocast of the training forward (weights, optimizer, loss fp32)
 
 
 @dataclass
@@ -174,6 +175,8 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
         raise ConfigError(f"{source}: quantize must be int8 or nf4, got {recipe.quantize!r}")
     if recipe.method == "full" and recipe.quantize:
         raise ConfigError(f"{source}: a quantized base is frozen; quantize needs method=lora")
+    if recipe.train.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"{source}: train.precision must be fp32 or bf16, got {recipe.train.precision!r}")
     if recipe.train.schedule not in ("cosine", "linear", "constant"):
         raise ConfigError(f"{source}: train.schedule must be cosine, linear or constant")
     if recipe.method == "lora":
@@ -423,8 +426,9 @@ def _step(train_model: nn.Module, recipe: Recipe, world: distributed.World, rows
         sync = i == len(batches) - 1 or not world.distributed
         context = train_model.no_sync() if not sync else contextlib.nullcontext()
         with context:
-            logits = forward(train_model, recipe.task, batch)
-            part, _ = loss_sum(recipe.task, logits, batch["labels"])
+            with _autocast(args.precision, world.device):
+                logits = forward(train_model, recipe.task, batch)
+            part, _ = loss_sum(recipe.task, logits, batch["labels"])  # in fp32
             # DDP averages gradients over processes; scale so the result is the global mean
             (part * (world.size / global_count)).backward()
         total += part.detach().double().cpu()
@@ -437,6 +441,13 @@ def _step(train_model: nn.Module, recipe: Recipe, world: distributed.World, rows
     optimizer.step()
     scheduler.step()
     return loss
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on the run's device type (cuda or cpu), or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 class _DeferredInterrupt:
