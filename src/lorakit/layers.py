@@ -298,18 +298,17 @@ class LoraLayer(nn.Module):
             return out.add_(self.routed_output(x, routing, base_result))
         runs = routing.runs()
         if runs is not None:  # each adapter's rows are one slice: views in, one concatenation out
+            # split (not narrow): its backward is one concatenation, not a zero-filled full-size tensor per slice
+            sizes = [stop - start for _, start, stop in runs]
             parts = []
-            for j, start, stop in runs:
+            for (j, _, _), xr, br in zip(runs, x.split(sizes), base_result.split(sizes)):
                 name = routing.names[j] if j >= 0 else None
                 if name is None or name not in self.r or name in self.merged_adapters:
-                    parts.append(torch.zeros_like(base_result.narrow(0, start, stop - start)))
-                    continue
-                xr = x.narrow(0, start, stop - start)
-                if name in self.lora_magnitude_vector:
-                    part = self.dora_output(xr, name, base_result.narrow(0, start, stop - start))
+                    parts.append(torch.zeros_like(br))
+                elif name in self.lora_magnitude_vector:
+                    parts.append(self.dora_output(xr, name, br).to(base_result.dtype))
                 else:
-                    part = self.lora_output(xr, name)
-                parts.append(part.to(base_result.dtype))
+                    parts.append(self.lora_output(xr, name).to(base_result.dtype))
             return torch.cat(parts) if len(parts) > 1 else parts[0]
         out = torch.zeros_like(base_result)
         for j, name in enumerate(routing.names):
@@ -719,10 +718,10 @@ class ModulesToSave(nn.Module):
         runs = self.routing.runs()
         if runs is not None:  # contiguous rows per adapter: each row runs only through its own module
             parts = []
-            for j, start, stop in runs:
+            for (j, _, _), xr in zip(runs, x.split([stop - start for _, start, stop in runs])):
                 name = self.routing.names[j] if j >= 0 else None
                 module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
-                parts.append(module(x.narrow(0, start, stop - start), *args, **kwargs))
+                parts.append(module(xr, *args, **kwargs))
             return torch.cat(parts) if len(parts) > 1 else parts[0]
         out = self.original_module(x, *args, **kwargs)
         for j, name in enumerate(self.routing.names):

@@ -805,7 +805,8 @@ def _multitask_results(report: Any, metrics: dict[str, Any], tasks: list[str], m
     report.table(["", *tasks], [[label, *(f"{v:.4f}" for v in values)] for label, values in series.items()])
     by_task = {t: [values[k] for values in series.values()] for k, t in enumerate(tasks)}
     report.figure(grouped_bars(list(series), by_task, f"held-out {metric}", f"Held-out {metric} per task"),
-                  "multitask-eval.png", "combinations: add_weighted_adapter of all task adapters, method x weight")
+                  "multitask-eval.png", "combinations: add_weighted_adapter of all task adapters, method x weight"
+                  if metrics.get("combinations") else f"held-out {metric} per task")
 
 
 # -- command line ------------------------------------------------------------------------------------------------
