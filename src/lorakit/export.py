@@ -20,9 +20,8 @@ from .cli import command
 from .config import LoraConfig
 from .errors import AdapterError, ConfigError
 from .io import (CONFIG_FILE, METADATA_KEY, PICKLE_FILE, PISSA_INIT_FILE, PREFIX, TASK_FROM_PEFT, WEIGHTS_FILE, _PARTS,
-                 AdapterFiles, _config_from_dict, _lorakit_version, _parse_header, _read_safetensors, _write_adapter,
-                 _write_file, adapter_state_dict, atomic_directory, base_fingerprint, load_adapter, load_adapters,
-                 read_adapter, save_adapter, save_adapters)
+                 AdapterFiles, _lorakit_version, _parse_header, _read_safetensors, _write_adapter, _write_file,
+                 atomic_directory, load_adapter, read_adapter, read_adapter_config, save_adapter)
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -345,18 +344,6 @@ def adapter_info(directory: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
-def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
-    """The `LoraConfig` of an adapter folder (``adapter_config.json`` only)."""
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise AdapterError(f"{Path(directory)} has no {CONFIG_FILE}: not an adapter folder")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterError(f"{path} is not valid JSON ({err})") from None
-    return _config_from_dict(raw, path)
-
-
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -444,6 +431,4 @@ def _info_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["AdapterFiles", "ExportReport", "MergeReport", "adapter_info", "adapter_state_dict", "atomic_directory",
-           "base_fingerprint", "export_adapter", "load_adapter", "load_adapters", "merge_to_folder", "read_adapter",
-           "read_adapter_config", "save_adapter", "save_adapters"]
+__all__ = ["ExportReport", "MergeReport", "adapter_info", "export_adapter", "format_info", "merge_to_folder"]

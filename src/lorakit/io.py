@@ -338,6 +338,22 @@ def _config_from_dict(raw: Any, path: Path) -> LoraConfig:
         raise AdapterError(f"{path}: {err}") from None
 
 
+def _config_json(directory: str | os.PathLike) -> tuple[Any, Path]:
+    """``adapter_config.json`` of a folder, parsed (not yet checked), and its path."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterError(f"{Path(directory)} has no {CONFIG_FILE}: not an adapter folder (PEFT/lorakit format)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), path
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterError(f"{path} is not valid JSON ({err})") from None
+
+
+def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
+    """The `LoraConfig` of an adapter folder (``adapter_config.json`` only)."""
+    return _config_from_dict(*_config_json(directory))
+
+
 def read_adapter(directory: str | os.PathLike, allow_pickle: bool = False) -> AdapterFiles:
     """Read an adapter folder: config, tensors and lorakit metadata, every problem an `AdapterError`.
 
@@ -347,13 +363,7 @@ def read_adapter(directory: str | os.PathLike, allow_pickle: bool = False) -> Ad
     folder = Path(directory)
     if not folder.is_dir():
         raise AdapterError(f"adapter folder {folder} does not exist")
-    config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
-        raise AdapterError(f"{folder} has no {CONFIG_FILE}: not an adapter folder (PEFT/lorakit format)")
-    try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterError(f"{config_path} is not valid JSON ({err})") from None
+    raw, config_path = _config_json(folder)
     config = _config_from_dict(raw, config_path)
     metadata: dict[str, str] = {}
     if (folder / WEIGHTS_FILE).is_file():
@@ -856,3 +866,7 @@ def _pissa_initial_tensors(initial: Mapping[str, Tensor] | str | os.PathLike,
             raise AdapterError(f"pissa_initial {key} has shape {tuple(tensor.shape)}, the adapter "
                                f"{tuple(wanted[key].shape)}")
     return {k: v.detach().to("cpu").clone().contiguous() for k, v in picked.items()}
+
+
+__all__ = ["AdapterFiles", "adapter_state_dict", "atomic_directory", "base_fingerprint", "load_adapter", "load_adapters",
+           "read_adapter", "read_adapter_config", "save_adapter", "save_adapters"]

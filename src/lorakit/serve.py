@@ -308,8 +308,7 @@ class AdapterPool:
         return True
 
     def _load(self, name: str, path: Path) -> None:
-        from .export import read_adapter_config
-        from .io import load_adapter
+        from .io import load_adapter, read_adapter_config
 
         try:
             if read_adapter_config(path).init == "pissa":
