@@ -45,7 +45,7 @@ class Routing:
     def runs(self) -> list[tuple[int, int, int]] | None:
         """``(adapter position or -1, start, stop)`` for each run of rows sharing an adapter, in row order, when
         every adapter's rows form one contiguous run (as in multi-task batches, one task after another);
-        None otherwise. Contiguous rows are views (``narrow``) instead of gathered copies. Memoized."""
+        None otherwise. Contiguous rows are views (``split``) instead of gathered copies. Memoized."""
         if "runs" not in self._memo:
             values = self.index.tolist()
             runs: list[tuple[int, int, int]] = []
