@@ -231,3 +231,51 @@ def test_dora_magnitude_starts_at_weight_norm() -> None:
     weight = copy.deepcopy(model.layer.weight.detach())
     inject(model, config)
     torch.testing.assert_close(model.layer.lora_magnitude_vector["default"].detach(), weight.norm(dim=1))
+
+
+def test_training_dropout_path_keeps_a_mask_not_a_copy(monkeypatch) -> None:
+    """With dropout in training, Linear's LoRA path saves its input (shared with whatever else keeps it: the layer
+    before, the other projections reading the same input) and a boolean mask, not a dropped-out fp32 copy per
+    adapted layer; values and gradients equal dropout followed by the two products (same masks)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 6))
+    inject(model, LoraConfig(r=3, alpha=6, target_modules=["0", "2"], dropout=0.3))
+    randomize_lora(model, std=0.3)
+    model.train()
+    x = torch.randn(4, 5, 10, requires_grad=True)
+
+    def run() -> tuple[torch.Tensor, dict, int]:
+        model.zero_grad()
+        x.grad = None
+        saved: dict[int, int] = {}  # storage -> bytes: a tensor saved by two layers counts once
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        torch.manual_seed(5)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = model(x)
+        y.pow(2).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return y.detach(), {**grads, "x": x.grad.clone()}, sum(saved.values())
+
+    fused_y, fused_grads, fused_bytes = run()
+
+    def reference(self, result, x_, name, inplace=False):  # the unfused path with the same mask draws
+        p = self.lora_dropout[name].p
+        keep = torch.empty_like(x_, dtype=torch.bool).bernoulli_(1 - p)
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        return result + F.linear(F.linear(x_ * keep * (1 / (1 - p)), A) * self.scaling[name], B)
+
+    monkeypatch.setattr(LoraLinear, "add_lora_output", reference)
+    ref_y, ref_grads, ref_bytes = run()
+    torch.testing.assert_close(fused_y, ref_y, atol=1e-6, rtol=0)
+    assert fused_grads.keys() == ref_grads.keys() and len(fused_grads) == 5  # 2 x (A, B) and the input
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-6, rtol=1e-6)
+    # layer 2's input is tanh's output, which autograd keeps anyway: the fused path adds only its mask, the
+    # unfused one a dropped-out fp32 copy (4 x 5 x 12 floats). Layer 0's input is kept only for LoRA in both.
+    assert fused_bytes <= ref_bytes - 4 * 5 * 12 * 4
