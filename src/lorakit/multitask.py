@@ -48,8 +48,8 @@ from .errors import ConfigError
 from .evaluate import encode, evaluate, forward, loss_sum, to_device
 from .inject import add_adapter
 from .layers import ModulesToSave
-from .train import (EvalArgs, Recipe, TrainArgs, TrainingError, _cap, _coerce, _fmt, _optimizer, _progress,
-                    _scheduler, _seed_everything, _step, _write_json, read_recipe_yaml, recipe_from_dict,
+from .train import (EvalArgs, Recipe, TrainArgs, TrainingError, _cap, _fmt, _optimizer, _progress,
+                    _scheduler, _seed_everything, _step, _write_json, build_section, read_recipe_yaml, recipe_from_dict,
                     recipe_path)
 
 DESIGNS = ("per-task", "shared")
@@ -132,13 +132,7 @@ def load_multitask_recipe(name_or_path: str, overrides: Sequence[str] = ()) -> M
 
 def multitask_recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> MultitaskRecipe:
     def build(cls: type, values: Any, where: str) -> Any:
-        if not isinstance(values, dict):
-            raise ConfigError(f"{source}: {where} must be a mapping, got {values!r}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = set(values) - set(fields)
-        if unknown:
-            raise ConfigError(f"{source}: unknown {where} key(s) {sorted(unknown)}; known: {sorted(fields)}")
-        return cls(**{k: _coerce(f"{where}.{k}", fields[k], v, source) for k, v in values.items()})
+        return build_section(cls, values, where, source)
 
     data = dict(data)
     if "data" in data:

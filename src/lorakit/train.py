@@ -152,13 +152,21 @@ def _list_index(node: list, part: str, item: str) -> int:
     return int(part)
 
 
+def build_section(cls: type, values: Any, where: str, source: str) -> Any:
+    """Dataclass ``cls`` from a recipe section: unknown keys refused with the known ones listed, values coerced
+    to the fields' types (`_coerce`)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: {where} must be a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ConfigError(f"{source}: unknown {where} key(s) {sorted(unknown)}; known: {sorted(fields)}")
+    return cls(**{k: _coerce(f"{where}.{k}", fields[k], v, source) for k, v in values.items()})
+
+
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     def build(cls: type, values: dict[str, Any], where: str) -> Any:
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = set(values) - set(fields)
-        if unknown:
-            raise ConfigError(f"{source}: unknown {where} key(s) {sorted(unknown)}; known: {sorted(fields)}")
-        return cls(**{k: _coerce(f"{where}.{k}", fields[k], v, source) for k, v in values.items()})
+        return build_section(cls, values, where, source)
 
     data = dict(data)
     train_args = build(TrainArgs, data.pop("train", None) or {}, "train")
