@@ -12,6 +12,7 @@ DoRA (Liu et al. 2024, eq. 5): ``y = m / ||W + s B A||_row · (W + s B A) x + b`
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -20,6 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError
+
+_WEIGHT, _PARAMETERS, _VERSION = (operator.itemgetter("weight"), operator.attrgetter("_parameters"),
+                                  operator.attrgetter("_version"))
 
 
 @dataclass
@@ -31,6 +35,21 @@ class Routing:
     index: Tensor  # (batch,) long
     shared: list[str] = field(default_factory=list)
     _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def host_index(self) -> list[int]:
+        """``index`` as a Python list, read from the device once per routing (a GPU sync), then memoized."""
+        if "host" not in self._memo:
+            self._memo["host"] = self.index.tolist()
+        return self._memo["host"]
+
+    def memoize_host_index(self, rows: list[int]) -> None:
+        """Give the host copy of ``index`` (the list it was made from) so `host_index` needs no device read."""
+        self._memo["host"] = list(rows)
+
+    def name_set(self) -> frozenset[str]:
+        if "names" not in self._memo:
+            self._memo["names"] = frozenset(self.names)
+        return self._memo["names"]
 
     def slots(self, present: Callable[[str], bool]) -> Tensor:
         """Row -> slot in a stack of the present adapters, ``len(present names)`` being the all-zero slot."""
@@ -47,7 +66,7 @@ class Routing:
         every adapter's rows form one contiguous run (as in multi-task batches, one task after another);
         None otherwise. Contiguous rows are views (``split``) instead of gathered copies. Memoized."""
         if "runs" not in self._memo:
-            values = self.index.tolist()
+            values = self.host_index()
             runs: list[tuple[int, int, int]] = []
             for row, v in enumerate(values):
                 if runs and runs[-1][0] == v:
@@ -81,7 +100,9 @@ class Routing:
         """
         key = ("groups", *order)
         if key not in self._memo:
-            slot = self.slots_in(order).tolist()
+            position = {name: i for i, name in enumerate(order)}
+            lookup = [position.get(n, len(order)) for n in self.names] + [len(order)]
+            slot = [lookup[i] for i in self.host_index()]  # index -1 (base row) reads the trailing entry
             rows_of: dict[int, list[int]] = {}
             for row, s in enumerate(slot):
                 if s < len(order):
@@ -452,11 +473,16 @@ class LoraLinear(LoraLayer):
         Without autograd (serving) the stacks of all adapters are built once and reused until an adapter is
         added, removed or changed in place (tensor version counters), instead of being rebuilt every forward.
         """
-        present = [n for n in routing.names if n in self.r and n not in self.merged_adapters]
+        # this runs in every adapted layer of every mixed forward: keep the per-adapter Python work small
+        if not self.merged_adapters and routing.name_set() <= self.r.keys():
+            present = routing.names
+        else:
+            present = [n for n in routing.names if n in self.r and n not in self.merged_adapters]
         if not present:
             return torch.zeros_like(base_result) if out is None else out
-        if any(n in self.lora_magnitude_vector for n in present) or self.training and any(
-                isinstance(self.lora_dropout[n], nn.Dropout) for n in present):
+        magnitudes, dropouts = self.lora_magnitude_vector, self.lora_dropout
+        if (magnitudes and any(n in magnitudes for n in present)) or self.training and any(
+                isinstance(dropouts[n], nn.Dropout) for n in present):
             return super().routed_output(x, routing, base_result, out)
         if torch.is_grad_enabled():
             names, (A_stack, B_stack) = present, self._stacks(present)
@@ -499,17 +525,21 @@ class LoraLinear(LoraLayer):
 
     def _inference_stacks(self) -> tuple[list[str], Tensor, Tensor]:
         """`_stacks` of every unmerged adapter, cached while names, scalings and tensors stay the same."""
-        names = [n for n in self.r if n not in self.merged_adapters]
-        A_mods, B_mods = self.lora_A._modules, self.lora_B._modules  # plain dicts: this check runs every forward
-        params = [(A_mods[n]._parameters["weight"], B_mods[n]._parameters["weight"]) for n in names]
-        # ids are safe keys: the cache keeps the tensors it was built from alive
-        key = [(n, self.scaling[n], id(a), id(b), a._version, b._version, a.data_ptr(), b.data_ptr())
-               for n, (a, b) in zip(names, params)]
+        # checked in every layer of every forward, so the loops over adapters run in C (map): the names, merges
+        # and scalings, then every A and B weight's identity, version counter (bumped by in-place updates:
+        # optimizer steps, copy_) and storage (``.data =`` swaps it without a version bump)
+        A_mods, B_mods = self.lora_A._modules, self.lora_B._modules
+        flat = [*map(_WEIGHT, map(_PARAMETERS, A_mods.values())), *map(_WEIGHT, map(_PARAMETERS, B_mods.values()))]
+        key = (tuple(self.r), tuple(self.merged_adapters), tuple(self.scaling.items()), tuple(map(id, flat)),
+               tuple(map(_VERSION, flat)), tuple(map(Tensor.data_ptr, flat)))
         cached = self.__dict__.get("_routing_cache")
-        if cached is None or cached[0] != key:
-            A_stack, B_stack = self._stacks(names)
-            cached = self.__dict__["_routing_cache"] = (key, params, names, A_stack, B_stack)
-        return cached[2], cached[3], cached[4]
+        if cached is not None and cached[0] == key:
+            return cached[2], cached[3], cached[4]
+        names = [n for n in self.r if n not in self.merged_adapters]
+        A_stack, B_stack = self._stacks(names)
+        # the cache keeps the weights it was built from alive, so their ids cannot be reused meanwhile
+        self.__dict__["_routing_cache"] = (key, flat, names, A_stack, B_stack)
+        return names, A_stack, B_stack
 
 
 class _DropoutLora(torch.autograd.Function):
