@@ -470,6 +470,12 @@ def evaluate_combinations(model: nn.Module, tasks: Sequence[TaskData], combine: 
 
 
 # -- lorakit multitask ------------------------------------------------------------------------------------------
+def _synchronize(model: nn.Module) -> None:
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def benchmark(model: nn.Module, tasks: Sequence[TaskData], steps: int, tokenizer: Any = None,
               repeats: int = 3) -> dict[str, Any]:
     """Time ``steps`` steps of mixed batches against the same steps one task after another, both from the same
@@ -484,8 +490,10 @@ def benchmark(model: nn.Module, tasks: Sequence[TaskData], steps: int, tokenizer
     for _ in range(repeats):
         for kind, run in (("mixed", train_mixed), ("one_after_another", train_one_after_another)):
             _restore(model, initial)
+            _synchronize(model)
             started, started_cpu = time.perf_counter(), time.process_time()
             run(model, tasks, steps, tokenizer)
+            _synchronize(model)  # GPU work is asynchronous: count it all
             times[kind].append(time.perf_counter() - started)
             cpu[kind].append(time.process_time() - started_cpu)
             results.setdefault(kind, _snapshot(model, names))
