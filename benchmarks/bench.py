@@ -4,6 +4,14 @@ adapter save/load. One command; medians and ratios of medians.
     .venv/bin/python benchmarks/bench.py                  # MiniLM (8 x 128) and SmolLM2 (4 x 128), r=8, 2 threads
     .venv/bin/python benchmarks/bench.py --models minilm --steps 10
     .venv/bin/python benchmarks/bench.py --compiled       # also torch.compile'd training steps (MiniLM)
+    python benchmarks/bench.py --device cuda --precision bf16 --model-dir minilm=DIR   # on a GPU
+
+On a GPU (``--device cuda``) every timed call ends with ``torch.cuda.synchronize()`` and peak memory is
+``torch.cuda.max_memory_allocated`` of the variant's own process (weights included) instead of peak RSS.
+``--precision bf16`` runs forward passes under ``torch.autocast(bfloat16)`` for every variant alike (fp32
+weights and optimizer state). ``--model-dir NAME=DIR`` loads that model from a Hugging Face folder instead of
+the packaged one (e.g. a copy random-initialised from the same config where the weights cannot travel: timings
+do not depend on the weights' values).
 
 **Timings** alternate inside one process: a worker builds every variant it compares (e.g. the frozen-base floor,
 lorakit and peft on attention and on all linear layers, full fine-tuning: separate copies of the same base) and
@@ -42,6 +50,40 @@ CASES = ["time-train", "time-infer", "time-mixed", *(f"mem-{v}" for v in TRAIN_V
 
 
 # -- worker side ------------------------------------------------------------------------------------------
+DEVICE = "cpu"  # set in the worker from --device
+PRECISION = "fp32"  # set in the worker from --precision
+MODEL_DIRS: dict[str, str] = {}  # --model-dir NAME=DIR
+
+
+def _sync() -> None:
+    if DEVICE != "cpu":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _amp():
+    """bf16 autocast on the benchmark's device for ``--precision bf16``, else nothing."""
+    import contextlib
+
+    import torch
+
+    if PRECISION == "bf16":
+        return torch.autocast(device_type=torch.device(DEVICE).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _peak_mb() -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, RSS on the CPU."""
+    import resource
+
+    if DEVICE != "cpu":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _cpu_ticks() -> tuple[int, int]:
     """(busy ticks of the whole machine, ticks used by this process)."""
     with open("/proc/stat") as f:
@@ -76,6 +118,7 @@ def _alternate(fns: dict, steps: int, warmup: int) -> dict[str, dict]:
             busy0, own0 = _cpu_ticks()
             start = time.perf_counter()
             fns[k]()
+            _sync()
             elapsed = time.perf_counter() - start
             busy1, own1 = _cpu_ticks()
             every[k].append(elapsed)
@@ -97,15 +140,16 @@ def _model(name: str):
     from lorakit.models import load_model
 
     task = "causal-lm" if name == "smollm2" else "base"
-    loaded = load_model(name, task=task)
+    loaded = load_model(MODEL_DIRS.get(name, name), task=task)
     batch, seq = SHAPES[name]
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, 1000, (batch, seq), generator=gen)
-    return loaded.model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    ids = torch.randint(100, 1000, (batch, seq), generator=gen).to(DEVICE)
+    return loaded.model.to(DEVICE), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def _out(model, inputs):
-    out = model(**inputs)
+    with _amp():
+        out = model(**inputs)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
@@ -133,7 +177,7 @@ def _lora(name: str, model, library: str, targets, n: int = 1):
         gen = torch.Generator().manual_seed(1)
         for pname, p in wrapped.named_parameters():
             if "lora_B" in pname:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+                p.copy_(torch.randn(p.shape, generator=gen).to(p.device) * 0.01)
     return wrapped
 
 
@@ -149,7 +193,8 @@ def _train_step(name: str, base, inputs, variant: str):
 
         def forward():
             emb = embed(inputs["input_ids"]).detach().requires_grad_(True)
-            out = model(inputs_embeds=emb, attention_mask=inputs["attention_mask"])
+            with _amp():
+                out = model(inputs_embeds=emb, attention_mask=inputs["attention_mask"])
             return out.logits if hasattr(out, "logits") else out.last_hidden_state
     elif variant == "full":
         params = list(model.parameters())
@@ -178,8 +223,6 @@ def _train_step(name: str, base, inputs, variant: str):
 
 
 def run_case(name: str, case: str, steps: int) -> dict:
-    import resource
-
     import torch
 
     torch.manual_seed(0)
@@ -211,6 +254,7 @@ def run_case(name: str, case: str, steps: int) -> dict:
             result = {"variants": _alternate(fns, steps, warmup=2)}
     elif case == "time-mixed":
         ids = torch.randint(100, 1000, (MIXED_ROWS, MIXED_TOKENS[name]), generator=torch.Generator().manual_seed(2))
+        ids = ids.to(DEVICE)
         mixed_inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         n_max = max(MIXED_COUNTS)
         lk = _lora(name, copy.deepcopy(base), "lorakit", "all-linear", n=n_max)
@@ -259,7 +303,7 @@ def run_case(name: str, case: str, steps: int) -> dict:
         result = _timed(cycle, steps, warmup=1)
     else:
         raise SystemExit(f"unknown case {case}")
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = _peak_mb()  # on a GPU: peak CUDA allocations (the key keeps the CPU name)
     return result
 
 
@@ -274,9 +318,34 @@ def main() -> None:
     parser.add_argument("--compiled", nargs="*", default=None, choices=list(SHAPES), metavar="MODEL",
                         help="also time torch.compile'd training steps of both libraries (LoRA on attention) for "
                              "these models (none named: MiniLM; compiling SmolLM2's backward on 2 cores takes minutes)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="bf16: forward passes under torch.autocast(bfloat16), weights and optimizer in fp32")
+    parser.add_argument("--model-dir", action="append", default=[], metavar="NAME=DIR",
+                        help="load MODEL from a Hugging Face folder instead of the packaged weights")
+    parser.add_argument("--shape", action="append", default=[], metavar="NAME=BxS",
+                        help="batch x sequence length of MODEL's training and inference inputs (default: "
+                             + ", ".join(f"{k}={b}x{t}" for k, (b, t) in SHAPES.items()) + ")")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "CASE"), help=argparse.SUPPRESS)
     parser.add_argument("--output", default=str(RESULTS / "bench.json"))
     args = parser.parse_args()
+    global DEVICE, PRECISION
+    DEVICE, PRECISION = args.device, args.precision
+    for item in args.model_dir:
+        name, sep, folder = item.partition("=")
+        if not sep or name not in SHAPES:
+            parser.error(f"--model-dir wants NAME=DIR with NAME one of {', '.join(SHAPES)}, got {item!r}")
+        MODEL_DIRS[name] = folder
+    for item in args.shape:
+        name, sep, value = item.partition("=")
+        try:
+            batch, seq = (int(v) for v in value.lower().split("x"))
+        except ValueError:
+            batch = 0
+        if not sep or name not in SHAPES or batch < 1 or seq < 1:
+            parser.error(f"--shape wants NAME=BxS (e.g. minilm=32x256) with NAME one of {', '.join(SHAPES)}, "
+                         f"got {item!r}")
+        SHAPES[name] = (batch, seq)
     if args.worker:
         import torch
 
@@ -293,7 +362,10 @@ def main() -> None:
                 worker_case = f"{case}+compiled" if case == "time-train" and model in compiled_models else case
                 started = time.perf_counter()
                 done = subprocess.run([sys.executable, __file__, "--worker", model, worker_case, "--steps",
-                                       str(args.steps), "--threads", str(args.threads)],
+                                       str(args.steps), "--threads", str(args.threads), "--device", args.device,
+                                       "--precision", args.precision,
+                                       *(f"--model-dir={d}" for d in args.model_dir),
+                                       *(f"--shape={d}" for d in args.shape)],
                                       env=env, capture_output=True, text=True)
                 line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
                 if line is None:
@@ -310,18 +382,21 @@ def main() -> None:
                      "noisy": any(r.get("noisy") for r in rs),
                      **({"rows": rs[0]["rows"]} if "rows" in rs[0] else {})}
                for key, rs in runs.items()}
-    ratios = _ratios(summary, args.models)
-    print(_table(summary, ratios))
+    memory = "peak CUDA MB" if args.device != "cpu" else "peak RSS MB"
+    ratios = _ratios(summary, args.models, memory[:-3])
+    print(_table(summary, ratios, memory))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps({"machine": _machine(args.threads), "rounds": args.rounds, "steps": args.steps,
+    tmp.write_text(json.dumps({"machine": _machine(args.threads, args.device), "precision": args.precision,
+                               "shapes": {m: SHAPES[m] for m in args.models},
+                               "memory": memory, "model_dirs": MODEL_DIRS, "rounds": args.rounds, "steps": args.steps,
                                "summary": summary, "ratios": ratios, "runs": runs}, indent=2))
     tmp.replace(out)
     print(f"\nwritten {out}")
 
 
-def _ratios(s: dict, models: list[str]) -> dict[str, float]:
+def _ratios(s: dict, models: list[str], memory: str = "peak RSS") -> dict[str, float]:
     def r(a: str, b: str) -> float | None:
         if a in s and b in s and s[b]["median_s"]:
             return s[a]["median_s"] / s[b]["median_s"]
@@ -333,10 +408,10 @@ def _ratios(s: dict, models: list[str]) -> dict[str, float]:
             out[f"{m} train lorakit-{scope} / floor"] = r(f"{m}/lorakit-{scope}", f"{m}/floor")
             out[f"{m} train lorakit-{scope} / peft-{scope}"] = r(f"{m}/lorakit-{scope}", f"{m}/peft-{scope}")
             if f"{m}/mem-lorakit-{scope}" in s and f"{m}/mem-peft-{scope}" in s:
-                out[f"{m} peak RSS lorakit-{scope} / peft-{scope}"] = (
+                out[f"{m} {memory} lorakit-{scope} / peft-{scope}"] = (
                     s[f"{m}/mem-lorakit-{scope}"]["peak_rss_mb"] / s[f"{m}/mem-peft-{scope}"]["peak_rss_mb"])
             if f"{m}/mem-lorakit-{scope}" in s and f"{m}/mem-full" in s:
-                out[f"{m} peak RSS lorakit-{scope} / full"] = (
+                out[f"{m} {memory} lorakit-{scope} / full"] = (
                     s[f"{m}/mem-lorakit-{scope}"]["peak_rss_mb"] / s[f"{m}/mem-full"]["peak_rss_mb"])
         out[f"{m} train full / lorakit-attn"] = r(f"{m}/full", f"{m}/lorakit-attn")
         out[f"{m} train compiled lorakit-attn / peft-attn"] = r(f"{m}/lorakit-attn-compiled",
@@ -354,9 +429,9 @@ def _ratios(s: dict, models: list[str]) -> dict[str, float]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def _table(s: dict, ratios: dict) -> str:
-    """Timings (alternated in one process) with the peak RSS of the variant's own ``mem-*`` process."""
-    lines = ["| model/variant | median ms | steps kept/dropped | peak RSS MB (own process) |", "|---|---:|---:|---:|"]
+def _table(s: dict, ratios: dict, memory: str = "peak RSS MB") -> str:
+    """Timings (alternated in one process) with the peak memory of the variant's own ``mem-*`` process."""
+    lines = [f"| model/variant | median ms | steps kept/dropped | {memory} (own process) |", "|---|---:|---:|---:|"]
     for key, v in s.items():
         if "/mem-" in key:
             continue
@@ -370,7 +445,7 @@ def _table(s: dict, ratios: dict) -> str:
     return "\n".join(lines)
 
 
-def _machine(threads: int) -> dict:
+def _machine(threads: int, device: str = "cpu") -> dict:
     import platform
 
     import torch
@@ -382,8 +457,9 @@ def _machine(threads: int) -> dict:
     except ImportError:
         peft_version = None
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
-            "peft": peft_version, "python": platform.python_version()}
+    gpu = torch.cuda.get_device_name(torch.device(device)) if device != "cpu" else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "device": device, "gpu": gpu,
+            "torch": torch.__version__, "peft": peft_version, "python": platform.python_version()}
 
 
 if __name__ == "__main__":
