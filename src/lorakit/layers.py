@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,16 +51,6 @@ class Routing:
             self._memo["names"] = frozenset(self.names)
         return self._memo["names"]
 
-    def slots(self, present: Callable[[str], bool]) -> Tensor:
-        """Row -> slot in a stack of the present adapters, ``len(present names)`` being the all-zero slot."""
-        table, k = [], 0
-        for name in self.names:
-            table.append(k if present(name) else -1)
-            k += present(name)
-        lookup = torch.tensor(table + [-1], dtype=torch.long, device=self.index.device)
-        slot = lookup[self.index]  # -1 for base rows; index -1 reads the trailing -1
-        return torch.where(slot < 0, torch.full_like(slot, k), slot)
-
     def runs(self) -> list[tuple[int, int, int]] | None:
         """``(adapter position or -1, start, stop)`` for each run of rows sharing an adapter, in row order, when
         every adapter's rows form one contiguous run (as in multi-task batches, one task after another);
@@ -77,18 +67,6 @@ class Routing:
             self._memo["runs"] = runs if contiguous else None  # type: ignore[assignment]
         return self._memo["runs"]  # type: ignore[return-value]
 
-    def slots_in(self, order: Sequence[str]) -> Tensor:
-        """Row -> position of its adapter in ``order``; ``len(order)`` (an all-zero slot) for base rows and
-        adapters not in ``order``. Memoized: the layers of one forward ask with the same few orders."""
-        key = tuple(order)
-        slot = self._memo.get(key)
-        if slot is None:
-            position = {name: i for i, name in enumerate(order)}
-            lookup = torch.tensor([position.get(n, len(order)) for n in self.names] + [len(order)],
-                                  dtype=torch.long, device=self.index.device)
-            slot = self._memo[key] = lookup[self.index]  # index -1 (base row) reads the trailing entry
-        return slot
-
     def groups_in(self, order: Sequence[str]) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         """Rows grouped by their adapter's position in ``order``, for one batched matmul over adapter groups.
 
@@ -96,7 +74,7 @@ class Routing:
         (flattened ``(groups, size)``: each group's rows, padded with row 0, whose results are never read),
         ``place`` (``(batch,)``: each row's index in the flattened groups) and ``keep`` (``(batch,)``: 0 for
         rows whose adapter is not in ``order``; None when there are none). ``members`` and ``place`` are None
-        when the groups are the batch's rows in order (equal contiguous groups). Memoized like `slots_in`.
+        when the groups are the batch's rows in order (equal contiguous groups). Memoized per ``order``.
         """
         key = ("groups", *order)
         if key not in self._memo:
