@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lorakit
 from lorakit import LoraConfig, inject
-from lorakit.layers import LoraConv1D, LoraLayer, LoraLinear, wrapper_for
+from lorakit.layers import LoraConv1D, LoraLayer, LoraLinear, Routing, wrapper_for
 
 from conftest import randomize_lora
 
@@ -279,3 +279,14 @@ def test_training_dropout_path_keeps_a_mask_not_a_copy(monkeypatch) -> None:
     # layer 2's input is tanh's output, which autograd keeps anyway: the fused path adds only its mask, the
     # unfused one a dropped-out fp32 copy (4 x 5 x 12 floats). Layer 0's input is kept only for LoRA in both.
     assert fused_bytes <= ref_bytes - 4 * 5 * 12 * 4
+
+
+def test_routing_for_rows_keeps_a_host_copy_of_its_index() -> None:
+    routing = Routing.for_rows(["a", None, "b", "a"], "cpu", shared=["s"])
+    assert routing.names == ["a", "b"] and routing.shared == ["s"]
+    assert routing.index.tolist() == [0, -1, 1, 0] and routing.index.dtype == torch.long
+    routing.index = torch.zeros(4, dtype=torch.long)  # planning must use the host copy, not read the index back
+    assert routing.host_index() == [0, -1, 1, 0]
+    assert routing.runs() is None  # "a" rows are not contiguous
+    used, members, place, keep = routing.groups_in(["a", "b"])
+    assert members.tolist()[:2] == [0, 3] and keep.tolist() == [1.0, 0.0, 1.0, 1.0]

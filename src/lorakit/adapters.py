@@ -187,10 +187,7 @@ def route(model: nn.Module, adapter_names: Sequence[str | None], shared: Sequenc
     if any(isinstance(m, LoraLayer) and m.merged for m in modules):
         raise AdapterStateError("mixed batches need unmerged adapters; unmerge(model) first")
     device = next(model.parameters()).device
-    position = {name: i for i, name in enumerate(distinct)}
-    rows = [-1 if n is None else position[n] for n in adapter_names]
-    routing = Routing(distinct, torch.tensor(rows, device=device), shared)
-    routing.memoize_host_index(rows)  # the layers plan from this list, never reading the index back from a GPU
+    routing = Routing.for_rows(adapter_names, device, shared)
     for module in modules:
         module.routing = routing
     try:

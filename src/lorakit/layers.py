@@ -42,9 +42,18 @@ class Routing:
             self._memo["host"] = self.index.tolist()
         return self._memo["host"]
 
-    def memoize_host_index(self, rows: list[int]) -> None:
-        """Give the host copy of ``index`` (the list it was made from) so `host_index` needs no device read."""
-        self._memo["host"] = list(rows)
+    @classmethod
+    def for_rows(cls, adapter_names: Sequence[str | None], device: torch.device | str,
+                 shared: Sequence[str] = ()) -> Routing:
+        """The routing of a batch whose row ``i`` uses ``adapter_names[i]`` (None: the base model), its index on
+        ``device`` (the model's: the layers index activations with it) and its host copy memoized, so planning
+        the groups never reads the index back from a GPU."""
+        distinct = list(dict.fromkeys(n for n in adapter_names if n is not None))
+        position = {name: i for i, name in enumerate(distinct)}
+        rows = [-1 if n is None else position[n] for n in adapter_names]
+        routing = cls(distinct, torch.tensor(rows, dtype=torch.long, device=device), list(shared))
+        routing._memo["host"] = rows
+        return routing
 
     def name_set(self) -> frozenset[str]:
         if "names" not in self._memo:

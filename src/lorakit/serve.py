@@ -715,8 +715,7 @@ class Engine:
         if self._modules_version != self.adapters.version:
             self._lora_modules = [module for _, module in lora_modules(self.model)]
             self._modules_version = self.adapters.version
-        distinct = list(dict.fromkeys(a for a in adapters if a is not None))
-        routing = Routing(distinct, torch.tensor([-1 if a is None else distinct.index(a) for a in adapters]))
+        routing = Routing.for_rows(adapters, next(self.model.parameters()).device)
         for module in self._lora_modules:
             module.routing = routing
         try:
