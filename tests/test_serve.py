@@ -383,6 +383,16 @@ def test_routed_inference_cache_follows_weight_changes(tiny, tiny_ids) -> None:
     names[1] = "third"
     for i in range(len(names)):
         torch.testing.assert_close(routed()[i:i + 1], alone(i), atol=1e-6, rtol=1e-5)
+    other_B = tiny.layers[0]["q"].lora_B["other"]
+    for change in ("data", "parameter"):
+        before = routed()
+        if change == "data":  # new storage without a version bump
+            other_B.weight.data = other_B.weight.data * 2 + 0.1
+        else:  # a new Parameter object
+            other_B.weight = torch.nn.Parameter(other_B.weight.detach() - 0.3)
+        assert not torch.allclose(routed()[2], before[2])
+        for i in range(len(names)):
+            torch.testing.assert_close(routed()[i:i + 1], alone(i), atol=1e-6, rtol=1e-5)
 
 
 def test_engine_rejects_unsupported_tasks(smollm2_session) -> None:
