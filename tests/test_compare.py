@@ -13,7 +13,7 @@ import torch
 from lorakit import ConfigError
 from lorakit.cli import main as cli_main
 from lorakit.compare import (COST_MARGIN, TOLERANCE, Metric, compare, fraction_sizes, judge, mean_reciprocal_rank,
-                             next_power_of_two, probe_for, recommend, run_probe, suggest_lr, suggest_rank,
+                             next_power_of_two, probe_for, race_arms, recommend, run_probe, suggest_lr, suggest_rank,
                              sweep_summary)
 
 # one thread: on 2 shared cores, two OpenMP threads per process slow everything down several times
@@ -179,6 +179,28 @@ def test_sweep_inspect_and_recommend(tmp_path: Path, capsys) -> None:
     check = suggestion["check"]
     assert check["verdict"] in ("holds", "does not hold") and check["cost_fraction"] > 0
     _check_report(rec, figures=2)
+
+    raced = tmp_path / "race"  # --race: both arms train a whole epoch (validation) and the better is suggested
+    one_epoch = [o for o in TINY if not o.startswith("train.max_steps")]
+    with pytest.raises(ConfigError, match="validated nothing"):  # a sweep of 2 steps never reaches validation
+        recommend("sentiment-minilm", TINY, raced, grad_batches=2, lr_steps=4, max_rank=8, sweep_dir=sweep_dir,
+                  isolate=False, race=True, log=lambda line: None)
+    recommend("sentiment-minilm", one_epoch, raced, grad_batches=2, lr_steps=4, max_rank=8, isolate=False,
+              race=True, log=lambda line: None)
+    suggestion = json.loads((raced / "recommend.json").read_text())
+    arms = suggestion["race"]
+    assert [(a["rank"], a["lr"]) for a in arms] == race_arms(suggestion["spectrum_suggestion"]["rank"],
+                                                             suggestion["spectrum_suggestion"]["lr"], 8)
+    chosen = next(a for a in arms if a["rank"] == suggestion["rank"])
+    assert all(chosen["validation"] >= a["validation"] for a in arms)  # accuracy: higher is better
+    assert suggestion["cpu_time_s"] >= sum(a["cpu_time_s"] for a in arms) and "check" not in suggestion
+    _check_report(raced, figures=2)
+
+
+def test_race_arms_keep_rank_times_lr() -> None:
+    assert race_arms(8, 4e-3) == [(8, 4e-3), (32, 1e-3)]
+    assert race_arms(32, 1.96e-3) == [(32, 1.96e-3), (64, 0.00098)]  # capped at max_rank
+    assert race_arms(64, 1e-3) == [(64, 1e-3)]  # nothing wider to try
 
 
 def test_sweep_rejects_full_recipes() -> None:

@@ -720,10 +720,21 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float], beta: float = 0.8,
     return best / divisor, smoothed
 
 
+RACE_FACTOR = 4  # the race's second arm: this many times the spectrum's rank
+
+
+def race_arms(rank: int, lr: float, max_rank: int = 64) -> list[tuple[int, float]]:
+    """The race's arms: the spectrum's rank at the range test's learning rate, and `RACE_FACTOR` x that rank
+    (capped at ``max_rank``) at the same rank x lr. At fixed alpha / r, Adam moves every entry of B by about lr
+    per step, so the initial change of s·B·A grows with r: equal r x lr starts both arms with the same step."""
+    wide = min(max_rank, RACE_FACTOR * rank)
+    return [(rank, lr)] + ([(wide, float(f"{lr * rank / wide:.3g}"))] if wide > rank else [])
+
+
 def recommend(recipe_name: str, overrides: Sequence[str] = (), output: str | Path | None = None,
               grad_batches: int = 32, energy: float = 0.9, lr_steps: int = 40, lr_min: float = 1e-5,
               lr_max: float = 1e-1, max_rank: int = 64, sweep_dir: str | Path | None = None,
-              isolate: bool = True, log: Log = print) -> dict[str, Any]:
+              isolate: bool = True, race: bool = False, log: Log = print) -> dict[str, Any]:
     """Suggest a LoRA rank and learning rate from two cheap measurements, and state the evidence.
 
     Rank: the gradient of every targeted weight, summed over ``grad_batches`` training batches at the base
@@ -732,8 +743,13 @@ def recommend(recipe_name: str, overrides: Sequence[str] = (), output: str | Pat
     power of two at or above the median layer (`suggest_rank`). Learning rate: a range test on LoRA at that
     rank, ``lr_steps`` steps from ``lr_min`` to ``lr_max`` (`suggest_lr`).
 
-    With ``sweep_dir`` (a `sweep` output), the suggestion is trained once at the sweep's budget and compared
-    with the sweep's best run.
+    With ``race``, the suggestion and a wider arm (`race_arms`) are each trained at the recipe's budget (the
+    sweep's, with ``sweep_dir``) and the one with the better validation metric is suggested: two training runs
+    more, so it costs more, but the rank is then checked against the budget rather than read off a gradient at
+    step 0.
+
+    With ``sweep_dir`` (a `sweep` output), the suggestion is trained at the sweep's budget (with ``race``: the
+    chosen arm's run is that training) and compared with the sweep's best run.
     """
     from .analyze import energy_rank, singular_values
     from .data import load_dataset
@@ -814,18 +830,49 @@ def recommend(recipe_name: str, overrides: Sequence[str] = (), output: str | Pat
         if not math.isfinite(losses[-1]) or (k > 5 and losses[-1] > 4 * min(losses)):
             break  # diverged: the range above this is useless
     lr, smoothed = suggest_lr(lrs, losses)
-    total_time, cpu_time = time.perf_counter() - started, time.process_time() - cpu_started
-    log(f"  LR range test over {len(lrs)} steps -> lr={lr:.3g}; recommend took {total_time:.0f} s")
+    log(f"  LR range test over {len(lrs)} steps -> lr={lr:.3g}")
+    spectrum = {"rank": rank, "lr": lr}
+    arms: list[dict[str, Any]] = []
+    if race:
+        del loaded, model, pristine, optimizer, params  # free the memory: the arms train in their own processes
+        base = (json.loads((Path(sweep_dir) / "sweep.json").read_text())["overrides"] if sweep_dir is not None
+                else list(overrides))
+        metric = main_metric(recipe.task)
+        for arm_rank, arm_lr in race_arms(rank, lr, max_rank):
+            extra = ["method=lora", *rank_overrides(arm_rank, ratio, limits), f"train.lr={arm_lr:.3g}",
+                     "train.progress=false"]
+            record = launch(RunSpec(recipe_name, [*base, *extra], out / f"race-r{arm_rank}"), log, isolate=isolate)
+            validation = [h["validation"] for h in record["metrics"]["history"] if "validation" in h]
+            if not validation or metric.name not in validation[-1]:
+                raise ConfigError(f"--race picks by the validation {metric.name}, but run {out / f'race-r{arm_rank}'}"
+                                  " validated nothing: validation runs at the end of each epoch (fix: let the runs "
+                                  "finish an epoch, e.g. no train.max_steps, or run recommend without --race)")
+            arms.append({"rank": arm_rank, "lr": arm_lr, "validation": validation[-1][metric.name],
+                         "held_out": record["metrics"]["eval"][metric.name], "cpu_time_s": record["cpu_time_s"],
+                         "train_time_s": record["metrics"]["train_time_s"], "run": str(out / f"race-r{arm_rank}"),
+                         "record": record})
+        chosen = arms[0]
+        for arm in arms[1:]:
+            if metric.better(arm["validation"], chosen["validation"]):
+                chosen = arm
+        rank, lr = chosen["rank"], chosen["lr"]
+        log("  race: " + ", ".join(f"r={a['rank']} lr={a['lr']:.3g} validation {metric.name} {a['validation']:.4f}"
+                                   for a in arms) + f" -> r={rank}")
+    total_time = time.perf_counter() - started
+    cpu_time = time.process_time() - cpu_started + sum(a["cpu_time_s"] for a in arms)  # the arms' own processes
+    log(f"  recommend took {total_time:.0f} s")
     result: dict[str, Any] = {
         "recipe": recipe.name, "overrides": list(overrides), "rank": rank, "lr": lr, "alpha": ratio * rank,
         "energy": energy, "grad_batches": grad_batches, "layers": layers, "rank_time_s": rank_time,
         "lr_range": {"lrs": lrs, "losses": losses, "smoothed": smoothed}, "time_s": total_time,
         "cpu_time_s": cpu_time,
         "recipe_defaults": {"r": recipe.lora.get("r"), "lr": recipe.train.lr}, "machine": machine(),
+        "spectrum_suggestion": spectrum, "race": [{k: v for k, v in a.items() if k != "record"} for a in arms],
     }
     if sweep_dir is not None:
+        chosen_record = next((a["record"] for a in arms if a["rank"] == rank), None)
         result["check"] = check_against_sweep(recipe_name, rank, lr, ratio, limits, total_time, cpu_time,
-                                              Path(sweep_dir), out, log, isolate)
+                                              Path(sweep_dir), out, log, isolate, record=chosen_record)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "recommend.json", result)
     write_recommend_report(result, out)
@@ -884,14 +931,16 @@ def recipe_from(recipe: Any, rank: int, ratio: float, limits: dict[str, int]) ->
 
 def check_against_sweep(recipe_name: str, rank: int, lr: float, ratio: float, limits: dict[str, int],
                         recommend_time: float,
-                        recommend_cpu: float, sweep_dir: Path, out: Path, log: Log, isolate: bool = True
-                        ) -> dict[str, Any]:
-    """Train the suggestion at the sweep's budget; is it within `TOLERANCE` of the sweep's best run? The cost
-    fraction compares CPU times on a CPU machine (shared cores make wall times noisy), wall times on a GPU."""
+                        recommend_cpu: float, sweep_dir: Path, out: Path, log: Log, isolate: bool = True,
+                        record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train the suggestion at the sweep's budget (or take ``record``, a run of it already trained there, as the
+    race's); is it within `TOLERANCE` of the sweep's best run? The cost fraction compares CPU times on a CPU
+    machine (shared cores make wall times noisy), wall times on a GPU."""
     result = json.loads((sweep_dir / "sweep.json").read_text())
     metric = Metric(**result["metric"])
-    extra = ["method=lora", *rank_overrides(rank, ratio, limits), f"train.lr={lr:.3g}", "train.progress=false"]
-    record = launch(RunSpec(recipe_name, [*result["overrides"], *extra], out / "check"), log, isolate=isolate)
+    if record is None:
+        extra = ["method=lora", *rank_overrides(rank, ratio, limits), f"train.lr={lr:.3g}", "train.progress=false"]
+        record = launch(RunSpec(recipe_name, [*result["overrides"], *extra], out / "check"), log, isolate=isolate)
     value = record["metrics"]["eval"][metric.name]
     best = result["best"]
     gap = metric.worse_by(value, best["held_out"])
@@ -925,6 +974,16 @@ def write_recommend_report(result: dict[str, Any], out: Path) -> Path:
              f"geometrically; suggestion: a third of the learning rate with the lowest smoothed loss (Smith 2017).")
     doc.figure(rp.lr_range(lr_range["lrs"], lr_range["losses"], lr_range["smoothed"], result["lr"]),
                "lr_range.png", "Loss while the learning rate grows each step.")
+    if result.get("race"):
+        doc.heading("Evidence: the race")
+        spectrum = result["spectrum_suggestion"]
+        doc.text(f"The spectrum's suggestion (r={spectrum['rank']}, lr={spectrum['lr']:.3g}) and {RACE_FACTOR}x its "
+                 "rank at the same r x lr, each trained at the recipe's budget; the better validation metric wins. "
+                 "Held-out (test) numbers are shown, not used.")
+        doc.table(["arm", "r", "lr", "validation", "held-out", "train time: wall (CPU)"],
+                  [["chosen" if a["rank"] == result["rank"] else "", a["rank"], f"{a['lr']:.3g}",
+                    f"{a['validation']:.4f}", f"{a['held_out']:.4f}", f"{a['train_time_s']:.0f} s ({a['cpu_time_s']:.0f} s)"]
+                   for a in result["race"]])
     check = result.get("check")
     if check:
         best = check["sweep_best"]
@@ -1007,13 +1066,16 @@ def _recommend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-steps", type=int, default=40, help="steps of the learning-rate range test")
     p.add_argument("--max-rank", type=int, default=64)
     p.add_argument("--sweep", default=None, help="a sweep folder: train the suggestion and compare with its best")
+    p.add_argument("--race", action="store_true",
+                   help=f"train the suggestion and a {RACE_FACTOR}x rank (same r x lr) at the recipe's budget and "
+                        "keep the better on the validation split (two training runs more)")
 
 
 @command("recommend", _recommend_args)
 def _recommend_cli(args: argparse.Namespace) -> int:
     """Suggest a LoRA rank (gradient spectrum) and learning rate (range test), with the evidence."""
     result = recommend(args.recipe, args.overrides, args.output, args.grad_batches, args.energy, args.lr_steps,
-                       max_rank=args.max_rank, sweep_dir=args.sweep)
+                       max_rank=args.max_rank, sweep_dir=args.sweep, race=args.race)
     print(f"suggested: lora.r={result['rank']} lora.alpha={result['alpha']:g} train.lr={result['lr']:.3g}")
     check = result.get("check")
     if check:
