@@ -737,6 +737,9 @@ def recommend(recipe_name: str, overrides: Sequence[str] = (), output: str | Pat
               isolate: bool = True, race: bool = False, log: Log = print) -> dict[str, Any]:
     """Suggest a LoRA rank and learning rate from two cheap measurements, and state the evidence.
 
+    Each probe takes at most as many steps as one training run of the recipe (at least 8 batches for the
+    rank, 12 steps for the learning rate).
+
     Rank: the gradient of every targeted weight, summed over ``grad_batches`` training batches at the base
     model (what a short full fine-tuning with SGD would add to W), is decomposed per layer; each layer needs
     as many singular directions as hold ``energy`` of its squared singular values; the suggestion is the
@@ -756,7 +759,7 @@ def recommend(recipe_name: str, overrides: Sequence[str] = (), output: str | Pat
     from .evaluate import encode, forward, loss_sum
     from .inject import inject, targeting_report
     from .models import load_model
-    from .train import load_recipe
+    from .train import load_recipe, run_steps
 
     recipe = load_recipe(recipe_name, list(overrides))
     if recipe.method != "lora":
@@ -768,6 +771,9 @@ def recommend(recipe_name: str, overrides: Sequence[str] = (), output: str | Pat
     started, cpu_started = time.perf_counter(), time.process_time()
     splits = load_dataset(recipe.data, seed=args.seed)
     rows = splits.train if args.max_train_examples is None else splits.train.take(args.max_train_examples)
+    # neither probe costs more steps than one training run of the recipe (short runs: 20 steps of MNIST)
+    run_length = run_steps(len(rows), args)[1]
+    grad_batches, lr_steps = min(grad_batches, max(run_length, 8)), min(lr_steps, max(run_length, 12))
     num_labels = len(splits.train.labels) if recipe.task != "causal-lm" and splits.train.labels else None
     loaded = load_model(recipe.model, task=recipe.task, num_labels=num_labels, seed=args.seed)
     model, tokenizer = loaded.model, loaded.tokenizer

@@ -279,14 +279,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False,
 
         n_total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
 
-    micro_per_epoch = len(train_rows) // args.batch_size
-    steps_per_epoch = micro_per_epoch // args.grad_accum
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{len(train_rows)} training rows are fewer than one step needs "
-                          f"(batch_size {args.batch_size} x grad_accum {args.grad_accum}); lower them")
-    total_steps = math.ceil(args.epochs * steps_per_epoch)
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
+    steps_per_epoch, total_steps = run_steps(len(train_rows), args)
     optimizer = _optimizer(model, args)
     scheduler = _scheduler(optimizer, args, total_steps)
     state = LoopState()
@@ -517,6 +510,18 @@ def _optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
         groups.setdefault((lr, decay), []).append(param)
     return torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
                              lr=args.lr)
+
+
+def run_steps(n_rows: int, args: TrainArgs) -> tuple[int, int]:
+    """``(optimizer steps per epoch, optimizer steps of the run)`` for ``n_rows`` training rows."""
+    steps_per_epoch = n_rows // args.batch_size // args.grad_accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{n_rows} training rows are fewer than one step needs "
+                          f"(batch_size {args.batch_size} x grad_accum {args.grad_accum}); lower them")
+    total_steps = math.ceil(args.epochs * steps_per_epoch)
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    return steps_per_epoch, total_steps
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, total_steps: int) -> Any:
