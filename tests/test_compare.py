@@ -197,6 +197,16 @@ def test_sweep_inspect_and_recommend(tmp_path: Path, capsys) -> None:
     _check_report(raced, figures=2)
 
 
+def test_recommend_is_reproducible(tmp_path: Path) -> None:
+    """Same recipe and seed, same suggestion and the same range-test losses (the probes run the base model in
+    train mode: its dropout must be seeded)."""
+    runs = [recommend("sentiment-minilm", TINY, tmp_path / str(k), grad_batches=3, lr_steps=5, isolate=False,
+                      log=lambda line: None) for k in range(2)]
+    assert runs[0]["lr_range"]["losses"] == runs[1]["lr_range"]["losses"]
+    assert [x["energy_rank"] for x in runs[0]["layers"]] == [x["energy_rank"] for x in runs[1]["layers"]]
+    assert (runs[0]["rank"], runs[0]["lr"]) == (runs[1]["rank"], runs[1]["lr"])
+
+
 def test_race_arms_keep_rank_times_lr() -> None:
     assert race_arms(8, 4e-3) == [(8, 4e-3), (32, 1e-3)]
     assert race_arms(32, 1.96e-3) == [(32, 1.96e-3), (64, 0.00098)]  # capped at max_rank

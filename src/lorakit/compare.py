@@ -759,7 +759,7 @@ def recommend(recipe_name: str, overrides: Sequence[str] = (), output: str | Pat
     from .evaluate import encode, forward, loss_sum
     from .inject import inject, targeting_report
     from .models import load_model
-    from .train import load_recipe, run_steps
+    from .train import _seed_everything, load_recipe, run_steps
 
     recipe = load_recipe(recipe_name, list(overrides))
     if recipe.method != "lora":
@@ -769,6 +769,7 @@ def recommend(recipe_name: str, overrides: Sequence[str] = (), output: str | Pat
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     started, cpu_started = time.perf_counter(), time.process_time()
+    _seed_everything(args.seed)  # the base model's dropout in both probes and LoRA's A init draw from it
     splits = load_dataset(recipe.data, seed=args.seed)
     rows = splits.train if args.max_train_examples is None else splits.train.take(args.max_train_examples)
     # neither probe costs more steps than one training run of the recipe (short runs: 20 steps of MNIST)
