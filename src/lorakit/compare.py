@@ -841,7 +841,7 @@ def recommend(recipe_name: str, overrides: Sequence[str] = (), output: str | Pat
     spectrum = {"rank": rank, "lr": lr}
     arms: list[dict[str, Any]] = []
     if race:
-        del loaded, model, pristine, optimizer, params  # free the memory: the arms train in their own processes
+        del loaded, model, weights, pristine, optimizer, params  # free memory: the arms train in their own processes
         base = (json.loads((Path(sweep_dir) / "sweep.json").read_text())["overrides"] if sweep_dir is not None
                 else list(overrides))
         metric = main_metric(recipe.task)
