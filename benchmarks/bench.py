@@ -63,14 +63,12 @@ def _sync() -> None:
 
 
 def _amp():
-    """bf16 autocast on the benchmark's device for ``--precision bf16``, else nothing."""
-    import contextlib
-
+    """`lorakit.train`'s bf16 autocast on the benchmark's device for ``--precision bf16``, else nothing."""
     import torch
 
-    if PRECISION == "bf16":
-        return torch.autocast(device_type=torch.device(DEVICE).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    from lorakit.train import _autocast
+
+    return _autocast(PRECISION, torch.device(DEVICE))
 
 
 def _peak_mb() -> float:
