@@ -266,7 +266,7 @@ def test_training_dropout_path_keeps_a_mask_not_a_copy(monkeypatch) -> None:
 
     def reference(self, result, x_, name, inplace=False):  # the unfused path with the same mask draws
         p = self.lora_dropout[name].p
-        keep = torch.empty_like(x_, dtype=torch.bool).bernoulli_(1 - p)
+        keep = torch.rand(x_.shape) < 1 - p
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         return result + F.linear(F.linear(x_ * keep * (1 / (1 - p)), A) * self.scaling[name], B)
 
@@ -279,6 +279,26 @@ def test_training_dropout_path_keeps_a_mask_not_a_copy(monkeypatch) -> None:
     # layer 2's input is tanh's output, which autograd keeps anyway: the fused path adds only its mask, the
     # unfused one a dropped-out fp32 copy (4 x 5 x 12 floats). Layer 0's input is kept only for LoRA in both.
     assert fused_bytes <= ref_bytes - 4 * 5 * 12 * 4
+
+
+def test_training_dropout_mask_keeps_one_minus_p() -> None:
+    """The fused path's mask (the boolean tensor it saves for backward) keeps a fraction 1 - p of the inputs."""
+    layer = LoraLinear(nn.Linear(64, 32))
+    layer.add("a", r=4, alpha=8, dropout=0.3, init="default", use_rslora=False, use_dora=False)
+    layer.active_adapters = ["a"]
+    layer.train()
+    masks: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.dtype == torch.bool:
+            masks.append(t)
+        return t
+
+    torch.manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(torch.randn(500, 64, requires_grad=True))
+    assert len(masks) == 1 and masks[0].shape == (500, 64)
+    assert abs(masks[0].float().mean().item() - 0.7) < 0.01  # 32,000 draws: standard error 0.0026
 
 
 def test_routing_for_rows_keeps_a_host_copy_of_its_index() -> None:

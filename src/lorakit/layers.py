@@ -409,7 +409,8 @@ class LoraLinear(LoraLayer):
         if x.dtype != A.dtype:
             x = x.to(A.dtype)
         # scaling on the rank-r intermediate: r multiplies per token instead of out
-        return F.linear(F.linear(x, A) * self.scaling[name], B)
+        h = F.linear(x, A) * self.scaling[name]
+        return h @ _row_major_t(B)  # = F.linear(h, B), see _row_major_t
 
     def add_lora_output(self, result: Tensor, x: Tensor, name: str, inplace: bool = False) -> Tensor:
         """``result + s · B (A dropout(x))`` as one ``addmm`` over ``(tokens, out)``: no separate tensor for the
@@ -430,7 +431,7 @@ class LoraLinear(LoraLayer):
         if inplace:
             flat.addmm_(h, B.t(), alpha=self.scaling[name])
             return result
-        return torch.addmm(flat, h, B.t(), alpha=self.scaling[name]).view(result.shape)
+        return torch.addmm(flat, h, _row_major_t(B), alpha=self.scaling[name]).view(result.shape)
 
     def delta_weight(self, name: str) -> Tensor:
         return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
@@ -529,6 +530,18 @@ class LoraLinear(LoraLayer):
         return names, A_stack, B_stack
 
 
+def _row_major_t(B: Tensor) -> Tensor:
+    """``B.t()`` (``(r, out)``) as a contiguous copy when B is trained. Autograd computes the gradient of a matmul
+    operand in that operand's memory layout: for the transposed view ``B.t()`` that is ``gᵀ h``, a
+    ``(out, tokens) @ (tokens, r)`` product that runs at a fraction of the rate of ``hᵀ g``,
+    ``(r, tokens) @ (tokens, out)``, on CPU BLAS (MiniLM, 1,024 tokens, out 1,536: 2.6 vs 1.0 ms). Copying the
+    ``r x out`` weight costs microseconds. Not on GPUs, where cuBLAS takes either layout and the copy would be
+    two more kernel launches per layer and step (unmeasured there: kept as it was)."""
+    if B.requires_grad and B.device.type == "cpu" and torch.is_grad_enabled():
+        return B.t().contiguous()
+    return B.t()
+
+
 class _DropoutLora(torch.autograd.Function):
     """``result + s · B A dropout(x)`` for training with dropout. Saves the input itself (one tensor shared by
     every layer reading it, e.g. q/k/v, and often kept by the layer before anyway) and a boolean mask, instead of
@@ -538,7 +551,9 @@ class _DropoutLora(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, result: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, p: float) -> Tensor:
-        keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+        # uniform draws compared with 1 - p: Bernoulli(1 - p) like nn.Dropout's bernoulli_, at half its CPU cost
+        # (8 x 128 x 384: 1.7 vs 3.2 ms), in float32 whatever x's dtype so the probability is not rounded
+        keep = torch.rand(x.shape, device=x.device) < 1 - p
         x2 = x.reshape(-1, x.shape[-1])
         dropped = x2 * keep.reshape(x2.shape) * (1.0 / (1 - p))
         h = dropped @ A.t()  # (tokens, r)
@@ -553,7 +568,8 @@ class _DropoutLora(torch.autograd.Function):
         s, factor = ctx.scaling, 1.0 / (1 - ctx.p)
         g = grad.reshape(-1, B.shape[0])  # (tokens, out)
         grad_h = (g @ B) * s  # (tokens, r)
-        grad_B = (g.t() @ h) * s if ctx.needs_input_grad[3] else None
+        # (r, tokens) @ (tokens, out), transposed: the fast orientation on CPU BLAS (see _row_major_t)
+        grad_B = (h.t() @ g).t() * s if ctx.needs_input_grad[3] else None
         grad_A = grad_x = None
         if ctx.needs_input_grad[2]:
             x2 = x.reshape(-1, x.shape[-1])
