@@ -131,9 +131,6 @@ def load_multitask_recipe(name_or_path: str, overrides: Sequence[str] = ()) -> M
 
 
 def multitask_recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> MultitaskRecipe:
-    def build(cls: type, values: Any, where: str) -> Any:
-        return build_section(cls, values, where, source)
-
     data = dict(data)
     if "data" in data:
         raise ConfigError(f"{source}: a multi-task recipe lists its datasets under tasks: [{{name, data}}, ...]")
@@ -142,11 +139,11 @@ def multitask_recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> 
         raise ConfigError(f"{source}: missing required key(s) {missing}")
     if not isinstance(data["tasks"], list) or not data["tasks"]:
         raise ConfigError(f"{source}: tasks must be a non-empty list of {{name, data}}")
-    data["tasks"] = [build(TaskSpec, t, f"tasks[{i}]") for i, t in enumerate(data["tasks"])]
+    data["tasks"] = [build_section(TaskSpec, t, f"tasks[{i}]", source) for i, t in enumerate(data["tasks"])]
     for key, cls in (("train", TrainArgs), ("eval", EvalArgs), ("combine", CombineArgs),
                      ("continual", ContinualArgs)):
-        data[key] = build(cls, data.get(key) or {}, key)
-    recipe = build(MultitaskRecipe, data, "top-level")
+        data[key] = build_section(cls, data.get(key) or {}, key, source)
+    recipe = build_section(MultitaskRecipe, data, "top-level", source)
     names = [t.name for t in recipe.tasks]
     for spec in recipe.tasks:
         if not spec.name or "." in spec.name or spec.name == SHARED or names.count(spec.name) > 1:

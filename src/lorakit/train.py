@@ -165,16 +165,13 @@ def build_section(cls: type, values: Any, where: str, source: str) -> Any:
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
-    def build(cls: type, values: dict[str, Any], where: str) -> Any:
-        return build_section(cls, values, where, source)
-
     data = dict(data)
-    train_args = build(TrainArgs, data.pop("train", None) or {}, "train")
-    eval_args = build(EvalArgs, data.pop("eval", None) or {}, "eval")
+    train_args = build_section(TrainArgs, data.pop("train", None) or {}, "train", source)
+    eval_args = build_section(EvalArgs, data.pop("eval", None) or {}, "eval", source)
     missing = [k for k in ("name", "task", "model", "data") if k not in data]
     if missing:
         raise ConfigError(f"{source}: missing required key(s) {missing}")
-    recipe = build(Recipe, {**data, "train": train_args, "eval": eval_args}, "top-level")
+    recipe = build_section(Recipe, {**data, "train": train_args, "eval": eval_args}, "top-level", source)
     if recipe.task not in _TASK_TYPES:
         raise ConfigError(f"{source}: task must be one of {list(_TASK_TYPES)}, got {recipe.task!r}")
     if recipe.method not in ("lora", "full"):
