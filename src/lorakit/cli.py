@@ -59,7 +59,7 @@ def _targets(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     # importing these modules registers their sub-commands
-    for module in ("lorakit.train", "lorakit.export", "lorakit.compare", "lorakit.analyze", "lorakit.multitask",
+    for module in ("lorakit.train", "lorakit.export", "lorakit.evidence.commands", "lorakit.analyze", "lorakit.multitask",
                    "lorakit.serve"):
         try:
             __import__(module)
