@@ -607,3 +607,72 @@ def test_info_cli_shows_config_size_fingerprint_and_provenance(minilm, tmp_path,
     assert info["parameters"] == 12 * 8 * (384 + 384) and info["ranks"] == [8]
     assert info["weights_bytes"] < info["base_model_bytes"] / 100
     assert main(["info", str(tmp_path / "missing")]) == 2
+
+
+# -- loading keeps train/eval mode (issue 14) --------------------------------------------------------------------
+def _modes(model) -> list[tuple[object, bool]]:
+    return [(m, m.training) for m in model.modules()]
+
+
+def _dropout_adapter(tiny, folder: Path) -> Path:
+    source = copy.deepcopy(tiny)
+    inject(source, LoraConfig(r=4, target_modules=["q", "v", "conv"], dropout=0.5, modules_to_save=["head"]))
+    randomize_lora(source)
+    save_adapter(source, folder)
+    return folder
+
+
+@pytest.mark.parametrize("mode", ["eval", "train", "mixed"])
+def test_loading_keeps_every_modules_train_eval_mode(mode, tiny, tiny_ids, tmp_path) -> None:
+    folder = _dropout_adapter(tiny, tmp_path / "a")
+    model = copy.deepcopy(tiny).train(mode == "train")
+    if mode == "mixed":
+        model.layers[0].train()
+        model.conv.train()
+    before = _modes(model)
+    load_adapter(model, folder)
+    assert [(m, m.training) for m, _ in before] == before
+    for module in model.modules():  # new modules follow the layer they wrap
+        if isinstance(module, (lorakit.LoraLayer,)):
+            assert all(sub.training == module.base_layer.training for sub in module.modules())
+    if mode == "eval":
+        assert not any(m.training for m in model.modules())
+        outs = [_out(model, tiny_ids) for _ in range(3)]  # dropout 0.5 would make these differ
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+
+
+def test_load_adapters_keeps_modes(tiny, tmp_path) -> None:
+    source = copy.deepcopy(tiny)
+    lorakit.add_adapter(source, "default", LoraConfig(r=2, target_modules=["q"], dropout=0.2))
+    lorakit.add_adapter(source, "other", LoraConfig(r=3, target_modules=["v"], dropout=0.2))
+    save_adapter(source, tmp_path / "multi", adapter_name=["default", "other"])
+    model = copy.deepcopy(tiny).eval()
+    assert load_adapters(model, tmp_path / "multi") == ["default", "other"]
+    assert not any(m.training for m in model.modules())
+
+
+def test_loading_onto_real_minilm_in_eval_mode_gives_deterministic_outputs(minilm, tmp_path) -> None:
+    model, tokenizer = minilm
+    source = copy.deepcopy(model)
+    inject(source, LoraConfig(r=4, target_modules=["query", "value"], dropout=0.1))
+    randomize_lora(source)
+    save_adapter(source, tmp_path / "a", tokenizer=tokenizer)
+    model.eval()
+    load_adapter(model, tmp_path / "a", tokenizer=tokenizer)
+    assert [n for n, m in model.named_modules() if m.training] == []  # was 225 (108 for query/value)
+    inputs = _inputs(tokenizer)
+    assert torch.equal(_out(model, inputs), _out(model, inputs))
+
+
+def test_failed_load_keeps_modes_and_requires_grad(tiny, tmp_path) -> None:
+    folder = _dropout_adapter(tiny, tmp_path / "a")
+    tensors = load_file(folder / WEIGHTS_FILE)
+    tensors[PREFIX + "layers.1.v.lora_B.weight"] = torch.zeros(15, 4)  # refused by the shape probe
+    save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    model = copy.deepcopy(tiny).eval()
+    model.layers[1]["v"].weight.requires_grad_(False)
+    before, grads = _modes(model), [(p, p.requires_grad) for p in model.parameters()]
+    with pytest.raises(AdapterError, match="shape"):
+        load_adapter(model, folder)
+    assert [(m, m.training) for m, _ in before] == before
+    assert [(p, p.requires_grad) for p, _ in grads] == grads

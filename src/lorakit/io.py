@@ -35,7 +35,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .adapters import delete_adapter, lora_modules, lora_state, set_adapter
+from .adapters import ModelFlags, delete_adapter, lora_modules, lora_state, set_adapter
 from .config import LoraConfig
 from .errors import AdapterError, AdapterStateError, ConfigError, LorakitError
 from .inject import _is_base_param, _is_internal, _suffix_match, add_adapter, targeting_report
@@ -575,7 +575,20 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         raise AdapterStateError(f"an adapter named {name!r} is already loaded; pass another adapter_name")
     if state is not None and any(m.merged for _, m in lora_modules(model) if isinstance(m, LoraLayer)):
         raise AdapterStateError("adapters are merged into the weights; unmerge(model) before loading another")
+    flags = ModelFlags.of(model)
+    try:
+        _check_and_apply(model, files, name, trainable, force, tokenizer, flags)
+    except BaseException:
+        flags.restore()  # a failed load leaves train/eval modes and requires_grad exactly as they were
+        raise
+    flags.restore_modes()  # modules that were there keep their mode; new ones follow the layer they wrap
+    return name
+
+
+def _check_and_apply(model: nn.Module, files: AdapterFiles, name: str, trainable: bool, force: bool,
+                     tokenizer: Any, flags: ModelFlags) -> None:
     plan = _plan(model, files)
+    flags.restore_modes()  # the shape probes wrap the model's own layers; the new wrappers must see their mode
     pissa = files.config.init == "pissa"
     if pissa and any(isinstance(m, LoraLayer) for n, m in model.named_modules() if n in plan.lora):
         raise AdapterError("this PiSSA adapter rewrites the base weights of layers other adapters use; load it "
@@ -590,9 +603,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             if not force:
                 raise AdapterError(message + ". Load the base it was trained on, or pass force=True (--force) to "
                                    "apply it anyway")
-            warnings.warn(message + "; loading anyway (force=True)", stacklevel=2)
+            warnings.warn(message + "; loading anyway (force=True)", stacklevel=3)
     _apply(model, files, plan, name, trainable)
-    return name
 
 
 def _apply(model: nn.Module, files: AdapterFiles, plan: _Plan, name: str, trainable: bool) -> None:
@@ -672,12 +684,14 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike, trainable: boo
     if not sources:
         raise AdapterError(f"{folder} holds no adapter ({CONFIG_FILE} at the top or in sub-folders)")
     names: list[str] = []
+    flags = ModelFlags.of(model)
     try:
         for sub_name, path in sources:
             names.append(load_adapter(model, path, sub_name, trainable, force, allow_pickle, tokenizer=tokenizer))
-    except LorakitError:
+    except BaseException:
         for loaded in reversed(names):
             delete_adapter(model, loaded)
+        flags.restore()  # deleting re-derives requires_grad from the active adapters: put back what was there
         raise
     return names
 
