@@ -174,6 +174,17 @@ def test_sampling_seed_and_stop(client, reference) -> None:
     assert body["choices"][0]["message"]["content"] == full[:full.index(stop)]
 
 
+def test_prefix_cache_hits_and_answers_stay_the_same(client, server, reference) -> None:
+    """The second request with the same chat-template start takes its first blocks from the prefix cache (the
+    hit is counted, in the engine and in /metrics) and still answers what generate() answers without a cache."""
+    hits, reused = server.engine.prefix.hits, _metric(client, "lorakit_prefix_cache_tokens_total")
+    first = _chat(client, "beta", PROMPTS[0]).json()["choices"][0]["message"]["content"]
+    second = _chat(client, "beta", PROMPTS[0]).json()["choices"][0]["message"]["content"]
+    assert server.engine.prefix.hits > hits
+    assert _metric(client, "lorakit_prefix_cache_tokens_total") >= reused + 24  # at least the system prompt
+    assert first == second == reference("beta", PROMPTS[0])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the official client
 # ---------------------------------------------------------------------------------------------------------
@@ -344,12 +355,35 @@ def test_classify_matches_direct_forward(tmp_path) -> None:
             {"role": "user", "content": "hi"}]}).status_code == 400
 
 
-def test_serve_command_registered() -> None:
-    from lorakit.cli import build_parser
+def test_serve_command_builds_its_config_and_engine_from_arguments(monkeypatch, capsys) -> None:
+    """Every ServeConfig field is a `lorakit serve` option with the dataclass's default; given values reach the
+    engine the command starts (uvicorn.run is replaced by a stub that receives the app)."""
+    import uvicorn
 
-    args = build_parser().parse_args(["serve", "--base", "smollm2", "--adapter", "a=/x", "--adapter-dir", "d",
-                                      "--max-adapters", "4", "--port", "0"])
-    assert args.command == "serve" and args.adapter == ["a=/x"] and args.max_adapters == 4
+    from lorakit.cli import build_parser, main
+    from lorakit.serve.command import config_from_args
+
+    monkeypatch.delenv("LORAKIT_ADMIN_TOKEN", raising=False)
+    assert config_from_args(build_parser().parse_args(["serve"])) == ServeConfig()
+    argv = ["serve", "--base", "smollm2", "--max-batch", "3", "--max-queue", "5", "--max-tokens", "64",
+            "--max-context", "300", "--max-prefill-tokens", "100", "--request-timeout", "7.5", "--max-adapters", "2",
+            "--prefix-cache-tokens", "0", "--prefix-block", "4", "--admin-token", "tok", "--port", "0"]
+    expected = ServeConfig(max_batch=3, max_queue=5, max_tokens=64, max_context=300, max_prefill_tokens=100,
+                           request_timeout=7.5, max_adapters=2, prefix_cache_tokens=0, prefix_block=4,
+                           admin_token="tok")
+    assert config_from_args(build_parser().parse_args(argv)) == expected
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    assert main(argv) == 0
+    engine = served["app"].state.serve.engine
+    assert engine.config == expected and engine.context == 300 and engine.adapters.max_loaded == 2
+    assert engine.prefix.max_blocks == 0 and served["port"] == 0
+    monkeypatch.setenv("LORAKIT_ADMIN_TOKEN", "from-env")
+    assert config_from_args(build_parser().parse_args(["serve"])).admin_token == "from-env"
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    shown = capsys.readouterr().out
+    assert "(default: 32)" in shown and "(default: 300.0)" in shown and "from-env" not in shown
 
 
 def test_routed_inference_cache_follows_weight_changes(tiny, tiny_ids) -> None:
@@ -400,4 +434,34 @@ def test_engine_rejects_unsupported_tasks(smollm2_session) -> None:
 
     with pytest.raises(ServeError):
         Engine(smollm2_session.model, smollm2_session.tokenizer, "image-classification", "x")
-    assert json.dumps(ServeError(429, "busy").body())  # error bodies are plain JSON
+
+
+def test_error_bodies_have_openai_types() -> None:
+    from lorakit.serve import ServeError
+
+    assert ServeError(429, "busy", code="queue_full").body() == {
+        "error": {"message": "busy", "type": "rate_limit_error", "param": None, "code": "queue_full"}}
+    kinds = {status: ServeError(status, "x", param="p").body()["error"]["type"] for status in (400, 401, 403, 404,
+                                                                                               408, 413, 500, 503)}
+    assert kinds == {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                     404: "not_found_error", 408: "invalid_request_error", 413: "invalid_request_error",
+                     500: "server_error", 503: "server_error"}
+    assert json.loads(json.dumps(ServeError(400, "bad", param="p").body()))["error"]["param"] == "p"
+
+
+def test_prefix_cache_lookup_store_evict_forget() -> None:
+    from lorakit.serve import PrefixCache
+
+    cache = PrefixCache(block=2, max_tokens=6)  # three blocks
+    kv = lambda b: [(torch.full((1, 2, 3), float(b)), torch.full((1, 2, 3), -float(b)))]  # noqa: E731
+    assert cache.lookup("a", [1, 2, 3, 4, 5]) == (0, None) and cache.hits == 0
+    cache.store("a", [1, 2, 3, 4, 5], kv)  # blocks (1, 2), (3, 4)
+    length, found = cache.lookup("a", [1, 2, 3, 4, 9])
+    assert length == 4 and cache.hits == 1
+    assert found[0][0][0, :, 0].tolist() == [0.0, 0.0, 1.0, 1.0]  # block 0 then block 1, along tokens
+    assert cache.lookup("a", [1, 2, 3, 4])[0] == 2  # the last prompt token is always computed
+    assert cache.lookup("b", [1, 2, 3, 4, 5]) == (0, None)  # per adapter
+    cache.store("b", [7, 7, 8, 8], kv)  # 4 blocks held > 3: the least recently used (a's (3, 4)) goes
+    assert cache.tokens == 6 and cache.lookup("a", [1, 2, 3, 4, 9])[0] == 2
+    cache.forget("b")
+    assert cache.lookup("b", [7, 7, 8, 8, 1]) == (0, None) and cache.tokens == 2

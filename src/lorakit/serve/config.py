@@ -1,0 +1,52 @@
+"""A server's settings (`ServeConfig`) and the error every handler answers with (`ServeError`)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import LorakitError
+
+#: adapter names: letters, digits, ``-`` and ``_`` (no dots, no slashes: never a path)
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+
+#: OpenAI's ``error.type`` for each HTTP status (anything else: invalid_request_error below 500, server_error)
+_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+class ServeError(LorakitError):
+    """A request the server answers with an HTTP error status and an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def body(self) -> dict[str, Any]:
+        """``{"error": {"message", "type", "param", "code"}}`` as OpenAI's API answers errors."""
+        kind = _ERROR_TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def _option(default: Any, help: str) -> Any:
+    """A `ServeConfig` field: its default, and the help of its ``lorakit serve`` option."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ServeConfig:
+    """Limits and sizes of a server. ``lorakit serve`` has one option per field (``--max-batch`` for
+    ``max_batch``...) whose default and help come from here: this class is the one source of both."""
+
+    max_batch: int = _option(32, "rows decoded together")
+    max_queue: int = _option(256, "generations waiting for a row; more are refused with 429")
+    max_tokens: int = _option(512, "largest max_tokens a request may ask for")
+    max_context: int | None = _option(None, "prompt + max_tokens (None: the model's max_position_embeddings)")
+    max_prefill_tokens: int = _option(2048, "prompt tokens prefilled in one step (one prompt may exceed it alone)")
+    request_timeout: float = _option(300.0, "seconds from arrival to the last token before a 408")
+    max_adapters: int = _option(32, "adapters held on the model at once (least recently used ones are unloaded)")
+    prefix_cache_tokens: int = _option(4096, "prompt tokens whose keys/values are kept for prompts that start "
+                                             "the same way (0: no prefix cache)")
+    prefix_block: int = _option(8, "prompts share cached keys/values in blocks of this many tokens")
+    admin_token: str | None = _option(None, "bearer token of the adapter admin endpoints (None: they answer 403)")

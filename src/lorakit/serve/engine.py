@@ -1,0 +1,478 @@
+"""The engine: one thread that owns the model, admits generations, prefills newcomers and runs one
+mixed-adapter decoding step at a time (continuous batching). HTTP handlers only submit and wait."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import copy
+import inspect
+import logging
+import math
+import os
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from ..adapters import lora_modules, route
+from .config import ServeConfig, ServeError
+from .kv_cache import BatchCache, PrefixCache, check_cache_layout, new_cache, stack_prefixes
+from .metrics import Metrics
+from .pool import AdapterPool
+from .sampling import SamplingParams, held_back, penalize, sample_token, token_logprobs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Event:
+    """What the engine tells a handler about choice ``index``: new text, the end (``finish_reason``), or an
+    error. ``final_text`` is the whole answer, on the last event; ``logprobs`` holds ``(token, logprob, top
+    alternatives)`` of the tokens behind ``text`` when the request asked for them."""
+
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    final_text: str | None = None
+    error: ServeError | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
+
+
+@dataclass(eq=False)
+class Generation:
+    """One sequence being generated: the request's settings, then the engine's state for it."""
+
+    adapter: str | None
+    prompt_ids: list[int]
+    max_tokens: int
+    emit: Callable[[Event], None]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    index: int = 0
+    stream: bool = True  # emit text as it comes (else only the final event)
+    deadline: float = math.inf  # time.monotonic() after which it fails with 408
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters of ``text`` already emitted
+    generator: torch.Generator | None = None
+    holds_adapter: bool = False
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    logprobs_sent: int = 0
+
+    @property
+    def position(self) -> int:
+        """Position id of the newest token (the one fed next)."""
+        return len(self.prompt_ids) + len(self.generated) - 1
+
+
+@dataclass(eq=False)
+class Classification:
+    """A classification request waiting for the engine: texts through one adapter, answered by ``future``."""
+
+    adapter: str | None
+    texts: list[str]
+    future: concurrent.futures.Future
+    deadline: float = math.inf
+
+
+class Engine:
+    """Owns the model: admits generations, prefills newcomers, runs one mixed-adapter decoding step at a time.
+
+    Public methods are thread-safe; everything touching the model runs on the engine's own thread.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, task: str, base_name: str,
+                 config: ServeConfig | None = None, adapter_dir: str | os.PathLike | None = None) -> None:
+        if task not in ("causal-lm", "sequence-classification"):
+            raise ServeError(400, f"lorakit serve serves causal-lm and sequence-classification models, not {task!r}")
+        if tokenizer is None:
+            raise ServeError(400, "the base model has no tokenizer; text serving needs one")
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.tokenizer = tokenizer  # used by HTTP handlers (one tokenizing thread)
+        self._detokenizer = copy.deepcopy(tokenizer)  # used by the engine thread: HF tokenizers are not re-entrant
+        self.task, self.base_name = task, base_name
+        self.config = config or ServeConfig()
+        self.metrics = Metrics()
+        self.adapters = AdapterPool(model, tokenizer, base_name, adapter_dir, self.config.max_adapters, self.metrics)
+        model_config = getattr(model, "config", None)
+        self.context = self.config.max_context or getattr(model_config, "max_position_embeddings", None) or 2048
+        self.labels: dict[int, str] = dict(getattr(model_config, "id2label", None) or {})
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if task == "causal-lm":
+            if not check_cache_layout(model.config):
+                raise ServeError(400, "continuous batching joins KV caches of full-attention layers; this model has "
+                                      "sliding-window or other cache layers, which lorakit serve does not support")
+            eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+            eos = eos if eos is not None else tokenizer.eos_token_id
+            self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+            self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.prefix = PrefixCache(self.config.prefix_block, self.config.prefix_cache_tokens)
+        self.adapters.on_unload = self.prefix.forget
+        self.waiting: deque[Generation] = deque()
+        self.rows: list[Generation] = []  # the running batch, in cache row order
+        self.batch = BatchCache()
+        self._lora_modules: list[torch.nn.Module] = []
+        self._modules_version = -1
+        self._classifications: deque[Classification] = deque()
+        self._commands: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.started = time.time()
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._fail_everything(ServeError(503, "the server is shutting down"))
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- called by handlers ------------------------------------------------------------------------------
+    def submit(self, generations: list[Generation]) -> None:
+        """Queue generations (all or none): 429 when the waiting queue would overflow."""
+        with self._wake:
+            if len(self.waiting) + len(generations) > self.config.max_queue:
+                raise ServeError(429, f"the server is busy: {len(self.waiting)} requests are waiting (limit "
+                                      f"{self.config.max_queue}); retry later", code="queue_full")
+            self.waiting.extend(generations)
+            self._wake.notify_all()
+
+    def cancel(self, generations: list[Generation]) -> None:
+        """Client gone: the engine drops these rows before its next step (no-op once finished)."""
+        with self._wake:
+            for g in generations:
+                g.cancelled = True
+            self._wake.notify_all()
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn`` on the engine thread between two steps (adapter loading, unloading)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            self._commands.append((fn, future))
+            self._wake.notify_all()
+        return future
+
+    def classify(self, adapter: str | None, texts: list[str]) -> concurrent.futures.Future:
+        """Queue a classification; the future gives ``(probs (texts, labels), prompt tokens)``."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            if len(self._classifications) >= self.config.max_queue:
+                raise ServeError(429, "the server is busy; retry later", code="queue_full")
+            self._classifications.append(Classification(adapter, texts, future,
+                                                        time.monotonic() + self.config.request_timeout))
+            self._wake.notify_all()
+        return future
+
+    def counts(self) -> dict[str, int]:
+        with self._wake:
+            return {"active": len(self.rows), "waiting": len(self.waiting)}
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def _has_work(self) -> bool:
+        return bool(self._commands or self._classifications or self.rows or self.waiting)
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)  # per thread; also lets LoRA layers reuse their stacked adapters
+        while True:
+            with self._wake:
+                while not self._stopping and not self._has_work():
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                blocked = not (self._commands or self._classifications or self.rows)
+            try:
+                admitted = self._step()
+            except Exception as err:  # noqa: BLE001 - one bad step must not kill the server
+                log.exception("engine step failed")
+                self._fail_everything(ServeError(500, f"generation failed ({type(err).__name__}: {err})"))
+                admitted = True
+            if blocked and not admitted:  # every waiting request needs an adapter slot: poll for deadlines
+                with self._wake:
+                    self._wake.wait(timeout=0.05)
+
+    def _step(self) -> bool:
+        while self._commands:
+            fn, future = self._commands.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as err:  # noqa: BLE001 - handed to the waiting handler
+                    future.set_exception(err)
+        if self._classifications:
+            self._classify_pending()
+        self._drop_finished_rows()
+        newcomers = self._admit()
+        if newcomers:
+            self._prefill(newcomers)
+        if self.rows:
+            self._decode()
+        return bool(newcomers)
+
+    def _fail_everything(self, error: ServeError) -> None:
+        with self._wake:
+            pending = list(self.waiting) + list(self.rows)
+            self.waiting.clear()
+            classifications = list(self._classifications)
+            self._classifications.clear()
+        for g in pending:
+            self._end(g, error=error)
+        with self._wake:
+            self.rows = []
+            self.batch.clear()
+        for job in classifications:
+            if not job.future.done():
+                job.future.set_exception(error)
+
+    # -- admission and prefill ---------------------------------------------------------------------------
+    def _admit(self) -> list[Generation]:
+        with self._wake:
+            candidates = list(self.waiting)
+        admitted: list[Generation] = []
+        tokens = 0
+        now = time.monotonic()
+        for g in candidates:
+            if len(self.rows) + len(admitted) >= self.config.max_batch:
+                break
+            if g.cancelled or now >= g.deadline:
+                self._unqueue(g)
+                if not g.cancelled:
+                    self._end(g, error=self._timeout("waiting in the queue"))
+                continue
+            if admitted and tokens + len(g.prompt_ids) > self.config.max_prefill_tokens:
+                break
+            try:
+                if not self.adapters.acquire(g.adapter):
+                    continue  # every adapter slot is busy: it waits, later requests may go first
+            except ServeError as err:
+                self._unqueue(g)
+                self._end(g, error=err)
+                continue
+            g.holds_adapter = True
+            self._unqueue(g)
+            if not g.params.greedy:
+                seed = g.params.seed if g.params.seed is not None else random.getrandbits(63)
+                g.generator = torch.Generator(device=self.device).manual_seed(seed)
+            admitted.append(g)
+            tokens += len(g.prompt_ids)
+        return admitted
+
+    def _unqueue(self, g: Generation) -> None:
+        with self._wake:
+            with contextlib.suppress(ValueError):
+                self.waiting.remove(g)
+
+    def _timeout(self, where: str) -> ServeError:
+        return ServeError(408, f"request timed out {where} (limit {self.config.request_timeout:g} s)",
+                          code="timeout")
+
+    @contextlib.contextmanager
+    def _route(self, adapters: list[str | None]) -> Iterator[None]:
+        """`lorakit.route` over the model's LoRA modules, listed once per adapter change instead of on every
+        call: walking the module tree costs ~0.2 s per step with 16 all-linear adapters on SmolLM2. A model
+        without LoRA modules (no adapter loaded yet) serves the base as it is."""
+        if self._modules_version != self.adapters.version:
+            self._lora_modules = [module for _, module in lora_modules(self.model)]
+            self._modules_version = self.adapters.version
+        if not self._lora_modules:
+            yield
+            return
+        with route(self.model, adapters, modules=self._lora_modules):
+            yield
+
+    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: Any, adapters: list[str | None]) -> Tensor:
+        """Last-position logits ``(rows, vocab)``; row i through adapter ``adapters[i]``."""
+        extra = {"logits_to_keep": 1} if self._keep_last else {}
+        with self._route(adapters):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                             use_cache=True, **extra)
+        return out.logits[:, -1].float()
+
+    def _prefill(self, gens: list[Generation]) -> None:
+        """One forward over the newcomers' prompts, then their caches join the running batch.
+
+        A prompt whose first blocks are in the prefix cache starts from their keys/values; row i's cache then
+        reads ``[padding][cached prefix][padding][computed rest]``, the mask marking both paddings.
+        """
+        hits = [self.prefix.lookup(g.adapter, g.prompt_ids) for g in gens]
+        past = max(p for p, _ in hits)
+        new = max(len(g.prompt_ids) - p for g, (p, _) in zip(gens, hits))
+        ids = torch.full((len(gens), new), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(gens), past + new), dtype=torch.long)
+        positions = torch.zeros((len(gens), new), dtype=torch.long)
+        for i, (g, (p, _)) in enumerate(zip(gens, hits)):
+            rest = len(g.prompt_ids) - p
+            ids[i, new - rest:] = torch.tensor(g.prompt_ids[p:])
+            positions[i, new - rest:] = torch.arange(p, len(g.prompt_ids))
+            mask[i, past - p:past] = 1
+            mask[i, past + new - rest:] = 1
+        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        cache = new_cache(self.model.config, stack_prefixes(hits, past) if past else None)
+        logits = self._forward(ids, mask, positions, cache, [g.adapter for g in gens])
+        now = time.monotonic()
+        self.metrics.add(prompt_tokens=sum(len(g.prompt_ids) - p for g, (p, _) in zip(gens, hits)),
+                         prefix_cache_tokens=sum(p for p, _ in hits))
+        block = self.prefix.block
+        for i, (g, (p, _)) in enumerate(zip(gens, hits)):
+            self.metrics.observe("ttft", now - g.submitted)
+            rest = len(g.prompt_ids) - p
+            columns = lambda b, p=p, rest=rest: (  # noqa: E731 - prompt block b -> cache columns of row i
+                past - p + b * block if b * block < p else past + new - rest + b * block - p)
+            self.prefix.store(g.adapter, g.prompt_ids, lambda b, i=i, columns=columns: [
+                (layer.keys[i, :, columns(b):columns(b) + block].clone(),
+                 layer.values[i, :, columns(b):columns(b) + block].clone()) for layer in cache.layers])
+        keep = [i for i, g in enumerate(gens) if not self._advance(g, self._choose(logits[i], g))]
+        if keep:
+            self.batch.join(cache, mask, keep)
+            with self._wake:
+                self.rows.extend(gens[i] for i in keep)
+
+    # -- decoding ----------------------------------------------------------------------------------------
+    def _decode(self) -> None:
+        """One token for every row: one forward through the mixed-adapter path over the shared cache."""
+        rows = self.rows
+        ids = torch.tensor([[g.generated[-1]] for g in rows], device=self.device)
+        positions = torch.tensor([[g.position] for g in rows], device=self.device)
+        mask = self.batch.grow()
+        logits = self._forward(ids, mask, positions, self.batch.cache, [g.adapter for g in rows])
+        self.metrics.add(decode_steps=1)
+        self.metrics.observe("batch_size", len(rows))
+        done = [i for i, g in enumerate(rows) if self._advance(g, self._choose(logits[i], g))]
+        if done:
+            self._remove_rows(done)
+
+    def _drop_finished_rows(self) -> None:
+        now = time.monotonic()
+        done = []
+        for i, g in enumerate(self.rows):
+            if g.cancelled:
+                done.append(i)
+                self._end(g)
+            elif now >= g.deadline:
+                done.append(i)
+                self._end(g, error=self._timeout("while generating"))
+        if done:
+            self._remove_rows(done)
+
+    def _remove_rows(self, done: list[int]) -> None:
+        gone = set(done)
+        keep = [i for i in range(len(self.rows)) if i not in gone]
+        with self._wake:
+            self.rows = [self.rows[i] for i in keep]
+        self.batch.keep_rows(keep)
+
+    def _choose(self, logits: Tensor, g: Generation) -> int:
+        return sample_token(penalize(logits, g.params, g.prompt_ids, g.generated), g.params, g.generator)
+
+    def _advance(self, g: Generation, token: int) -> bool:
+        """Record ``token`` for ``g`` and emit what can be shown; True when ``g`` is finished (and ended)."""
+        if g.cancelled:
+            self._end(g)
+            return True
+        if token in self.eos_ids:
+            self._end(g, "stop")
+            return True
+        g.generated.append(token)
+        self.metrics.add(generated_tokens=1)
+        text = self._detokenizer.decode(g.generated, skip_special_tokens=True)
+        reason = None
+        if g.stop:
+            hits = [i for i in (text.find(s, max(0, g.sent - len(s))) for s in g.stop) if i >= 0]
+            if hits:
+                text, reason = text[:min(hits)], "stop"
+        if reason is None and len(g.generated) >= g.max_tokens:
+            reason = "length"
+        g.text = text
+        if reason is not None:
+            self._end(g, reason)
+            return True
+        shown = len(text) - held_back(text, g.stop)
+        if g.stream and shown > g.sent:
+            g.emit(Event(g.index, text[g.sent:shown]))
+            g.sent = shown
+        return False
+
+    def _end(self, g: Generation, reason: str | None = None, error: ServeError | None = None) -> None:
+        """Finish ``g``: free its adapter, tell its handler (nothing for a cancelled one)."""
+        if g.holds_adapter:
+            self.adapters.release(g.adapter)
+            g.holds_adapter = False
+        if g.cancelled:
+            self.metrics.add(cancelled=1)
+            return
+        if error is not None:
+            g.emit(Event(g.index, error=error))
+        else:
+            g.emit(Event(g.index, g.text[g.sent:], reason, final_text=g.text, prompt_tokens=len(g.prompt_ids),
+                         completion_tokens=len(g.generated)))
+            g.sent = len(g.text)
+
+    # -- classification ----------------------------------------------------------------------------------
+    def _classify_pending(self) -> None:
+        """Every waiting classification request in one mixed-adapter forward."""
+        jobs = self._admit_classifications()
+        try:
+            if jobs:
+                texts = [t for job in jobs for t in job.texts]
+                adapters = [job.adapter for job in jobs for _ in job.texts]
+                enc = self._detokenizer(texts, padding=True, truncation=True, max_length=self.context,
+                                        return_tensors="pt").to(self.device)
+                with self._route(adapters):
+                    logits = self.model(**enc).logits.float()
+                probs = torch.softmax(logits, dim=-1).cpu()
+                start = 0
+                for job in jobs:
+                    part = probs[start:start + len(job.texts)]
+                    start += len(job.texts)
+                    job.future.set_result((part, int(enc["attention_mask"].sum())))
+        except Exception as err:  # noqa: BLE001 - reported to the requests, the server goes on
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(ServeError(500, f"classification failed ({type(err).__name__}: {err})"))
+        finally:
+            for job in jobs:
+                self.adapters.release(job.adapter)
+
+    def _admit_classifications(self) -> list[Classification]:
+        """The waiting classifications whose adapter could be acquired (the others wait or fail)."""
+        jobs = []
+        with self._wake:
+            pending = list(self._classifications)
+            self._classifications.clear()
+        now = time.monotonic()
+        for job in pending:
+            if now >= job.deadline:
+                job.future.set_exception(ServeError(408, "request timed out waiting in the queue", code="timeout"))
+                continue
+            try:
+                if not self.adapters.acquire(job.adapter):
+                    with self._wake:
+                        self._classifications.append(job)
+                    continue
+            except ServeError as err:
+                job.future.set_exception(err)
+                continue
+            jobs.append(job)
+        return jobs
