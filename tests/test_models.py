@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -234,3 +235,92 @@ def test_bad_task_and_unsupported_task() -> None:
         load_model("minilm", task="translation")
     with pytest.raises(ConfigError, match="supports tasks"):
         load_model("mobilenet-v2", task="causal-lm")
+
+
+# --------------------------------------------------------------------------------------------- GGUF files
+
+
+def test_a_gguf_file_given_by_its_path_converts_trains_and_generates(tmp_path: Path, monkeypatch) -> None:
+    """Before: ``model=PATH.gguf`` was refused with "no such folder" although the file exists."""
+    from lorakit import LoraConfig, inject
+    from lorakit.evaluate import encode, forward, generate, loss_sum
+    from lorakit.models import _smollm2_source, gguf_folder
+
+    source = tmp_path / "my model.gguf"  # a user's copy, under a name lorakit does not know
+    source.symlink_to(_smollm2_source())
+    monkeypatch.setenv("LORAKIT_HOME", str(tmp_path / "home"))  # a fresh cache: the conversion really runs
+    loaded = load_model(str(source), task="causal-lm")
+    folder = Path(loaded.path)
+    assert folder.parent == tmp_path / "home" / "models" and folder.name.startswith("gguf-my model-")
+    stamp = json.loads((folder / "lorakit-conversion.json").read_text())
+    assert stamp["max_abs_logit_diff"] <= 1e-4 and stamp["source_bytes"] == source.stat().st_size
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight
+    assert gguf_folder(source) == folder  # found again by the file's hash: no second conversion
+    written = (folder / "model.safetensors").stat().st_mtime_ns
+    again = load_model(str(source), task="causal-lm")
+    assert (folder / "model.safetensors").stat().st_mtime_ns == written and again.path == loaded.path
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    inject(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    rows = [{"prompt": "What is LoRA?", "completion": "A low-rank update of frozen weights."}]
+    batch = encode("causal-lm", rows, tokenizer, 64, None)
+    losses = []
+    model.train()
+    for _ in range(3):
+        total, count = loss_sum("causal-lm", forward(model, "causal-lm", batch), batch["labels"])
+        (total / count).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(total.detach() / count))
+    model.eval()
+    assert losses[-1] < losses[0]
+    answer = generate(model, tokenizer, ["What is LoRA?"], max_new_tokens=12)[0]
+    assert answer.strip()
+
+
+def test_a_file_that_is_not_gguf_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"not a model")
+    with pytest.raises(ModelLoadError, match="not a .gguf"):
+        load_model(str(weights))
+    monkeypatch.setenv("LORAKIT_HOME", str(tmp_path / "home"))
+    renamed = tmp_path / "renamed.gguf"
+    renamed.write_bytes(b"PK\x03\x04 a zip file")
+    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+        load_model(str(renamed), task="causal-lm")
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF but cut short")
+    with pytest.raises(ModelLoadError, match="cannot read this GGUF file"):
+        load_model(str(truncated), task="causal-lm")
+    assert not list((tmp_path / "home" / "models").glob("gguf-*/model.safetensors"))
+
+
+# --------------------------------------------------------------------------------------------- load report
+
+
+def test_no_load_report_for_a_new_task_head(capfd: pytest.CaptureFixture) -> None:
+    """Before: every classification load printed transformers' "classifier MISSING ... Consider training"."""
+    load_model("minilm", task="sequence-classification", num_labels=3)
+    err = capfd.readouterr().err
+    assert "LOAD REPORT" not in err and "Consider training" not in err
+
+
+def test_weights_missing_outside_the_head_still_warn(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32)
+    BertModel(config).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["encoder.layer.0.attention.self.query.weight"]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level(logging.INFO, logger="lorakit.models"):
+        load_model(str(tmp_path), task="sequence-classification", num_labels=2)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any("bert.encoder.layer.0.attention.self.query.weight" in w and "newly initialized" in w for w in warnings)
+    assert any("new task head classifier.bias, classifier.weight" in i for i in infos)
+    assert not any("classifier" in w for w in warnings)

