@@ -649,22 +649,61 @@ def _chat_segments(tokenizer: Any, messages: list[dict]) -> tuple[list[int], lis
     return ids, trained
 
 
-def encode_causal_lm(tokenizer: Any, rows: Sequence[dict], max_length: int) -> dict[str, Tensor]:
-    """Chat-template ``{"prompt", "completion"}`` (or ``{"messages"}``) rows for causal-LM fine-tuning.
+PLAIN_SEPARATOR = "\n"  # between prompt and completion in the plain format (no chat template)
 
-    The prompt is the user turn and the completion the assistant turn. ``labels`` equal ``input_ids`` on the
-    answer tokens and its end-of-turn token and are ``-100`` on the prompt and padding, so the loss is the
-    answer's alone (HF models shift labels by one inside ``forward``). Right padding. A row longer than
-    ``max_length`` keeps its prompt and loses the end of its answer; only a prompt that fills the whole budget
-    loses its beginning instead (with a warning), keeping a quarter of ``max_length`` for the answer.
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` renders conversations (chat format) or not (plain prompt + completion format)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _bos(tokenizer: Any) -> list[int]:
+    """The BOS id when the tokenizer starts every text with it (Llama-style base models), else nothing."""
+    if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
+        return [tokenizer.bos_token_id]
+    return []
+
+
+def plain_prompt_ids(tokenizer: Any, prompt: str, separator: str = PLAIN_SEPARATOR) -> list[int]:
+    """Token ids a base model (no chat template) sees before its answer: [BOS] + ``prompt + separator``."""
+    return _bos(tokenizer) + tokenizer(prompt + separator, add_special_tokens=False)["input_ids"]
+
+
+def _plain_segments(tokenizer: Any, row: dict, separator: str) -> tuple[list[int], list[bool]]:
+    """Plain format: the prompt and separator (not trained), then the completion and EOS (trained).
+
+    Prompt and completion are tokenized apart, so the prompt tokens are exactly what generation sees.
+    """
+    if "messages" in row:
+        raise DataError("chat rows ('messages') need a tokenizer with a chat template; this model has none (fix: "
+                        "write prompt/completion rows, which a base model learns as prompt + separator + completion)")
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the tokenizer has no EOS token, so a completion could not end (fix: a tokenizer with one)")
+    prompt = plain_prompt_ids(tokenizer, row["prompt"], separator)
+    answer = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt + answer, [False] * len(prompt) + [True] * len(answer)
+
+
+def encode_causal_lm(tokenizer: Any, rows: Sequence[dict], max_length: int,
+                     separator: str = PLAIN_SEPARATOR) -> dict[str, Tensor]:
+    """``{"prompt", "completion"}`` (or ``{"messages"}``) rows for causal-LM fine-tuning.
+
+    With a chat template the prompt is the user turn and the completion the assistant turn. Without one (a
+    base model) the plain format is used: ``[BOS] prompt + separator`` then ``completion + EOS``. ``labels``
+    equal ``input_ids`` on the answer tokens and its end-of-turn / EOS token and are ``-100`` on the prompt
+    and padding, so the loss is the answer's alone (HF models shift labels by one inside ``forward``). Right
+    padding. A row longer than ``max_length`` keeps its prompt and loses the end of its answer; only a prompt
+    that fills the whole budget loses its beginning instead (with a warning), keeping a quarter of
+    ``max_length`` for the answer.
 
     Returns ``input_ids``, ``attention_mask``, ``labels``, each (N, L) with L <= max_length.
     """
     if tokenizer.pad_token_id is None:
         raise ConfigError("the tokenizer has no pad token (fix: tokenizer.pad_token = tokenizer.eos_token)")
+    chat = has_chat_template(tokenizer)
     encoded = []
     for row in rows:
-        ids, trained = _chat_segments(tokenizer, _messages(row))
+        ids, trained = _chat_segments(tokenizer, _messages(row)) if chat else _plain_segments(tokenizer, row, separator)
         if len(ids) > max_length:
             answer_start = trained.index(True) if True in trained else len(ids)
             cut = 0  # prompt tokens dropped from the front: only when not one answer token would fit

@@ -2,6 +2,10 @@
 
 Tasks: ``sequence-classification`` (accuracy, macro-F1), ``causal-lm`` (answer-token loss, perplexity, and
 for generated answers chrF and exact match), ``image-classification`` (accuracy, macro-F1).
+
+`loss_terms` is the one count of what a loss sums over (rows, or answer tokens), used by every loop that
+averages a loss over a global batch. `generate` answers prompts through the chat template, or in the plain
+prompt + separator format when the tokenizer has none, and stops at EOS or the template's end-of-turn token.
 """
 
 from __future__ import annotations
@@ -14,20 +18,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import data as lkdata
+from .data import IGNORE_INDEX, PLAIN_SEPARATOR, DataError, has_chat_template, plain_prompt_ids
+from .errors import ConfigError
+from .tasks import TASKS
 
-TASKS = ("sequence-classification", "causal-lm", "image-classification")
 
 
-def encode(task: str, rows: Sequence[dict], tokenizer: Any, max_length: int, image_size: int | None) -> dict[str, Tensor]:
+def encode(task: str, rows: Sequence[dict], tokenizer: Any, max_length: int, image_size: int | None,
+           separator: str = PLAIN_SEPARATOR) -> dict[str, Tensor]:
     """Rows -> model inputs plus ``labels`` (classification: ``(batch,)``; causal LM: ``(batch, seq)``, -100 on
-    prompt and padding tokens)."""
+    prompt and padding tokens). ``separator`` joins prompt and completion for a model without chat template."""
     if task == "sequence-classification":
         return lkdata.encode_classification(tokenizer, rows, max_length)
     if task == "causal-lm":
-        return lkdata.encode_causal_lm(tokenizer, rows, max_length)
+        return lkdata.encode_causal_lm(tokenizer, rows, max_length, separator)
     if task == "image-classification":
         return lkdata.collate_images(rows, image_size, channels=3, normalize="imagenet")
-    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
 
 
 def forward(model: nn.Module, task: str, batch: dict[str, Tensor]) -> Tensor:
@@ -38,16 +45,26 @@ def forward(model: nn.Module, task: str, batch: dict[str, Tensor]) -> Tensor:
     return out.logits
 
 
+def loss_terms(task: str, labels: Tensor) -> int:
+    """How many terms a loss over ``labels`` sums: answer tokens for causal LM (``labels`` (N, L), counted
+    from position 1 since token t predicts token t+1, ``-100`` excluded), rows otherwise (``labels`` (N,)).
+
+    The one count every loop divides by, so micro-batches and processes average exactly over the global batch.
+    """
+    if task == "causal-lm":
+        return int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return int(labels.numel())
+
+
 def loss_sum(task: str, logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
-    """Summed cross-entropy and the number of terms (rows, or answer tokens for causal LM), so that several
+    """Summed cross-entropy and `loss_terms` (rows, or answer tokens for causal LM), so that several
     micro-batches and processes can be averaged exactly over the global batch."""
     if task == "causal-lm":
-        logits, labels = logits[:, :-1], labels[:, 1:]  # token t predicts token t+1
-        count = int((labels != -100).sum())
-        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                ignore_index=-100, reduction="sum")
-        return total, count
-    return F.cross_entropy(logits.float(), labels, reduction="sum"), int(labels.numel())
+        shifted_logits, shifted = logits[:, :-1], labels[:, 1:]  # token t predicts token t+1
+        total = F.cross_entropy(shifted_logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
+        return total, loss_terms(task, labels)
+    return F.cross_entropy(logits.float(), labels, reduction="sum"), loss_terms(task, labels)
 
 
 def batches(rows: Sequence[dict], size: int) -> Iterator[Sequence[dict]]:
@@ -62,8 +79,16 @@ def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tenso
 @torch.no_grad()
 def evaluate(model: nn.Module, task: str, rows: Sequence[dict], tokenizer: Any = None, *, batch_size: int = 32,
              max_length: int = 256, image_size: int | None = None, generate_examples: int = 0,
-             max_new_tokens: int = 64, device: torch.device | None = None) -> dict[str, float]:
-    """Held-out metrics of ``model`` on ``rows`` (model put in eval mode, then restored)."""
+             max_new_tokens: int = 64, device: torch.device | None = None,
+             separator: str = PLAIN_SEPARATOR) -> dict[str, float]:
+    """Held-out metrics of ``model`` on ``rows`` (model put in eval mode, then restored).
+
+    Raises `DataError` when there is nothing to measure (no rows, or no answer token left after truncation):
+    a metric over 0 examples would read as a result.
+    """
+    if len(rows) == 0:
+        raise DataError("no held-out examples to evaluate on: the split is empty (fix: more rows, or give a "
+                        "validation/test file)")
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -72,7 +97,7 @@ def evaluate(model: nn.Module, task: str, rows: Sequence[dict], tokenizer: Any =
     gold: list[int] = []
     try:
         for chunk in batches(rows, batch_size):
-            batch = to_device(encode(task, chunk, tokenizer, max_length, image_size), device)
+            batch = to_device(encode(task, chunk, tokenizer, max_length, image_size, separator), device)
             logits = forward(model, task, batch)
             part, n = loss_sum(task, logits, batch["labels"])
             total += float(part)
@@ -82,13 +107,17 @@ def evaluate(model: nn.Module, task: str, rows: Sequence[dict], tokenizer: Any =
                 predictions += pred.tolist()
                 gold += batch["labels"].tolist()
                 correct += int((pred == batch["labels"]).sum())
-        metrics = {"loss": total / max(1, count)}
+        if count == 0:
+            raise DataError(f"none of the {len(rows)} held-out examples has an answer token within "
+                            f"max_length={max_length} (fix: a larger train.max_length, or shorter prompts)")
+        metrics = {"loss": total / count}
         if task == "causal-lm":
             metrics["perplexity"] = math.exp(min(50.0, metrics["loss"]))
             if generate_examples:
-                metrics.update(generation_metrics(model, tokenizer, rows[:generate_examples], max_new_tokens))
+                metrics.update(generation_metrics(model, tokenizer, rows[:generate_examples], max_new_tokens,
+                                                  separator=separator))
         else:
-            metrics["accuracy"] = correct / max(1, len(gold))
+            metrics["accuracy"] = correct / len(gold)
             metrics["macro_f1"] = macro_f1(predictions, gold)
         metrics["examples"] = len(rows)
         return metrics
@@ -107,32 +136,110 @@ def macro_f1(predictions: Sequence[int], gold: Sequence[int]) -> float:
     return sum(scores) / max(1, len(scores))
 
 
-@torch.no_grad()
-def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 64,
-             streamer: Any = None) -> list[str]:
-    """Greedy answers to chat prompts (the model's chat template), decoded without special tokens."""
-    device = next(model.parameters()).device
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """The special token(s) the chat template closes an assistant turn with (``<|im_end|>`` for SmolLM2,
+    ``<|eot_id|>`` for Llama 3); empty without a chat template.
+
+    Found by rendering a reply with a marker and reading the special tokens right after the marker.
+    """
+    if not has_chat_template(tokenizer):
+        return []
+    marker = "LORAKIT_END_OF_TURN_PROBE"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "a"}, {"role": "assistant", "content": marker}],
+                                             tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render a turn simply has no end-of-turn to find
+        return []
+    if marker not in text:
+        return []
+    after = tokenizer(text[text.rindex(marker) + len(marker):], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    found: list[int] = []
+    for token in after:
+        if token not in special:
+            break  # whitespace after the end-of-turn marker: the turn has ended
+        found.append(token)
+    return found
+
+
+def stop_token_ids(tokenizer: Any, model: nn.Module | None = None) -> list[int]:
+    """Every id generation stops at: the tokenizer's EOS, the model's ``generation_config.eos_token_id`` (an id
+    or a list) and the chat template's end-of-turn token(s)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [configured] if configured is not None else []
+    ids += end_of_turn_ids(tokenizer)
+    return list(dict.fromkeys(int(i) for i in ids))
+
+
+def check_sampling(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> None:
+    """Refuse sampling settings that would fail or silently misbehave in `generate` (`ConfigError`).
+
+    ``temperature`` 0 is greedy, else a finite value in [1e-3, 100]; ``top_p`` in (0, 1]; ``top_k`` >= 0
+    (0: off); ``seed`` None or an integer in [0, 2**63).
+    """
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            temperature == 0 or 1e-3 <= temperature <= 100):
+        raise ConfigError(f"temperature must be 0 (greedy) or a number in [0.001, 100], not {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be a number in (0, 1], not {top_p!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ConfigError(f"top_k must be an integer >= 0 (0: off), not {top_k!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+        raise ConfigError(f"seed must be an integer in [0, 2**63), not {seed!r}")
+
+
+def _prompt_ids(tokenizer: Any, prompts: Sequence[str], separator: str) -> list[list[int]]:
+    """Token ids each prompt is answered after: the chat template's user turn + assistant header, or the plain
+    format's ``[BOS] prompt + separator`` (as `lorakit.data.encode_causal_lm` trains them)."""
+    if not has_chat_template(tokenizer):
+        return [plain_prompt_ids(tokenizer, p, separator) for p in prompts]
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                            add_generation_prompt=True) for p in prompts]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues at the right edge
-    try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    finally:
-        tokenizer.padding_side = side
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                         streamer=streamer)
-    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 64,
+             streamer: Any = None, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             seed: int | None = None, separator: str = PLAIN_SEPARATOR) -> list[str]:
+    """Answers to user prompts, decoded without special tokens.
+
+    Prompts go through the model's chat template, or the plain ``prompt + separator`` format when the
+    tokenizer has none. Decoding stops at any of `stop_token_ids` (EOS and the template's end-of-turn). Greedy
+    when ``temperature`` is 0; otherwise sampled with ``top_p`` / ``top_k`` (0: off), seeded by ``seed`` (the
+    global RNG is restored afterwards). Settings are checked by `check_sampling`.
+    """
+    check_sampling(temperature, top_p, top_k, seed)
+    device = next(model.parameters()).device
+    encoded = _prompt_ids(tokenizer, prompts, separator)
+    width = max(len(ids) for ids in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # left padding: generation continues at the right edge of every row
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+    sampling: dict[str, Any] = {"do_sample": False}
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": top_k}
+    else:  # greedy: clear the sampling defaults a model's generation_config may carry (they would warn)
+        sampling.update(temperature=None, top_p=None, top_k=None)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, eos_token_id=stop_token_ids(tokenizer, model), streamer=streamer,
+                             **sampling)
+    return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
 
 
 def generation_metrics(model: nn.Module, tokenizer: Any, rows: Sequence[dict], max_new_tokens: int,
-                       batch_size: int = 8) -> dict[str, float]:
+                       batch_size: int = 8, separator: str = PLAIN_SEPARATOR) -> dict[str, float]:
     """chrF (sacrebleu) and exact match of greedy answers against the reference completions."""
     import sacrebleu
 
     answers: list[str] = []
     for chunk in batches(rows, batch_size):
-        answers += generate(model, tokenizer, [r["prompt"] for r in chunk], max_new_tokens)
+        answers += generate(model, tokenizer, [r["prompt"] for r in chunk], max_new_tokens, separator=separator)
     references = [r["completion"] for r in rows]
     return {
         "chrf": sacrebleu.corpus_chrf(answers, [references]).score,

@@ -1,0 +1,135 @@
+"""lorakit.evaluate: the loss-term count, metrics (never over 0 examples), generation (stop tokens, sampling,
+the plain format of base models without a chat template)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lorakit import LoraConfig, inject
+from lorakit.data import IGNORE_INDEX, DataError, load_dataset
+from lorakit.errors import ConfigError
+from lorakit.evaluate import (
+    check_sampling,
+    encode,
+    end_of_turn_ids,
+    evaluate,
+    forward,
+    generate,
+    loss_sum,
+    loss_terms,
+    stop_token_ids,
+)
+
+
+def test_loss_terms_counts_shifted_answer_tokens_or_rows() -> None:
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 5, 6, IGNORE_INDEX],
+                           [7, 8, 9, IGNORE_INDEX, IGNORE_INDEX]])
+    # position 0 is never predicted (nothing precedes it): row 2's first label does not count
+    assert loss_terms("causal-lm", labels) == 2 + 2
+    assert loss_terms("sequence-classification", torch.tensor([0, 1, 1])) == 3
+    logits = torch.randn(2, 5, 11)
+    total, count = loss_sum("causal-lm", logits, labels)
+    assert count == 4
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+    assert torch.allclose(total, expected)
+
+
+def test_evaluate_refuses_zero_examples(tiny) -> None:
+    with pytest.raises(DataError, match="no held-out examples"):
+        evaluate(tiny, "image-classification", [])
+
+
+def test_evaluate_refuses_a_split_whose_answers_were_all_cut(smollm2) -> None:
+    model, tokenizer = smollm2
+    rows = [{"prompt": "word " * 60, "completion": "an answer"}]
+    with pytest.raises(DataError, match="none of the 1 held-out examples has an answer token"):
+        evaluate(model, "causal-lm", rows, tokenizer, max_length=1)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"temperature": 1e-45}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"), ({"temperature": "0.5"}, "temperature"),
+    ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"), ({"top_k": 2.5}, "top_k"),
+    ({"seed": 2 ** 64}, "seed"), ({"seed": -1}, "seed"), ({"seed": True}, "seed"),
+])
+def test_check_sampling_refuses_bad_values(kwargs: dict, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        check_sampling(**kwargs)
+
+
+def test_generate_stops_at_the_templates_end_of_turn_token(smollm2) -> None:
+    model, tokenizer = smollm2
+    assert end_of_turn_ids(tokenizer) == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    # a tokenizer / model whose EOS is not the end-of-turn token (as many chat models ship)
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.eos_token = "<|endoftext|>"
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert set(stop_token_ids(tokenizer, model)) == {tokenizer.eos_token_id, im_end}
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    answer = generate(model, tokenizer, ["What is the capital of France?"], max_new_tokens=40)[0]
+    assert "Paris" in answer
+    # the same greedy decoding without the end-of-turn stop runs past <|im_end|> into a new turn
+    unstopped = model.generate(**prompt, max_new_tokens=40, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.eos_token_id)[0, prompt["input_ids"].shape[1]:]
+    assert im_end in unstopped.tolist()
+    assert len(tokenizer.encode(answer, add_special_tokens=False)) < int((unstopped == im_end).nonzero()[0]) + 2
+
+
+def test_sampling_is_seeded_and_leaves_the_global_rng_alone(smollm2) -> None:
+    model, tokenizer = smollm2
+    state = torch.random.get_rng_state()
+    runs = [generate(model, tokenizer, ["Name a colour."], 12, temperature=1.5, top_k=50, seed=s) for s in (3, 3, 4)]
+    assert runs[0] == runs[1]
+    assert torch.equal(torch.random.get_rng_state(), state)
+    greedy = generate(model, tokenizer, ["Name a colour."], 12)
+    assert greedy == generate(model, tokenizer, ["Name a colour."], 12, seed=9)  # a seed does not change greedy
+
+
+def train_steps(model: torch.nn.Module, tokenizer, rows: list[dict], steps: int = 2, **encode_kwargs) -> list[float]:
+    """A few LoRA steps (q_proj, v_proj) on ``rows``; returns the losses. The model is changed in place."""
+    inject(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    batch = encode("causal-lm", rows, tokenizer, 96, None, **encode_kwargs)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        total, count = loss_sum("causal-lm", forward(model, "causal-lm", batch), batch["labels"])
+        (total / count).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(total.detach() / count))
+    model.eval()
+    return losses
+
+
+def test_a_model_without_chat_template_trains_and_generates_in_the_plain_format(smollm2) -> None:
+    model, tokenizer = smollm2
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = None  # a base LM: before, this ended in transformers' "Cannot use chat template"
+    rows = list(load_dataset("faq-en").train.take(4))
+    batch = encode("causal-lm", rows[:1], tokenizer, 512, None, separator="\n### Answer:\n")
+    labels = batch["labels"][0]
+    trained = labels != IGNORE_INDEX
+    assert tokenizer.decode(labels[trained]) == rows[0]["completion"] + tokenizer.eos_token
+    assert tokenizer.decode(batch["input_ids"][0][~trained]) == rows[0]["prompt"] + "\n### Answer:\n"
+    losses = train_steps(model, tokenizer, rows, steps=3, separator="\n### Answer:\n")
+    assert losses[-1] < losses[0]
+    answers = generate(model, tokenizer, [rows[0]["prompt"]], max_new_tokens=8, separator="\n### Answer:\n")
+    assert len(answers) == 1 and answers[0].strip()
+    metrics = evaluate(model, "causal-lm", rows, tokenizer, max_length=96, separator="\n### Answer:\n")
+    assert metrics["examples"] == 4 and metrics["loss"] > 0
+
+
+def test_chat_rows_without_chat_template_are_refused(smollm2) -> None:
+    _, tokenizer = smollm2
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = None
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    with pytest.raises(DataError, match="need a tokenizer with a chat template"):
+        encode("causal-lm", rows, tokenizer, 64, None)
