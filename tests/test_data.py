@@ -205,7 +205,8 @@ def test_user_image_folder(tmp_path: Path) -> None:
 GOOD = {"text": "fine", "label": 1}
 BAD_ROWS = {  # problem -> (bad line, words the message must contain)
     "missing field": ({"text": "no label here"}, "missing field 'label'"),
-    "wrong label type": ({"text": "x", "label": 0.5}, "'label' is float"),
+    "fractional label": ({"text": "x", "label": 0.5}, "label 0.5 is not a class index"),
+    "list label": ({"text": "x", "label": [1]}, "'label' is list"),
     "bool label": ({"text": "x", "label": True}, "'label' is bool"),
     "empty text": ({"text": "   ", "label": 0}, "empty 'text'"),
     "text not a string": ({"text": ["a"], "label": 0}, "not text"),
@@ -247,7 +248,7 @@ def test_bad_csv_row_names_its_line(tmp_path: Path) -> None:
 
 
 def test_skip_bad_rows_counts_and_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    rows = [GOOD] * 20 + [bad for bad, _ in BAD_ROWS.values()]
+    rows = [GOOD, {"text": "also fine", "label": 0}] * 10 + [bad for bad, _ in BAD_ROWS.values()]
     path = write_jsonl(tmp_path / "data.jsonl", rows)
     with caplog.at_level(logging.WARNING, logger="lorakit.data"):
         splits = load_dataset(path, skip_bad_rows=True)
@@ -337,3 +338,180 @@ def test_collate_images_channels_resize_and_normalize() -> None:
     rgb = {"image": torch.zeros(3, 20, 20, dtype=torch.uint8), "label": 0}
     with pytest.raises(ConfigError, match="image_size"):
         collate_images([white, rgb], image_size=None, normalize=None)
+
+
+# --------------------------------------------------------------------------------------------- hostile files
+# Each case of issue 18's data list: before, a raw traceback, a silent wrong result, or an error naming no file.
+
+
+def two_class_rows(n: int) -> list[dict]:
+    return [{"text": f"row {i}", "label": i % 2} for i in range(n)]
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]], encoding: str = "utf-8") -> Path:
+    with open(path, "w", newline="", encoding=encoding) as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def test_undecodable_bytes_name_file_line_and_the_encoding_option(tmp_path: Path) -> None:
+    rows = [[f"plain row {i}", str(i % 2)] for i in range(12)] + [["café crème", "1"]]
+    path = write_csv(tmp_path / "latin.csv", ["text", "label"], rows, encoding="latin-1")
+    with pytest.raises(DataError, match=r"latin\.csv:14: byte 0xe9 at column 4 is not valid utf-8 \(fix: .*"
+                                        r"encoding='latin-1'"):
+        load_dataset(path)  # before: a bare UnicodeDecodeError
+    splits = load_dataset(path, encoding="latin-1")
+    assert "café crème" in {row["text"] for part in splits for row in part}
+    with pytest.raises(DataError, match="unknown text encoding 'klingon'"):
+        load_dataset(path, encoding="klingon")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_utf8_byte_order_mark_is_dropped(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"excel{suffix}"
+    if suffix == ".csv":
+        write_csv(path, ["text", "label"], [[f"row {i}", str(i % 2)] for i in range(12)], encoding="utf-8-sig")
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in two_class_rows(12)), encoding="utf-8-sig")
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+    splits = load_dataset(path)  # before: "missing field 'text'" (the BOM glued onto the column name)
+    assert sum(map(len, splits)) == 12 and splits.train.labels == ["0", "1"]
+
+
+def test_csv_fields_over_128_kib_are_read_and_the_limit_is_an_error(tmp_path: Path, monkeypatch) -> None:
+    long_text = "word " * 40_000  # 200 KB: over the csv module's 131,072-character default
+    path = write_csv(tmp_path / "long.csv", ["text", "label"],
+                     [[long_text if i == 5 else f"row {i}", str(i % 2)] for i in range(12)])
+    splits = load_dataset(path)  # before: _csv.Error: field larger than field limit
+    assert max(len(row["text"]) for part in splits for row in part) == len(long_text)
+    assert csv.field_size_limit() == 131072  # the process-wide limit is restored
+    monkeypatch.setattr("lorakit.data.readers.MAX_FIELD_CHARS", 1000)
+    with pytest.raises(DataError, match=r"long\.csv:7: a field longer than 1,000 characters"):
+        load_dataset(path)
+
+
+def test_an_unterminated_csv_quote_is_found_at_its_row(tmp_path: Path) -> None:
+    path = tmp_path / "quote.csv"
+    lines = [f"row {i},{i % 2}" for i in range(12)]
+    lines[4] = '"opens a quote and never closes it,1'
+    path.write_text("text,label\n" + "\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"quote\.csv:6: a quote opened in this row is never closed"):
+        load_dataset(path)  # before: the next 7 rows were merged silently into one text
+    lines[4] = 'fine,"1'  # an open quote in the label swallows the next rows into a "class name"
+    path.write_text("text,label\n" + "\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"quote\.csv:6: a quote opened in this row is never closed"):
+        load_dataset(path)
+
+
+def test_deeply_nested_json_is_a_row_error(tmp_path: Path) -> None:
+    nested = '{"text": "x", "label": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    path = write_jsonl(tmp_path / "deep.jsonl", two_class_rows(4) + [nested] + two_class_rows(8))
+    with pytest.raises(DataError, match=r"deep\.jsonl:5: JSON nested too deeply"):
+        load_dataset(path)  # before: RecursionError
+    assert sum(map(len, load_dataset(path, skip_bad_rows=True))) == 12
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match=r"deep\.json:1: JSON nested too deeply"):
+        load_dataset(tmp_path / "deep.json")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_huge_label_indices_are_refused_at_once(tmp_path: Path, suffix: str) -> None:
+    rows = two_class_rows(12) + [{"text": "boom", "label": 10 ** 12}]
+    path = tmp_path / f"huge{suffix}"
+    if suffix == ".csv":
+        write_csv(path, ["text", "label"], [[r["text"], str(r["label"])] for r in rows])
+    else:
+        write_jsonl(path, rows)
+    with pytest.raises(DataError, match=rf"huge\{suffix}:(13|14): label 1000000000000 is beyond the 100,000 classes"):
+        load_dataset(path)  # before: MemoryError after 60 s building a list of 10**12 class names
+
+
+def test_float_labels_mean_the_same_in_csv_and_jsonl(tmp_path: Path) -> None:
+    rows = [{"text": f"row {i}", "label": float(i % 2)} for i in range(12)]
+    from_json = load_dataset(write_jsonl(tmp_path / "f.jsonl", rows))  # before: refused ("'label' is float")
+    from_csv = load_dataset(write_csv(tmp_path / "f.csv", ["text", "label"],
+                                      [[r["text"], f"{r['label']:.1f}"] for r in rows]))  # before: names "0.0", "1.0"
+    assert from_json.train.labels == from_csv.train.labels == ["0", "1"]
+    assert [[r["label"] for r in part] for part in from_json] == [[r["label"] for r in part] for part in from_csv]
+    rows[3]["label"] = 0.5
+    with pytest.raises(DataError, match=r"f\.jsonl:4: label 0\.5 is not a class index"):
+        load_dataset(write_jsonl(tmp_path / "f.jsonl", rows))
+    with pytest.raises(DataError, match=r"f\.csv:5: label 0\.5 is not a class index"):
+        load_dataset(write_csv(tmp_path / "f.csv", ["text", "label"], [[r["text"], str(r["label"])] for r in rows]))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_tiny_datasets_are_refused_naming_the_file(tmp_path: Path, n: int) -> None:
+    path = write_jsonl(tmp_path / "tiny.jsonl", two_class_rows(n))
+    with pytest.raises(DataError, match=rf"tiny\.jsonl: the (validation|train) split is empty \({n} usable row\(s\) "
+                                        r"in all, split 80/10/10\) \(fix: at least 6 rows"):
+        load_dataset(path)  # before: an error naming no file, or "success" on 0 held-out examples
+
+
+def test_small_held_out_splits_are_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="lorakit.data"):
+        load_dataset(write_jsonl(tmp_path / "small.jsonl", two_class_rows(30)))
+    assert "small.jsonl: the validation split has only 3 row(s)" in caplog.text
+
+
+def test_a_carved_part_that_comes_out_empty_is_refused(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "train.jsonl", two_class_rows(3))
+    write_jsonl(tmp_path / "test.jsonl", two_class_rows(4))
+    with pytest.raises(DataError, match=r"train\.jsonl: the validation split is empty"):
+        load_dataset(tmp_path)
+
+
+def test_single_class_data_is_refused_naming_the_file(tmp_path: Path) -> None:
+    rows = [{"text": f"row {i}", "label": "pos"} for i in range(20)]
+    with pytest.raises(DataError, match=r"one\.jsonl: every training row has label 'pos'"):
+        load_dataset(write_jsonl(tmp_path / "one.jsonl", rows))  # before: trained to 100% without a word
+    folder = make_image_folder(tmp_path / "pets")
+    for image in (folder / "dog").iterdir():
+        image.unlink()
+    (folder / "dog").rmdir()
+    with pytest.raises(DataError, match=r"pets: every training row has label 'cat'"):
+        load_dataset(folder)
+
+
+def test_a_label_with_a_line_break_is_refused(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "nl.csv", ["text", "label"], [[f"row {i}", "a\nb" if i == 2 else "a"] for i in range(9)])
+    with pytest.raises(DataError, match=r"nl\.csv:4: the label holds a line break"):
+        load_dataset(path)
+
+
+def test_a_single_file_split_is_said_and_fractions_are_options(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    path = write_jsonl(tmp_path / "all.jsonl", two_class_rows(100))
+    with caplog.at_level(logging.WARNING, logger="lorakit.data"):
+        splits = load_dataset(path)
+    assert [len(p) for p in splits] == [80, 10, 10]
+    assert "all.jsonl: one piece, split 80/10/10 (seed 0) into 80 train / 10 validation / 10 test rows" in caplog.text
+    splits = load_dataset(path, validation_fraction=0.2, test_fraction=0.05)
+    assert [len(p) for p in splits] == [75, 20, 5]
+    for bad in ({"validation_fraction": 0}, {"test_fraction": 1.5}, {"validation_fraction": 0.6, "test_fraction": 0.5},
+                {"test_fraction": "0.1"}):
+        with pytest.raises(DataError, match="fraction"):
+            load_dataset(tmp_path / "not read.jsonl", **bad)  # checked before the (missing) file is looked at
+
+
+def test_own_validation_and_test_files(tmp_path: Path) -> None:
+    train = write_jsonl(tmp_path / "mine.jsonl", two_class_rows(40))
+    held = write_jsonl(tmp_path / "held.jsonl", [{"text": f"held {i}", "label": i % 2} for i in range(6)])
+    splits = load_dataset(train, validation_file=held)
+    assert len(splits.validation) == 6 and splits.validation.source == str(held)
+    assert [len(splits.train), len(splits.test)] == [36, 4]  # test carved from train at test_fraction
+    splits = load_dataset(train, validation_file=held, test_file=held)
+    assert [len(p) for p in splits] == [40, 6, 6]
+    write_jsonl(tmp_path / "train.jsonl", two_class_rows(20))
+    write_jsonl(tmp_path / "validation.jsonl", two_class_rows(4))
+    with pytest.raises(DataError, match="already has a validation part"):
+        load_dataset(tmp_path, validation_file=held)
+
+
+def test_packaged_datasets_refuse_user_data_options() -> None:
+    with pytest.raises(DataError, match="packaged dataset with fixed splits"):
+        load_dataset("humaneval", validation_fraction=0.2)
+    with pytest.raises(DataError, match="packaged dataset with fixed splits"):
+        load_dataset("humaneval", encoding="latin-1")
