@@ -8,7 +8,9 @@ from typing import Any, Sequence
 
 import torch
 
+from ..data import IGNORE_INDEX
 from ..errors import ConfigError
+from ..evaluate import loss_sum
 
 #: probe name -> (description, higher is better)
 PROBES = {
@@ -84,11 +86,10 @@ def text_perplexity(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str]
             batch = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
                               max_length=max_length, return_tensors="pt")
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                                     labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+            loss, terms = loss_sum("causal-lm", logits, labels)  # every real token after the first
             total += float(loss)
-            count += int((labels[:, 1:] != -100).sum())
+            count += terms
     finally:
         tokenizer.padding_side = side
     return math.exp(total / max(1, count))
