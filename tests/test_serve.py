@@ -276,6 +276,176 @@ def test_client_disconnect_frees_its_slot(client, server) -> None:
     assert _metric(client, "lorakit_cancelled_total") == cancelled + 1
 
 
+def _wait_released(server, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while server.engine.adapters.in_use and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_poison_values_fail_alone_and_release_their_adapter(client, server, reference, monkeypatch) -> None:
+    """temperature 1e-45 (inf -> NaN in softmax before) is greedy; a seed over 64 bits is a 400; a request whose
+    sampling fails in the engine ends alone with an OpenAI error while the request decoding beside it completes,
+    and its adapter is released (DELETE then works)."""
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with ThreadPoolExecutor(2) as pool:
+        tiny_t = pool.submit(_chat, client, "alpha", PROMPTS[1], temperature=1e-45, seed=2 ** 64 - 1)
+        beside = pool.submit(_chat, client, "beta", PROMPTS[1])
+        assert tiny_t.result().status_code == 200, tiny_t.result().text
+        assert tiny_t.result().json()["choices"][0]["message"]["content"] == reference("alpha", PROMPTS[1])
+        assert beside.result().json()["choices"][0]["message"]["content"] == reference("beta", PROMPTS[1])
+    too_big = _chat(client, "alpha", PROMPTS[0], temperature=0.5, seed=2 ** 64)
+    assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "seed"
+    assert _chat(client, "alpha", PROMPTS[0], temperature=0.5, seed=-1).status_code == 200
+
+    import lorakit.serve.engine as engine_module
+
+    real = engine_module.sample_token
+
+    def poisoned(logits, params, generator):
+        if params.seed == 13:
+            raise ValueError("poisoned distribution")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "sample_token", poisoned)
+    with ThreadPoolExecutor(2) as pool:
+        bad = pool.submit(_chat, client, "alpha", PROMPTS[1], temperature=0.7, seed=13, max_tokens=TOKENS)
+        good = pool.submit(_chat, client, "gamma", PROMPTS[1])
+        assert bad.result().status_code == 500
+        assert bad.result().json()["error"]["code"] == "sampling_failed"
+        assert good.result().status_code == 200
+        assert good.result().json()["choices"][0]["message"]["content"] == reference("gamma", PROMPTS[1])
+    _wait_released(server)
+    assert not server.engine.adapters.in_use
+    assert client.delete("/v1/adapters/alpha", headers=auth).status_code == 200  # not "used by 1 request"
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_body_limit_refused_fast_while_health_answers(client, server) -> None:
+    engine = server.engine
+    engine.config.max_body_bytes = 20_000
+    try:
+        big = {"model": "smollm2", "prompt": "word " * 10_000, "max_tokens": 2}
+        refused = client.post("/v1/completions", json=big)  # Content-Length over the limit: never read
+        assert refused.status_code == 413 and refused.json()["error"]["code"] == "request_too_large"
+
+        def slow_chunks():
+            for _ in range(40):
+                time.sleep(0.02)
+                yield b" " * 1000
+
+        with ThreadPoolExecutor(1) as pool:
+            upload = pool.submit(lambda: httpx.post(server.url + "/v1/completions", content=slow_chunks(),
+                                                    headers={"content-type": "application/json"}, timeout=60))
+            assert client.get("/health").status_code == 200  # answered while the upload is being read
+            assert upload.result().status_code == 413
+    finally:
+        engine.config.max_body_bytes = ServeConfig().max_body_bytes
+    limit = engine.max_prompt_tokens
+    engine.max_prompt_tokens = 20
+    try:
+        unread = _chat(client, "smollm2", "x" * 20_000)
+        assert unread.status_code == 400 and "characters" in unread.json()["error"]["message"]
+        counted = client.post("/v1/completions", json={"model": "smollm2", "prompt": "one two " * 20})
+        assert counted.status_code == 400 and counted.json()["error"]["param"] == "prompt"
+        assert "30 tokens" not in counted.json()["error"]["message"] and "tokens" in counted.json()["error"]["message"]
+    finally:
+        engine.max_prompt_tokens = limit
+    assert _chat(client, "smollm2", PROMPTS[0]).status_code == 200
+
+
+def test_strict_request_types(client) -> None:
+    chat = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    text = {"model": "smollm2", "prompt": "hi", "max_tokens": 2}
+    cases = {
+        "max_tokens as a string": ("/v1/completions", {**text, "max_tokens": "5"}, "max_tokens"),
+        "max_tokens as a bool": ("/v1/completions", {**text, "max_tokens": True}, "max_tokens"),
+        "stream as 'yes'": ("/v1/completions", {**text, "stream": "yes"}, "stream"),
+        "n as a string": ("/v1/chat/completions", {**chat, "n": "1"}, "n"),
+        "temperature as a string": ("/v1/chat/completions", {**chat, "temperature": "0.5"}, "temperature"),
+        "temperature as a bool": ("/v1/chat/completions", {**chat, "temperature": True}, "temperature"),
+        "seed over 64 bits": ("/v1/chat/completions", {**chat, "seed": 2 ** 64}, "seed"),
+        "top_p zero": ("/v1/chat/completions", {**chat, "top_p": 0}, "top_p"),
+        "message without content": ("/v1/chat/completions", {**chat, "messages": [{"role": "user"}]},
+                                    "messages[0].content"),
+        "null content": ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": None}]},
+                         "messages[0].content"),
+        "image part": ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "messages[0].content[1]"),
+        "untyped part": ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": [
+            {"text": "hi"}]}]}, "messages[0].content[0]"),
+        "non-string text part": ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": 5}]}]}, "messages[0].content[0].text"),
+        "lone surrogate prompt": ("/v1/completions", {**text, "prompt": "\udfff"}, "prompt"),
+        "lone surrogate message": ("/v1/chat/completions", {**chat, "messages": [
+            {"role": "user", "content": "a\ud800b"}]}, "messages[0].content"),
+        "lone surrogate stop": ("/v1/completions", {**text, "stop": ["\udfff"]}, "stop"),
+    }
+    for what, (path, body, param) in cases.items():
+        response = client.post(path, content=json.dumps(body).encode(),  # ASCII: lone surrogates as \\udfff
+                               headers={"content-type": "application/json"})
+        assert response.status_code == 400, (what, response.text)
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == param, (what, error)
+    nan = client.post("/v1/chat/completions", content=b'{"model": "smollm2", "messages": [{"role": "user", '
+                                                      b'"content": "hi"}], "temperature": NaN}',
+                      headers={"content-type": "application/json"})
+    assert nan.status_code == 400 and nan.json()["error"]["param"] == "temperature"
+    long = client.post("/v1/completions", json={**text, "prompt": "word " * 600})
+    assert long.status_code == 400 and long.json()["error"]["param"] == "prompt"
+    assert client.post("/v1/completions", json={**text, "temperature": 1, "stream": None}).status_code == 200
+
+
+def test_symlinked_and_oversized_adapter_files_refused(client, server, adapter_dir) -> None:
+    outside = adapter_dir.parent / "outside"
+    linked = adapter_dir / "linked"
+    linked.mkdir(exist_ok=True)
+    for entry in (adapter_dir / "alpha").iterdir():
+        target = outside / "delta" / entry.name if entry.name.endswith(".safetensors") else entry
+        (linked / entry.name).unlink(missing_ok=True)
+        (linked / entry.name).symlink_to(target.resolve())
+    try:
+        assert _chat(client, "linked", PROMPTS[0]).status_code == 404  # its weights live outside --adapter-dir
+        assert "linked" not in [m["id"] for m in client.get("/v1/models").json()["data"]]
+    finally:
+        for entry in linked.iterdir():
+            entry.unlink()
+        linked.rmdir()
+    pool = server.engine.adapters
+    limit, pool.max_bytes = pool.max_bytes, 1000
+    try:
+        big = client.post("/v1/adapters", json={"name": "big", "path": str(outside / "delta")},
+                          headers={"Authorization": f"Bearer {TOKEN}"})
+        assert big.status_code == 422 and big.json()["error"]["code"] == "adapter_too_large", big.text
+    finally:
+        pool.max_bytes = limit
+
+
+def test_long_prompts_prefill_in_chunks_and_time_out_there(client, server, reference, monkeypatch) -> None:
+    engine = server.engine
+    chunks = _metric(client, "lorakit_prefill_chunks_total")
+    engine.config.max_prefill_tokens = 8
+    try:
+        answer = _chat(client, "alpha", PROMPTS[1])
+        assert answer.json()["choices"][0]["message"]["content"] == reference("alpha", PROMPTS[1])
+        assert _metric(client, "lorakit_prefill_chunks_total") >= chunks + 2
+        real = engine._forward
+
+        def slow_forward(*args, **kwargs):  # the clock runs out after the first chunk
+            out = real(*args, **kwargs)
+            if engine.long is not None:
+                engine.long.g.deadline = 0.0
+            return out
+
+        monkeypatch.setattr(engine, "_forward", slow_forward)
+        late = _chat(client, "beta", PROMPTS[1])
+    finally:
+        engine.config.max_prefill_tokens = ServeConfig().max_prefill_tokens
+    assert late.status_code == 408 and "prefilled" in late.json()["error"]["message"]
+    _wait_released(server)
+    assert not engine.adapters.in_use and engine.long is None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # adapter administration
 # ---------------------------------------------------------------------------------------------------------

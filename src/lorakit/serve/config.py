@@ -43,8 +43,15 @@ class ServeConfig:
     max_queue: int = _option(256, "generations waiting for a row; more are refused with 429")
     max_tokens: int = _option(512, "largest max_tokens a request may ask for")
     max_context: int | None = _option(None, "prompt + max_tokens (None: the model's max_position_embeddings)")
-    max_prefill_tokens: int = _option(2048, "prompt tokens prefilled in one step (one prompt may exceed it alone)")
-    request_timeout: float = _option(300.0, "seconds from arrival to the last token before a 408")
+    max_prefill_tokens: int = _option(2048, "prompt tokens prefilled in one step; a longer prompt is prefilled "
+                                            "in chunks of this size while the others keep decoding")
+    max_prompt_tokens: int | None = _option(None, "longest prompt in tokens (None: the context minus one); "
+                                                  "prompts certainly over it are refused before tokenizing")
+    max_body_bytes: int = _option(1 << 20, "largest request body in bytes; larger ones get 413 before parsing")
+    max_adapter_bytes: int | None = _option(None, "largest adapter folder in bytes, checked before reading it "
+                                                  "(None: the base model's parameter bytes)")
+    request_timeout: float = _option(300.0, "seconds from arrival to the last token before a 408 (queue, "
+                                            "prefill and decoding alike)")
     max_adapters: int = _option(32, "adapters held on the model at once (least recently used ones are unloaded)")
     prefix_cache_tokens: int = _option(4096, "prompt tokens whose keys/values are kept for prompts that start "
                                              "the same way (0: no prefix cache)")

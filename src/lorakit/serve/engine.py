@@ -66,6 +66,7 @@ class Generation:
     sent: int = 0  # characters of ``text`` already emitted
     generator: torch.Generator | None = None
     holds_adapter: bool = False
+    finished: bool = False  # ended (answered, failed or cancelled): nothing more is emitted
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     logprobs_sent: int = 0
 
@@ -73,6 +74,17 @@ class Generation:
     def position(self) -> int:
         """Position id of the newest token (the one fed next)."""
         return len(self.prompt_ids) + len(self.generated) - 1
+
+
+@dataclass(eq=False)
+class LongPrefill:
+    """A prompt longer than ``max_prefill_tokens``, prefilled one chunk per engine step (the running batch
+    decodes between chunks) into its own cache ``(1, heads, done, dim)`` per layer; it joins the batch when
+    ``done`` reaches the prompt's length."""
+
+    g: Generation
+    cache: Any
+    done: int
 
 
 @dataclass(eq=False)
@@ -104,9 +116,12 @@ class Engine:
         self.task, self.base_name = task, base_name
         self.config = config or ServeConfig()
         self.metrics = Metrics()
-        self.adapters = AdapterPool(model, tokenizer, base_name, adapter_dir, self.config.max_adapters, self.metrics)
+        self.adapters = AdapterPool(model, tokenizer, base_name, adapter_dir, self.config.max_adapters, self.metrics,
+                                    self.config.max_adapter_bytes)
         model_config = getattr(model, "config", None)
         self.context = self.config.max_context or getattr(model_config, "max_position_embeddings", None) or 2048
+        #: longest prompt accepted, in tokens (the last context position is left for the first new token)
+        self.max_prompt_tokens = min(self.config.max_prompt_tokens or self.context - 1, self.context - 1)
         self.labels: dict[int, str] = dict(getattr(model_config, "id2label", None) or {})
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if task == "causal-lm":
@@ -122,6 +137,7 @@ class Engine:
         self.waiting: deque[Generation] = deque()
         self.rows: list[Generation] = []  # the running batch, in cache row order
         self.batch = BatchCache()
+        self.long: LongPrefill | None = None  # the long prompt being prefilled in chunks
         self._lora_modules: list[torch.nn.Module] = []
         self._modules_version = -1
         self._classifications: deque[Classification] = deque()
@@ -188,11 +204,11 @@ class Engine:
 
     def counts(self) -> dict[str, int]:
         with self._wake:
-            return {"active": len(self.rows), "waiting": len(self.waiting)}
+            return {"active": len(self.rows) + (self.long is not None), "waiting": len(self.waiting)}
 
     # -- the loop ----------------------------------------------------------------------------------------
     def _has_work(self) -> bool:
-        return bool(self._commands or self._classifications or self.rows or self.waiting)
+        return bool(self._commands or self._classifications or self.rows or self.waiting or self.long)
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)  # per thread; also lets LoRA layers reuse their stacked adapters
@@ -202,7 +218,7 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     return
-                blocked = not (self._commands or self._classifications or self.rows)
+                blocked = not (self._commands or self._classifications or self.rows or self.long)
             try:
                 admitted = self._step()
             except Exception as err:  # noqa: BLE001 - one bad step must not kill the server
@@ -224,17 +240,27 @@ class Engine:
         if self._classifications:
             self._classify_pending()
         self._drop_finished_rows()
+        if self.long is not None:
+            self._prefill_chunk()
         newcomers = self._admit()
         if newcomers:
-            self._prefill(newcomers)
+            try:
+                self._prefill(newcomers)
+            except Exception as err:  # noqa: BLE001 - the newcomers fail, the running batch goes on
+                log.exception("prefill failed")
+                error = ServeError(500, f"prefill failed ({type(err).__name__}: {err})", code="prefill_failed")
+                for g in newcomers:
+                    if g not in self.rows:
+                        self._end(g, error=error)
         if self.rows:
             self._decode()
         return bool(newcomers)
 
     def _fail_everything(self, error: ServeError) -> None:
         with self._wake:
-            pending = list(self.waiting) + list(self.rows)
+            pending = list(self.waiting) + list(self.rows) + ([self.long.g] if self.long else [])
             self.waiting.clear()
+            self.long = None
             classifications = list(self._classifications)
             self._classifications.clear()
         for g in pending:
@@ -248,36 +274,58 @@ class Engine:
 
     # -- admission and prefill ---------------------------------------------------------------------------
     def _admit(self) -> list[Generation]:
+        """Waiting generations that join now (FIFO while they fit): up to ``max_batch`` rows and
+        ``max_prefill_tokens`` prompt tokens; a longer prompt starts a chunked prefill when none runs."""
         with self._wake:
             candidates = list(self.waiting)
         admitted: list[Generation] = []
         tokens = 0
         now = time.monotonic()
         for g in candidates:
-            if len(self.rows) + len(admitted) >= self.config.max_batch:
+            if len(self.rows) + len(admitted) + (self.long is not None) >= self.config.max_batch:
                 break
             if g.cancelled or now >= g.deadline:
                 self._unqueue(g)
-                if not g.cancelled:
-                    self._end(g, error=self._timeout("waiting in the queue"))
+                self._end(g, error=None if g.cancelled else self._timeout("waiting in the queue"))
                 continue
-            if admitted and tokens + len(g.prompt_ids) > self.config.max_prefill_tokens:
+            long = len(g.prompt_ids) > self.config.max_prefill_tokens
+            if long and self.long is not None:
+                continue  # one chunked prefill at a time: it waits, shorter prompts may go first
+            if not long and admitted and tokens + len(g.prompt_ids) > self.config.max_prefill_tokens:
                 break
-            try:
-                if not self.adapters.acquire(g.adapter):
-                    continue  # every adapter slot is busy: it waits, later requests may go first
-            except ServeError as err:
-                self._unqueue(g)
-                self._end(g, error=err)
+            if not self._hold(g):
                 continue
-            g.holds_adapter = True
-            self._unqueue(g)
-            if not g.params.greedy:
+            if long:
+                self._start_long(g)
+            else:
+                admitted.append(g)
+                tokens += len(g.prompt_ids)
+        return admitted
+
+    def _hold(self, g: Generation) -> bool:
+        """Take ``g`` off the queue with its sampling generator and its adapter; False (``g`` stays queued) when
+        every adapter slot is busy. Any failure ends ``g`` alone, releasing what it held."""
+        try:
+            if g.generator is None and not g.params.greedy:
                 seed = g.params.seed if g.params.seed is not None else random.getrandbits(63)
                 g.generator = torch.Generator(device=self.device).manual_seed(seed)
-            admitted.append(g)
-            tokens += len(g.prompt_ids)
-        return admitted
+            if not self.adapters.acquire(g.adapter):
+                return False  # every adapter slot is busy: it waits, later requests may go first
+            g.holds_adapter = True
+            self._unqueue(g)
+            return True
+        except Exception as err:  # noqa: BLE001 - this request fails, the others go on
+            self._unqueue(g)
+            self._end(g, error=err if isinstance(err, ServeError) else ServeError(
+                400, f"request cannot start ({type(err).__name__}: {err})", code="invalid_request"))
+            return False
+
+    def _start_long(self, g: Generation) -> None:
+        """Begin the chunked prefill of ``g``, from the prefix cache's keys/values of its start when held."""
+        past, kv = self.prefix.lookup(g.adapter, g.prompt_ids)
+        layers = [(k[None], v[None]) for k, v in kv] if kv is not None else None
+        self.metrics.add(prefix_cache_tokens=past)
+        self.long = LongPrefill(g, new_cache(self.model.config, layers), past)
 
     def _unqueue(self, g: Generation) -> None:
         with self._wake:
@@ -331,19 +379,56 @@ class Engine:
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
         cache = new_cache(self.model.config, stack_prefixes(hits, past) if past else None)
         logits = self._forward(ids, mask, positions, cache, [g.adapter for g in gens])
-        now = time.monotonic()
         self.metrics.add(prompt_tokens=sum(len(g.prompt_ids) - p for g, (p, _) in zip(gens, hits)),
                          prefix_cache_tokens=sum(p for p, _ in hits))
         block = self.prefix.block
         for i, (g, (p, _)) in enumerate(zip(gens, hits)):
-            self.metrics.observe("ttft", now - g.submitted)
             rest = len(g.prompt_ids) - p
-            columns = lambda b, p=p, rest=rest: (  # noqa: E731 - prompt block b -> cache columns of row i
-                past - p + b * block if b * block < p else past + new - rest + b * block - p)
-            self.prefix.store(g.adapter, g.prompt_ids, lambda b, i=i, columns=columns: [
-                (layer.keys[i, :, columns(b):columns(b) + block].clone(),
-                 layer.values[i, :, columns(b):columns(b) + block].clone()) for layer in cache.layers])
-        keep = [i for i, g in enumerate(gens) if not self._advance(g, self._choose(logits[i], g))]
+            self._store_prefix(g, cache, i, lambda b, p=p, rest=rest: (  # prompt block b -> cache column of row i
+                past - p + b * block if b * block < p else past + new - rest + b * block - p))
+        self._first_tokens(gens, logits, cache, mask)
+
+    def _prefill_chunk(self) -> None:
+        """The next ``max_prefill_tokens`` of the long prompt (its timeout and cancellation checked first)."""
+        job, g = self.long, self.long.g
+        if g.cancelled or time.monotonic() >= g.deadline:
+            self.long = None
+            self._end(g, error=None if g.cancelled else self._timeout("while its prompt was prefilled"))
+            return
+        start, stop = job.done, min(len(g.prompt_ids), job.done + self.config.max_prefill_tokens)
+        ids = torch.tensor([g.prompt_ids[start:stop]], device=self.device)
+        positions = torch.arange(start, stop, device=self.device)[None]
+        mask = torch.ones((1, stop), dtype=torch.long, device=self.device)
+        try:
+            logits = self._forward(ids, mask, positions, job.cache, [g.adapter])
+        except Exception as err:  # noqa: BLE001 - this request fails, the running batch goes on
+            log.exception("chunked prefill failed")
+            self.long = None
+            self._end(g, error=ServeError(500, f"prefill failed ({type(err).__name__}: {err})",
+                                          code="prefill_failed"))
+            return
+        job.done = stop
+        self.metrics.add(prompt_tokens=stop - start, prefill_chunks=1)
+        if stop < len(g.prompt_ids):
+            return
+        self.long = None
+        self._store_prefix(g, job.cache, 0, lambda b: b * self.prefix.block)
+        self._first_tokens([g], logits, job.cache, mask)
+
+    def _store_prefix(self, g: Generation, cache: Any, row: int, column: Callable[[int], int]) -> None:
+        """Keep the full prompt blocks of ``g`` (row ``row`` of ``cache``; block b starts at ``column(b)``)."""
+        block = self.prefix.block
+        self.prefix.store(g.adapter, g.prompt_ids, lambda b: [
+            (layer.keys[row, :, column(b):column(b) + block].clone(),
+             layer.values[row, :, column(b):column(b) + block].clone()) for layer in cache.layers])
+
+    def _first_tokens(self, gens: list[Generation], logits: Tensor, cache: Any, mask: Tensor) -> None:
+        """After a prefill: each newcomer's first token; those not finished by it join the running batch."""
+        now = time.monotonic()
+        for g in gens:
+            self.metrics.observe("ttft", now - g.submitted)
+        tokens = self._pick(logits, gens)
+        keep = [i for i, (g, token) in enumerate(zip(gens, tokens)) if token is not None and not self._advance(g, token)]
         if keep:
             self.batch.join(cache, mask, keep)
             with self._wake:
@@ -359,9 +444,31 @@ class Engine:
         logits = self._forward(ids, mask, positions, self.batch.cache, [g.adapter for g in rows])
         self.metrics.add(decode_steps=1)
         self.metrics.observe("batch_size", len(rows))
-        done = [i for i, g in enumerate(rows) if self._advance(g, self._choose(logits[i], g))]
+        tokens = self._pick(logits, rows)
+        done = [i for i, (g, token) in enumerate(zip(rows, tokens)) if token is None or self._advance(g, token)]
         if done:
             self._remove_rows(done)
+
+    def _pick(self, logits: Tensor, gens: list[Generation]) -> list[int | None]:
+        """The next token of each row of ``logits`` ``(rows, vocab)``: plain greedy rows in one argmax (one
+        device read), the others one by one. A row whose sampling fails is ended with an error (None): the
+        other rows go on."""
+        tokens: list[int | None] = [None] * len(gens)
+        plain = [i for i, g in enumerate(gens) if g.params.greedy and not g.params.penalized
+                 and g.params.logprobs is None]
+        if plain:
+            for i, token in zip(plain, logits[plain].argmax(-1).tolist()):
+                tokens[i] = token
+        for i, g in enumerate(gens):
+            if tokens[i] is not None:
+                continue
+            try:
+                tokens[i] = self._choose(logits[i], g)
+            except Exception as err:  # noqa: BLE001 - this request fails, the batch goes on
+                log.warning("sampling failed for one request: %s", err)
+                self._end(g, error=ServeError(500, f"sampling failed for this request ({type(err).__name__}: "
+                                                   f"{err})", code="sampling_failed"))
+        return tokens
 
     def _drop_finished_rows(self) -> None:
         now = time.monotonic()
@@ -415,7 +522,10 @@ class Engine:
         return False
 
     def _end(self, g: Generation, reason: str | None = None, error: ServeError | None = None) -> None:
-        """Finish ``g``: free its adapter, tell its handler (nothing for a cancelled one)."""
+        """Finish ``g`` once: free its adapter, tell its handler (nothing for a cancelled one)."""
+        if g.finished:
+            return
+        g.finished = True
         if g.holds_adapter:
             self.adapters.release(g.adapter)
             g.holds_adapter = False

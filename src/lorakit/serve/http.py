@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hmac
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -15,11 +16,12 @@ from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from .config import ADAPTER_NAME, ServeConfig, ServeError
 from .engine import Engine, Event, Generation
+from .limits import BodyLimitMiddleware, check_prompt_chars, check_text, longest_token
 from .metrics import MetricsMiddleware
 from .responses import Answer, stream_events
 from .sampling import SamplingParams
@@ -33,6 +35,7 @@ class ServerState:
 
     engine: Engine
     tokenizing: concurrent.futures.ThreadPoolExecutor
+    longest_token: int  # characters of the tokenizer's longest token (prompt length bound before tokenizing)
 
     @property
     def config(self) -> ServeConfig:
@@ -50,28 +53,57 @@ def state_of(request: Request) -> ServerState:
 # =========================================================================================================
 # errors: every one in OpenAI's body
 # =========================================================================================================
-async def serve_error(request: Request, err: ServeError) -> JSONResponse:
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """JSON with non-ASCII characters escaped: an error message may quote text the client sent, lone surrogates
+    included, which cannot be encoded as UTF-8."""
+    return Response(json.dumps(body), status_code=status, headers=headers, media_type="application/json")
+
+
+def error_response(err: ServeError) -> Response:
     headers = {"Retry-After": "1"} if err.status in (429, 503) else None
     if err.status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    return json_response(err.body(), err.status, headers)
 
 
-async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
+async def serve_error(request: Request, err: ServeError) -> Response:
+    return error_response(err)
+
+
+async def invalid_request(request: Request, err: RequestValidationError) -> Response:
     problems = err.errors()
     if any(p.get("type") == "json_invalid" for p in problems):
         message = "malformed JSON in the request body: " + "; ".join(
             str(p.get("ctx", {}).get("error", p.get("msg"))) for p in problems)
-        return JSONResponse(ServeError(400, message, code="invalid_json").body(), status_code=400)
-    first = problems[0] if problems else {}
-    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-    message = "; ".join(f"{'.'.join(str(x) for x in p.get('loc', ()) if x != 'body')}: {p.get('msg')}"
-                        for p in problems)
-    return JSONResponse(ServeError(400, f"invalid request: {message}", param=where or None).body(), status_code=400)
+        return error_response(ServeError(400, message, code="invalid_json"))
+    where = field_path(problems[0].get("loc", ())) if problems else ""
+    message = "; ".join(dict.fromkeys(f"{field_path(p.get('loc', ()))}: {p.get('msg')}" for p in problems))
+    return error_response(ServeError(400, f"invalid request: {message}", param=where or None))
 
 
-async def http_error(request: Request, err: HTTPException) -> JSONResponse:
-    return JSONResponse(ServeError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
+#: location parts pydantic adds for the member of a union it tried (``str``, ``list[str]``...): not field names
+_UNION_MEMBERS = {"str", "int", "float", "bool", "none", "list", "dict"}
+
+
+def field_path(loc: tuple) -> str:
+    """``messages[0].content`` from pydantic's ``("body", "messages", 0, "content", "str")``."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part != "body" and "[" not in part and part not in _UNION_MEMBERS:
+            path += f".{part}" if path else part
+    return path
+
+
+async def http_error(request: Request, err: HTTPException) -> Response:
+    return error_response(ServeError(err.status_code, str(err.detail)))
+
+
+async def unexpected_error(request: Request, err: Exception) -> Response:
+    """Anything else: a 500 in OpenAI's format (the traceback goes to the server log)."""
+    return error_response(ServeError(500, f"internal error ({type(err).__name__}); see the server log",
+                                     code="internal_error"))
 
 
 # =========================================================================================================
@@ -88,20 +120,25 @@ def sampling_of(body: Any) -> tuple[SamplingParams, tuple[str, ...]]:
     for name, defaults in UNSUPPORTED.items():
         if name in extra and extra[name] not in defaults:
             raise ServeError(400, f"parameter {name!r} is not supported by lorakit serve", param=name)
-    if body.n != 1:
+    if body.n not in (None, 1):
         raise ServeError(400, "only n=1 is supported (send several requests instead)", param="n")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if len(stop) > 4 or any(not s for s in stop):
         raise ServeError(400, "stop must be up to 4 non-empty strings", param="stop")
-    return SamplingParams(temperature=body.temperature, top_p=body.top_p, seed=body.seed), stop
+    for s in stop:
+        check_text(s, "stop")
+    params = SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
+                            top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed)
+    return params, stop
 
 
 def token_budget(state: ServerState, body: Any, prompt_len: int, default: int, prompt_field: str) -> int:
     """max_tokens checked against the server limit and the context left after the prompt."""
     context, limit = state.engine.context, state.config.max_tokens
-    if prompt_len >= context:
-        raise ServeError(400, f"the prompt is {prompt_len} tokens; this model's context is {context} tokens. "
-                              "Shorten the prompt", code="context_length_exceeded", param=prompt_field)
+    if prompt_len > state.engine.max_prompt_tokens:
+        raise ServeError(400, f"the prompt is {prompt_len} tokens; this server takes prompts of up to "
+                              f"{state.engine.max_prompt_tokens} tokens (context {context}). Shorten the prompt",
+                         code="context_length_exceeded", param=prompt_field)
     asked = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
     if asked is None:
         return max(1, min(default, limit, context - prompt_len))
@@ -115,22 +152,34 @@ def token_budget(state: ServerState, body: Any, prompt_len: int, default: int, p
     return asked
 
 
+#: seconds a handler waits past its request's deadline for the engine's own 408 before answering it itself
+_DEADLINE_GRACE = 2.0
+
+
 async def next_event(state: ServerState, queue: asyncio.Queue, request: Request,
                      gens: list[Generation]) -> Event | None:
-    """The next engine event; None when the client disconnected (its generations are cancelled)."""
+    """The next engine event; None when the client disconnected (its generations are cancelled). Past the
+    request's deadline, or with the engine stopped, an error event (the generations are cancelled)."""
     while True:
         try:
             return await asyncio.wait_for(queue.get(), timeout=0.5)
         except asyncio.TimeoutError:
+            error = None
             if await request.is_disconnected():
                 state.engine.cancel(gens)
                 return None
             if not state.engine.alive:
-                raise ServeError(503, "the generation engine stopped; see the server log") from None
+                error = ServeError(503, "the generation engine stopped; see the server log")
+            elif time.monotonic() > gens[0].deadline + _DEADLINE_GRACE:
+                error = ServeError(408, f"request timed out (limit {state.config.request_timeout:g} s)",
+                                   code="timeout")
+            if error is not None:
+                state.engine.cancel(gens)
+                return Event(-1, error=error)
 
 
-def client_closed() -> JSONResponse:
-    return JSONResponse(ServeError(499, "client closed the request").body(), status_code=499)
+def client_closed() -> Response:
+    return error_response(ServeError(499, "client closed the request"))
 
 
 async def generate(request: Request, body: Any, prompts: list[list[int]], adapter: str | None, kind: str,
@@ -148,7 +197,7 @@ async def generate(request: Request, body: Any, prompts: list[list[int]], adapte
     prompt_field = "messages" if kind == "chat" else "prompt"
     deadline = time.monotonic() + state.config.request_timeout
     gens = [Generation(adapter, ids, token_budget(state, body, len(ids), default_max, prompt_field), emit,
-                       params=params, stop=stop, index=i, stream=body.stream, deadline=deadline)
+                       params=params, stop=stop, index=i, stream=bool(body.stream), deadline=deadline)
             for i, ids in enumerate(prompts)]
     state.engine.submit(gens)
     answer = Answer(("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24], int(time.time()),
@@ -160,7 +209,7 @@ async def generate(request: Request, body: Any, prompts: list[list[int]], adapte
         state.engine.cancel(gens)
         raise first.error
     if body.stream:
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
         events = stream_events(answer, first, lambda: next_event(state, queue, request, gens), gens, include_usage,
                                lambda: state.engine.cancel(gens))
         return StreamingResponse(events, media_type="text/event-stream",
@@ -178,6 +227,7 @@ async def generate(request: Request, body: Any, prompts: list[list[int]], adapte
 
 
 def tokenize(state: ServerState, text: str, special: bool) -> list[int]:
+    """Token ids of ``text`` (on the tokenizing thread: see `ServerState.off_loop`)."""
     return state.engine.tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
@@ -187,35 +237,56 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     check_generation_task(state.engine)
     adapter = state.engine.adapters.resolve(body.model)
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-    if not prompts:
-        raise ServeError(400, "prompt must not be empty", param="prompt")
-    ids = [tokenize(state, p, True) for p in prompts]
+    if not prompts or len(prompts) > state.config.max_batch:
+        raise ServeError(400, f"prompt must be 1 to {state.config.max_batch} strings", param="prompt")
+    for p in prompts:
+        check_text(p, "prompt")
+        check_prompt_chars(len(p), state.engine.max_prompt_tokens, state.longest_token, "prompt")
+    ids = [await state.off_loop(tokenize, state, p, True) for p in prompts]
     if any(not i for i in ids):
         raise ServeError(400, "prompt must not be empty", param="prompt")
     return await generate(request, body, ids, adapter, "text", default_max=16)
 
 
-def chat_prompt(state: ServerState, body: ChatRequest) -> str:
-    """The messages through the tokenizer's chat template (``developer`` is a system message)."""
-    messages = []
-    for m in body.messages:
-        content = m.content if isinstance(m.content, str) or m.content is None else "".join(
-            part.get("text", "") for part in m.content if part.get("type") == "text")
-        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+def message_text(content: str | list[dict[str, Any]], where: str) -> str:
+    """A message's text: the string, or its text parts joined. Parts the server cannot use (images, audio,
+    untyped parts, non-string text) are refused, never dropped."""
+    if isinstance(content, str):
+        return check_text(content, where)
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type")
+        if kind != "text":
+            raise ServeError(400, f"{where}[{j}] is a content part of type {kind!r}; this server takes text parts "
+                                  "only ({\"type\": \"text\", \"text\": ...})", code="unsupported_content",
+                             param=f"{where}[{j}]")
+        if not isinstance(part.get("text"), str):
+            raise ServeError(400, f"{where}[{j}].text must be a string", param=f"{where}[{j}].text")
+        texts.append(check_text(part["text"], f"{where}[{j}].text"))
+    return "".join(texts)
+
+
+def chat_prompt(state: ServerState, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the messages through the tokenizer's chat template (on the tokenizing thread)."""
     try:
-        return state.engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = state.engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as err:  # noqa: BLE001 - template errors (e.g. role order) are the client's
         raise ServeError(400, f"the chat template rejected these messages: {err}", param="messages") from err
+    return tokenize(state, text, False)
 
 
 async def chat_completions(body: ChatRequest, request: Request) -> Any:
-    """POST /v1/chat/completions: messages through the chat template."""
+    """POST /v1/chat/completions: messages through the chat template (``developer`` is a system message)."""
     state = state_of(request)
     check_generation_task(state.engine)
     adapter = state.engine.adapters.resolve(body.model)
     if not getattr(state.engine.tokenizer, "chat_template", None):
         raise ServeError(400, "the base model's tokenizer has no chat template; use /v1/completions")
-    ids = tokenize(state, chat_prompt(state, body), False)
+    messages = [{"role": "system" if m.role == "developer" else m.role,
+                 "content": message_text(m.content, f"messages[{i}].content")} for i, m in enumerate(body.messages)]
+    check_prompt_chars(sum(len(m["content"]) for m in messages), state.engine.max_prompt_tokens,
+                       state.longest_token, "messages")
+    ids = await state.off_loop(chat_prompt, state, messages)
     return await generate(request, body, [ids], adapter, "chat", default_max=state.config.max_tokens)
 
 
@@ -234,7 +305,10 @@ async def classify(body: ClassifyRequest, request: Request) -> Any:
     if not texts or len(texts) > 256:
         raise ServeError(400, "input must hold 1 to 256 texts", param="input")
     for t in texts:
-        if len(tokenize(state, t, True)) > engine.context:
+        check_text(t, "input")
+        check_prompt_chars(len(t), engine.context, state.longest_token, "input")
+    for t in texts:
+        if len(await state.off_loop(tokenize, state, t, True)) > engine.context:
             raise ServeError(400, f"an input is longer than the model's context of {engine.context} tokens",
                              code="context_length_exceeded", param="input")
     future = engine.classify(adapter, texts)
@@ -307,7 +381,7 @@ async def add_adapter(body: AdapterRequest, request: Request) -> Any:
     folder = adapter_folder(state, body.name, body.path)
     engine = state.engine
     await asyncio.wrap_future(engine.call(lambda: engine.adapters.register(body.name, folder)))
-    return JSONResponse(model_card(engine, body.name, True), status_code=201)
+    return json_response(model_card(engine, body.name, True), 201)
 
 
 async def remove_adapter(name: str, request: Request) -> Any:
@@ -325,7 +399,7 @@ async def health(request: Request) -> Any:
     engine = state_of(request).engine
     body = {"status": "ok" if engine.alive else "engine stopped", "model": engine.base_name, "task": engine.task,
             **engine.counts(), "adapters_loaded": len(engine.adapters.loaded)}
-    return JSONResponse(body, status_code=200 if engine.alive else 503)
+    return json_response(body, 200 if engine.alive else 503)
 
 
 async def metrics(request: Request) -> Any:
@@ -348,7 +422,8 @@ ROUTES = (("POST", "/v1/completions", completions), ("POST", "/v1/chat/completio
 
 def create_app(engine: Engine) -> FastAPI:
     """The FastAPI app serving ``engine``; the engine thread starts and stops with the app."""
-    state = ServerState(engine, concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lorakit-tokenize"))
+    state = ServerState(engine, concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lorakit-tokenize"),
+                        longest_token(engine.tokenizer))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -361,10 +436,12 @@ def create_app(engine: Engine) -> FastAPI:
 
     app = FastAPI(title="lorakit serve", lifespan=lifespan)
     app.state.serve = state
-    app.add_middleware(MetricsMiddleware, metrics=engine.metrics)
+    app.add_middleware(BodyLimitMiddleware, limit=lambda: engine.config.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=engine.metrics)  # outermost: counts the 413s too
     app.add_exception_handler(ServeError, serve_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected_error)
     for method, path, handler in ROUTES:
         app.add_api_route(path, handler, methods=[method])
     return app

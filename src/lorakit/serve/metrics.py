@@ -48,6 +48,7 @@ _COUNTERS = {
     "adapter_loads": "Adapters loaded onto the model.",
     "adapter_unloads": "Adapters unloaded (LRU or DELETE).",
     "cancelled": "Generations dropped because their client went away.",
+    "prefill_chunks": "Chunks of prompts longer than --max-prefill-tokens, prefilled between decoding steps.",
 }
 
 

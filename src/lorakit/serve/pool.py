@@ -29,7 +29,7 @@ class AdapterPool:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, base_name: str, adapter_dir: str | os.PathLike | None,
-                 max_loaded: int, metrics: Metrics) -> None:
+                 max_loaded: int, metrics: Metrics, max_bytes: int | None = None) -> None:
         if max_loaded < 1:
             raise ServeError(400, f"max_adapters must be >= 1, got {max_loaded}")
         self.model, self.tokenizer, self.base_name = model, tokenizer, base_name
@@ -37,6 +37,9 @@ class AdapterPool:
         if self.adapter_dir is not None and not self.adapter_dir.is_dir():
             raise ServeError(400, f"--adapter-dir {adapter_dir} is not a folder")
         self.max_loaded, self.metrics = max_loaded, metrics
+        #: largest adapter folder (bytes) read; default: the base model's own parameter bytes
+        self.max_bytes = max_bytes if max_bytes is not None else sum(
+            p.numel() * p.element_size() for p in model.parameters())
         self.registered: dict[str, Path] = {}
         self.loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self.in_use: Counter[str] = Counter()
@@ -60,12 +63,18 @@ class AdapterPool:
 
     def dir_entry(self, name: str) -> Path | None:
         """``adapter_dir/name`` when it holds an adapter, else None. Only plain names are looked up: anything
-        that could be a path (``/``, ``..``) is refused before the filesystem is touched, and symlinks leading
-        out of the folder are refused too."""
+        that could be a path (``/``, ``..``) is refused before the filesystem is touched, and a folder or a file
+        in it that a symlink leads out of the adapter directory is refused too."""
         if self.adapter_dir is None or not ADAPTER_NAME.fullmatch(name):
             return None
         folder = (self.adapter_dir / name).resolve()
         if folder.parent != self.adapter_dir or not (folder / "adapter_config.json").is_file():
+            return None
+        try:
+            if any(self.adapter_dir not in entry.resolve().parents for entry in folder.iterdir()):
+                log.warning("adapter folder %s holds a symlink out of %s: refused", folder, self.adapter_dir)
+                return None
+        except OSError:
             return None
         return folder
 
@@ -144,6 +153,7 @@ class AdapterPool:
     def _load(self, name: str, path: Path) -> None:
         from ..io import load_adapter, read_adapter_config
 
+        self._check_size(name, path)
         try:
             if read_adapter_config(path).init == "pissa":
                 raise ServeError(422, f"adapter {name!r} is a PiSSA adapter, which rewrites the base weights every "
@@ -160,6 +170,16 @@ class AdapterPool:
             self.loaded[name] = None
         self.metrics.add(adapter_loads=1)
         log.info("loaded adapter %s from %s", name, path)
+
+    def _check_size(self, name: str, path: Path) -> None:
+        """Refuse a folder whose files add up to more than ``max_bytes`` before anything in it is read."""
+        try:
+            size = sum(entry.stat().st_size for entry in path.iterdir() if entry.is_file())
+        except OSError as err:
+            raise ServeError(422, f"adapter {name!r} cannot be read: {err}", code="adapter_load_failed") from err
+        if size > self.max_bytes:
+            raise ServeError(422, f"adapter {name!r} is {size} bytes, over this server's limit of {self.max_bytes} "
+                                  "(--max-adapter-bytes; default: the base model's size)", code="adapter_too_large")
 
     def _unload(self, name: str) -> None:
         delete_adapter(self.model, name)
