@@ -49,8 +49,12 @@ def test_round_trip_through_peft(cfg: LoraConfig) -> None:
 
 def test_from_peft_refuses_what_it_cannot_apply() -> None:
     data = LoraConfig(target_modules=["q"]).to_peft_dict()
-    with pytest.raises(ConfigError, match="lora_bias=True"):
-        LoraConfig.from_peft_dict({**data, "lora_bias": True})
+    for key, value, name in [("kasa_config", {"r": 2}, "KaSA"), ("velora_config", {"rank": 4}, "VeLoRA"),
+                             ("trainable_token_indices", [1, 2], "trainable tokens"), ("use_qalora", True, "QA-LoRA")]:
+        with pytest.raises(ConfigError, match=f"{key}=.*{name}"):
+            LoraConfig.from_peft_dict({**data, key: value})
+    with pytest.raises(ConfigError, match="VeRA, IA3"):
+        LoraConfig.from_peft_dict({**data, "peft_type": "VERA"})
     with pytest.raises(ConfigError, match="unknown key, possibly from a newer PEFT"):
         LoraConfig.from_peft_dict({**data, "brand_new_option": 3})
     with pytest.raises(ConfigError, match="not LoRA"):

@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lorakit
 from lorakit import LoraConfig, inject
-from lorakit.layers import LoraConv1D, LoraLayer, LoraLinear, Routing, wrapper_for
+from lorakit.layers import LoraConv1D, LoraLayer, LoraLinear, wrapper_for
 
 from conftest import randomize_lora
 
@@ -197,13 +197,21 @@ def test_registry_dispatch_and_custom_layer() -> None:
         lorakit.register_layer(Odd, nn.Linear)  # type: ignore[arg-type]
 
 
-def test_depthwise_and_grouped_conv_are_skipped_with_reason(tiny) -> None:
+def test_depthwise_conv_is_adapted_when_rank_fits_its_groups_else_skipped_with_reason(tiny, tiny_ids) -> None:
+    """PEFT adapts grouped/depthwise convolutions with B grouped like the base, which needs r % groups == 0."""
     report = lorakit.targeting_report(tiny, LoraConfig(r=2, target_modules=["conv", "pointwise", "depthwise"]))
     skipped = {row.name: row.skipped for row in report.rows if row.skipped}
-    assert list(skipped) == ["depthwise"] and "depthwise convolution" in skipped["depthwise"]
+    assert list(skipped) == ["depthwise"] and "multiple of groups=4" in skipped["depthwise"]
     assert "skipped" in str(report)
-    inject(tiny, LoraConfig(r=2, target_modules=["conv", "pointwise", "depthwise"]))
-    assert isinstance(tiny.conv, LoraLayer) and not isinstance(tiny.depthwise, LoraLayer)
+    inject(tiny, LoraConfig(r=4, target_modules=["conv", "pointwise", "depthwise"]))
+    assert isinstance(tiny.depthwise, LoraLayer) and tiny.depthwise.lora_B["default"].groups == 4
+    randomize_lora(tiny, std=0.3)
+    with torch.no_grad(), lorakit.disable_adapters(tiny):
+        base = tiny(tiny_ids)
+    assert not torch.allclose(tiny(tiny_ids), base)
+    with pytest.raises(lorakit.AdapterStateError, match="grouped convolution"):
+        lorakit.merge(tiny)
+    assert not tiny.conv.merged  # the refusal rolled back the layers merged before it
 
 
 def test_wrapper_keeps_weight_and_bias_visible() -> None:
@@ -299,14 +307,3 @@ def test_training_dropout_mask_keeps_one_minus_p() -> None:
         layer(torch.randn(500, 64, requires_grad=True))
     assert len(masks) == 1 and masks[0].shape == (500, 64)
     assert abs(masks[0].float().mean().item() - 0.7) < 0.01  # 32,000 draws: standard error 0.0026
-
-
-def test_routing_for_rows_keeps_a_host_copy_of_its_index() -> None:
-    routing = Routing.for_rows(["a", None, "b", "a"], "cpu", shared=["s"])
-    assert routing.names == ["a", "b"] and routing.shared == ["s"]
-    assert routing.index.tolist() == [0, -1, 1, 0] and routing.index.dtype == torch.long
-    routing.index = torch.zeros(4, dtype=torch.long)  # planning must use the host copy, not read the index back
-    assert routing.host_index() == [0, -1, 1, 0]
-    assert routing.runs() is None  # "a" rows are not contiguous
-    used, members, place, keep = routing.groups_in(["a", "b"])
-    assert members.tolist()[:2] == [0, 3] and keep.tolist() == [1.0, 0.0, 1.0, 1.0]

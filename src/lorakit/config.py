@@ -29,16 +29,25 @@ _PEFT_KNOWN_KEYS = {
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
     "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
     "layers_pattern", "bias", "init_lora_weights", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
-    "modules_to_save", "fan_in_fan_out", "peft_version",
+    "modules_to_save", "fan_in_fan_out", "peft_version", "lora_bias",
 }
 # PEFT features we do not implement: accepted only at their neutral value.
 _PEFT_NEUTRAL = {
-    "lora_bias": False, "use_qalora": False, "megatron_config": None, "loftq_config": {}, "layer_replication": None,
+    "use_qalora": False, "megatron_config": None, "loftq_config": {}, "layer_replication": None,
     "runtime_config": {"ephemeral_gpu_offload": False}, "eva_config": None, "corda_config": None,
     "trainable_token_indices": None, "target_parameters": None, "alora_invocation_tokens": None,
     "arrow_config": None, "qalora_group_size": 16, "ensure_weight_tying": False, "megatron_core": "megatron.core",
     "lora_ga_config": None, "use_bdlora": None, "use_mica": False, "monteclora_config": None,
     "velora_config": None, "bdlora_config": None, "kasa_config": None,
+}
+# what those keys turn on, for the refusal message
+_PEFT_FEATURE_NAMES = {
+    "use_qalora": "QA-LoRA", "megatron_config": "Megatron parallel layers", "loftq_config": "LoftQ initialisation",
+    "layer_replication": "layer replication", "eva_config": "EVA initialisation", "corda_config": "CorDA",
+    "trainable_token_indices": "trainable tokens", "target_parameters": "LoRA on parameters (target_parameters)",
+    "alora_invocation_tokens": "aLoRA", "arrow_config": "Arrow routing", "lora_ga_config": "LoRA-GA",
+    "use_bdlora": "BD-LoRA", "bdlora_config": "BD-LoRA", "use_mica": "MiCA", "monteclora_config": "MonteCLoRA",
+    "velora_config": "VeLoRA", "kasa_config": "KaSA",
 }
 
 
@@ -48,7 +57,9 @@ class LoraConfig:
 
     Args:
         r: rank of the update ``B A``; ``rank_pattern`` overrides it per module.
-        alpha: numerator of the scaling ``s = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``).
+        alpha: numerator of the scaling ``s = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``). The default
+            is PEFT's ``lora_alpha=8`` whatever the rank (so ``s = 1`` at r=8 and 0.5 at r=16); nothing in lorakit
+            assumes ``alpha = 2r``: set it explicitly to keep ``s`` fixed while changing ``r``.
         dropout: dropout probability applied to the input of the LoRA path only.
         target_modules: list of module-name suffixes (``"query"`` matches ``encoder.layer.0.attention.self.query``),
             a regex string that must match the full module name, or ``"all-linear"`` (every Linear/Conv1D except
@@ -65,6 +76,8 @@ class LoraConfig:
         use_dora: weight-decomposed LoRA (Liu et al. 2024, "DoRA", section 4.1): a trained magnitude per output.
         rank_pattern / alpha_pattern: ``{module-name regex suffix: value}`` overriding ``r`` / ``alpha``.
         modules_to_save: extra modules trained in full and saved with the adapter (e.g. a classifier head).
+        lora_bias: B gets a trained bias (PEFT's ``lora_bias``; Linear, Conv1D and convolutions), folded into the
+            base bias on merge (a layer without a bias cannot be merged then).
     """
 
     r: int = 8
@@ -83,6 +96,7 @@ class LoraConfig:
     modules_to_save: list[str] | None = None
     task_type: str | None = None
     base_model_name_or_path: str | None = None
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
@@ -102,6 +116,8 @@ class LoraConfig:
             raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.lora_bias, bool):
+            raise ConfigError(f"lora_bias must be true or false, got {self.lora_bias!r}")
         if self.bias not in ("none", "lora_only", "all"):
             raise ConfigError(f"bias must be 'none', 'lora_only' or 'all', got {self.bias!r}")
         if self.init not in ("default", "gaussian", "pissa"):
@@ -134,8 +150,8 @@ class LoraConfig:
         return _pattern_value(self.alpha_pattern, module_name, self.alpha)
 
     def scaling(self, r: int, alpha: float) -> float:
-        """``s = alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        """``s = alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (`lora_scaling`, which the layers use)."""
+        return lora_scaling(r, alpha, self.use_rslora)
 
     # -- PEFT's adapter_config.json ------------------------------------------------------------------------
     def to_peft_dict(self) -> dict[str, Any]:
@@ -162,20 +178,23 @@ class LoraConfig:
             "alpha_pattern": dict(self.alpha_pattern),
             "modules_to_save": self.modules_to_save,
             "fan_in_fan_out": False,
+            "lora_bias": self.lora_bias,
         }
 
     @classmethod
     def from_peft_dict(cls, data: dict[str, Any]) -> "LoraConfig":
         """Read PEFT's ``adapter_config.json`` content; refuses settings lorakit cannot reproduce exactly."""
         if data.get("peft_type", "LORA") != "LORA":
-            raise ConfigError(f"peft_type {data.get('peft_type')!r} is not LoRA; lorakit reads LoRA adapters only")
+            raise ConfigError(f"peft_type {data.get('peft_type')!r} is not LoRA; lorakit reads LoRA adapters only "
+                              "(VeRA, IA3, LoHa, LoKr, OFT, BOFT, prefix/prompt tuning... are other PEFT methods)")
         problems = []
         for key, value in data.items():
             if key in _PEFT_KNOWN_KEYS or key.startswith("lorakit"):
                 continue
             if key in _PEFT_NEUTRAL:
                 if value != _PEFT_NEUTRAL[key] and value not in (None, False, {}, []):
-                    problems.append(f"{key}={value!r} (a PEFT feature lorakit does not implement)")
+                    feature = _PEFT_FEATURE_NAMES.get(key, "a PEFT feature")
+                    problems.append(f"{key}={value!r} ({feature}: not LoRA as lorakit implements it)")
                 continue
             problems.append(f"{key} (unknown key, possibly from a newer PEFT)")
         init = data.get("init_lora_weights", True)
@@ -201,10 +220,17 @@ class LoraConfig:
             modules_to_save=data.get("modules_to_save"),
             task_type=data.get("task_type"),
             base_model_name_or_path=data.get("base_model_name_or_path"),
+            lora_bias=bool(data.get("lora_bias", False)),
         )
 
     def replace(self, **changes: Any) -> "LoraConfig":
         return dataclasses.replace(self, **changes)
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """The LoRA scaling ``s = alpha / r`` (Hu et al. 2021, section 4.1), or ``alpha / sqrt(r)`` with rsLoRA
+    (Kalajdzievski 2023): the one formula, used by `LoraConfig.scaling` and every LoRA layer."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 def _check_rank(what: str, r: Any) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -17,7 +18,7 @@ from torch import nn
 from .adapters import _replace, lora_layers, lora_state, set_adapter, update_trainable
 from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterStateError, ConfigError, TargetError
-from .layers import LAYER_REGISTRY, LoraLayer, ModulesToSave, wrapper_for
+from .layers import LAYER_REGISTRY, LORA_PARTS, LoraLayer, ModulesToSave, wrapper_for
 
 # Names of the repeated-block lists in common architectures (for ``layers_to_transform``), as PEFT.
 COMMON_LAYER_LISTS = ("layers", "h", "block", "blocks", "layer")
@@ -115,7 +116,8 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> None
         if not isinstance(module, LoraLayer):
             module = wrapper_for(module)(module).train(module.training)
             _replace(model, row.name, module)
-        module.add(adapter_name, row.r, row.alpha, config.dropout, config.init, config.use_rslora, config.use_dora)
+        module.add(adapter_name, row.r, row.alpha, config.dropout, config.init, config.use_rslora, config.use_dora,
+                   config.lora_bias)
     for name, _ in report.modules_to_save:
         module = modules[name]
         if not isinstance(module, ModulesToSave):
@@ -146,20 +148,12 @@ def targeting_report(model: nn.Module, config: LoraConfig) -> TargetingReport:
                               f"{supported}); target its linear sub-layers instead, or lorakit.register_layer() "
                               f"a wrapper for {layer_type}")
         r, alpha = config.rank_for(name), config.alpha_for(name)
-        reason = wrapper.skip_reason(module)
+        # a layer type it cannot take, or a rank/DoRA it cannot take (a grouped conv), is skipped with the reason
+        reason = wrapper.skip_reason(module) or wrapper.config_problem(module, r, config.use_dora)
         if reason is not None:
             rows.append(TargetRow(name, layer_type, shape, r, alpha, 0, skipped=reason))
             continue
-        if config.use_dora and not wrapper.supports_dora:
-            raise ConfigError(f"use_dora is supported on Linear/Conv1D layers only; {name!r} is a {layer_type}: "
-                              "exclude it (exclude_modules) or turn DoRA off")
-        if config.init == "pissa" and not wrapper.supports_pissa:
-            raise ConfigError(f"init='pissa' is supported on Linear/Conv1D layers only; {name!r} is a "
-                              f"{layer_type}: exclude it or use init='default'")
-        limit = wrapper.max_rank(module)
-        if r > limit:
-            raise ConfigError(f"rank {r} is larger than module {name!r} allows ({layer_type} {shape}: at most "
-                              f"{limit}); lower r, or set rank_pattern={{{name.rsplit('.', 1)[-1]!r}: {limit}}}")
+        _check_options(config, name, module, wrapper, r)
         rows.append(TargetRow(name, layer_type, shape, r, alpha, wrapper.added_params(module, r, config.use_dora)))
     if not any(row.skipped is None for row in rows):
         raise TargetError("the config adapts no module: every match was skipped ("
@@ -168,6 +162,28 @@ def targeting_report(model: nn.Module, config: LoraConfig) -> TargetingReport:
     saves = [(n, sum(p.numel() for p in _base_of(modules[n]).parameters())) for n in save_names]
     base_params = sum(p.numel() for n, p in model.named_parameters() if _is_base_param(n))
     return TargetingReport(rows, saves, base_params)
+
+
+def _check_options(config: LoraConfig, name: str, module: nn.Module, wrapper: type[LoraLayer], r: int) -> None:
+    """Refuse options the layer cannot take (`ConfigError` with the fix); warn about ranks above its size."""
+    layer_type = type(module).__name__
+    supported = sorted({cls.__name__ for cls, w in LAYER_REGISTRY.items() if w.supports_dora})
+    if config.use_dora and not wrapper.supports_dora:
+        raise ConfigError(f"use_dora is supported on {', '.join(supported)} layers; {name!r} is a {layer_type}: "
+                          "exclude it (exclude_modules) or turn DoRA off")
+    if config.lora_bias and not wrapper.supports_lora_bias:
+        raise ConfigError(f"lora_bias is not supported on {layer_type} layers ({name!r}; PEFT has it on Linear, "
+                          "Conv1D and convolutions): exclude it or set lora_bias=False")
+    limit = wrapper.max_rank(module)
+    if config.init == "pissa" and (not wrapper.supports_pissa or r > limit):
+        why = f"rank {r} is above the layer's {limit} singular vectors" if wrapper.supports_pissa else \
+            "it is supported on Linear/Conv1D layers only"
+        raise ConfigError(f"init='pissa' cannot be used on {name!r} ({layer_type}): {why}; exclude it, lower r "
+                          "(rank_pattern) or use init='default'")
+    if r > limit:
+        warnings.warn(f"rank {r} on {name!r} ({layer_type} {tuple(module.weight.shape)}) is above the {limit} "
+                      f"directions its update can have: the extra rank adds parameters, not expressiveness "
+                      f"(accepted, as in PEFT)", stacklevel=4)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -284,8 +300,9 @@ def _match_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
     return [n for n in found if not any(n != o and n.startswith(o + ".") for o in found)]
 
 
-_INTERNAL = re.compile(r"(^|\.)(lora_A|lora_B|lora_dropout|lora_magnitude_vector|lora_embedding_A|"
-                       r"lora_embedding_B|base_layer|original_module|modules_to_save)(\.|$)")
+_INTERNAL = re.compile(r"(^|\.)(" + "|".join((*LORA_PARTS, "lora_dropout", "base_layer", "original_module",
+                                                  "modules_to_save")) + r")(\.|$)")
+_ADAPTER_PARAM = re.compile(r"(^|\.)(" + "|".join((*LORA_PARTS, "modules_to_save")) + r")(\.|$)")
 
 
 def _is_internal(name: str) -> bool:
@@ -294,8 +311,7 @@ def _is_internal(name: str) -> bool:
 
 def _is_base_param(name: str) -> bool:
     """Parameters of the original model (LoRA tensors and modules_to_save copies excluded)."""
-    return not re.search(r"(^|\.)(lora_A|lora_B|lora_magnitude_vector|lora_embedding_A|lora_embedding_B|"
-                         r"modules_to_save)(\.|$)", name)
+    return _ADAPTER_PARAM.search(name) is None
 
 
 def _base_of(module: nn.Module) -> nn.Module:

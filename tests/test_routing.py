@@ -1,0 +1,100 @@
+"""Mixed-adapter batches (`lorakit.routing`): row planning, the grouped product and the per-adapter path, each
+against every row computed with its own adapter alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit import LoraConfig, inject
+from lorakit.routing import Routing, grouped_lora, per_adapter, stack_adapters
+
+from conftest import randomize_lora
+
+
+def test_routing_for_rows_keeps_a_host_copy_of_its_index() -> None:
+    routing = Routing.for_rows(["a", None, "b", "a"], "cpu", shared=["s"])
+    assert routing.names == ["a", "b"] and routing.shared == ["s"]
+    assert routing.index.tolist() == [0, -1, 1, 0] and routing.index.dtype == torch.long
+    routing.index = torch.zeros(4, dtype=torch.long)  # planning must use the host copy, not read the index back
+    assert routing.host_index() == [0, -1, 1, 0]
+    assert routing.runs() is None  # "a" rows are not contiguous
+    used, members, place, keep = routing.groups_in(["a", "b"])
+    assert members.tolist()[:2] == [0, 3] and keep.tolist() == [1.0, 0.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("rows", [["a", "b", None, "a", "c"], ["a", "a", "b", "b"], ["c", None, None, "c"]])
+def test_grouped_product_equals_each_row_with_its_own_adapter(rows) -> None:
+    gen = torch.Generator().manual_seed(0)
+    ranks = {"a": 2, "b": 4, "c": 3}
+    weights = {n: (torch.randn(r, 6, generator=gen), torch.randn(5, r, generator=gen), 0.5 + r) for n, r in
+               ranks.items()}
+    names = list(weights)
+    A_stack, B_stack = stack_adapters([weights[n] for n in names])
+    assert A_stack.shape == (3, 4, 6) and B_stack.shape == (3, 5, 4)  # ranks padded to the largest
+    x = torch.randn(len(rows), 7, 6, generator=gen)
+    base = torch.zeros(len(rows), 7, 5)
+    got = grouped_lora(x, Routing.for_rows(rows, "cpu"), names, A_stack, B_stack, base)
+    for i, name in enumerate(rows):
+        want = torch.zeros(7, 5) if name is None else weights[name][2] * x[i] @ weights[name][0].T @ \
+            weights[name][1].T
+        torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
+    out = torch.ones(len(rows), 7, 5)
+    assert grouped_lora(x, Routing.for_rows(rows, "cpu"), names, A_stack, B_stack, base, out=out) is out
+    torch.testing.assert_close(out, got + 1)
+    with pytest.raises(ValueError, match="3 adapter names for a batch of"):
+        grouped_lora(x, Routing.for_rows(rows[:3], "cpu"), names, A_stack, B_stack, base)
+
+
+@pytest.mark.parametrize("rows", [["a", None, "b", "a"], ["a", "a", "b", None]])
+def test_per_adapter_calls_each_adapter_once_on_its_rows(rows) -> None:
+    x = torch.arange(len(rows), dtype=torch.float32).reshape(-1, 1).repeat(1, 3)
+    calls = []
+
+    def part(xr: torch.Tensor, name: str, base_rows: torch.Tensor) -> torch.Tensor | None:
+        calls.append((name, xr[:, 0].tolist()))
+        return None if name == "b" else xr * 10
+
+    out = per_adapter(x, Routing.for_rows(rows, "cpu"), torch.zeros_like(x), part)
+    assert sorted(n for n, _ in calls) == ["a", "b"]
+    for i, name in enumerate(rows):
+        assert torch.equal(out[i], x[i] * 10 if name == "a" else torch.zeros(3))
+
+
+LAYERS = {
+    "linear": (lambda: nn.Linear(6, 5), lambda: torch.randn(4, 3, 6)),
+    "embedding": (lambda: nn.Embedding(11, 5), lambda: torch.randint(0, 11, (4, 3))),
+    "conv1d": (lambda: nn.Conv1d(3, 4, 3, padding=1), lambda: torch.randn(4, 3, 7)),
+    "conv2d_grouped": (lambda: nn.Conv2d(4, 6, 3, groups=2), lambda: torch.randn(4, 4, 6, 6)),
+    "conv3d": (lambda: nn.Conv3d(2, 3, 2), lambda: torch.randn(4, 2, 3, 4, 4)),
+}
+
+
+@pytest.mark.parametrize("layer", list(LAYERS))
+@pytest.mark.parametrize("dora", [False, True])
+def test_route_on_every_layer_type_equals_each_adapter_alone(layer: str, dora: bool) -> None:
+    if dora and layer == "conv2d_grouped":
+        pytest.skip("DoRA is refused on grouped convolutions")
+    torch.manual_seed(0)
+    make, inputs = LAYERS[layer]
+    model = nn.Sequential(make()).eval()
+    inject(model, LoraConfig(r=2, target_modules=["0"], use_dora=dora), "a")
+    lorakit.add_adapter(model, "b", LoraConfig(r=4, alpha=3, target_modules=["0"], use_dora=dora))
+    randomize_lora(model, std=0.3)
+    x = inputs()
+    rows = ["b", None, "a", "b"]
+    alone = {}
+    for name in ("a", "b"):
+        lorakit.set_adapter(model, name)
+        alone[name] = model(x)
+    with lorakit.disable_adapters(model):
+        alone[None] = model(x)
+    with lorakit.route(model, rows):
+        mixed = model(x)
+        with torch.no_grad():
+            mixed_no_grad = model(x)
+    want = torch.stack([alone[n][i] for i, n in enumerate(rows)])
+    torch.testing.assert_close(mixed, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed_no_grad, want, atol=1e-5, rtol=1e-5)
