@@ -444,7 +444,7 @@ def test_failed_write_leaves_no_partial_adapter(tiny, tiny_ids, tmp_path, monkey
     randomize_lora(tiny)
     import lorakit.io as lio
 
-    real_write, calls = lio._write_file, []
+    real_write, calls = lio.write_file, []
 
     def failing_write(path, data):
         calls.append(path)
@@ -452,24 +452,24 @@ def test_failed_write_leaves_no_partial_adapter(tiny, tiny_ids, tmp_path, monkey
             raise OSError("no space left on device")
         real_write(path, data)
 
-    monkeypatch.setattr(lio, "_write_file", failing_write)
+    monkeypatch.setattr(lio, "write_file", failing_write)
     with pytest.raises(OSError, match="no space"):
         save_adapter(tiny, tmp_path / "new")
     assert list(tmp_path.iterdir()) == []  # neither the folder nor a temporary one
 
-    monkeypatch.setattr(lio, "_write_file", real_write)
+    monkeypatch.setattr(lio, "write_file", real_write)
     save_adapter(tiny, tmp_path / "old")
     (tmp_path / "old" / "README.md").write_text("mine")
     before = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()}
     with torch.no_grad():
         tiny.layers[0]["q"].lora_B["default"].weight.add_(1.0)
     calls.clear()
-    monkeypatch.setattr(lio, "_write_file", failing_write)
+    monkeypatch.setattr(lio, "write_file", failing_write)
     with pytest.raises(OSError):
         save_adapter(tiny, tmp_path / "old")
     assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
-    monkeypatch.setattr(lio, "_write_file", real_write)
+    monkeypatch.setattr(lio, "write_file", real_write)
     save_adapter(tiny, tmp_path / "old")  # a successful overwrite keeps files that are not the adapter's
     assert (tmp_path / "old" / "README.md").read_text() == "mine"
     fresh = copy.deepcopy(tiny)

@@ -26,7 +26,8 @@ from .layers import LAYER_REGISTRY, LoraLayer, register_layer
 from .models import LoadedModel, ModelLoadError, load_model
 from .data import DataError, load_dataset
 from .export import adapter_info, export_adapter, merge_to_folder
-from .io import (adapter_state_dict, base_fingerprint, load_adapter, load_adapters,
+from .fingerprint import base_fingerprint
+from .io import (adapter_state_dict, load_adapter, load_adapters,
                  read_adapter, save_adapter, save_adapters)
 
 __version__ = "0.1.0"

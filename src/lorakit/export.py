@@ -1,10 +1,9 @@
 """Adapter folders for other tools: export for a serving target (vLLM, plain PEFT LoRA), merge into a full model
-folder, and `lorakit info`. The sub-commands ``lorakit export``, ``lorakit merge`` and ``lorakit info`` live here.
+folder, and what a folder holds (``lorakit info``). The sub-commands live in `lorakit.cli.files`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -16,12 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import unload
-from .cli import command
 from .config import LoraConfig
 from .errors import AdapterError, ConfigError
-from .io import (CONFIG_FILE, METADATA_KEY, PICKLE_FILE, PISSA_INIT_FILE, PREFIX, TASK_FROM_PEFT, WEIGHTS_FILE, _PARTS,
-                 AdapterFiles, _lorakit_version, _parse_header, _read_safetensors, _write_adapter, _write_file,
-                 atomic_directory, load_adapter, read_adapter, read_adapter_config, save_adapter)
+from .files import atomic_directory, json_text, read_safetensors, read_safetensors_header, write_file
+from .io import load_adapter, lorakit_version, write_adapter_folder
+from .peft_format import (CONFIG_FILE, FILE_PARTS, METADATA_KEY, PICKLE_FILE, PISSA_INIT_FILE, PREFIX, WEIGHTS_FILE,
+                          AdapterFiles, read_adapter, read_adapter_config)
+from .tasks import task_from_peft
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -91,14 +91,14 @@ def export_adapter(directory: str | os.PathLike, target: str, output: str | os.P
     files = read_adapter(directory)
     config = files.config
     report = ExportReport(files.directory, target)
-    lora_keys = [k for k in files.tensors if k.endswith(tuple(_PARTS))]
+    lora_keys = [k for k in files.tensors if k.endswith(tuple(FILE_PARTS))]
     other_keys = sorted(set(files.tensors) - set(lora_keys))
     initial, init_meta = None, {}
     if config.init == "pissa":
         if config.use_dora:
             report.reasons.append("PiSSA with DoRA cannot be turned into plain LoRA")
         elif (files.directory / PISSA_INIT_FILE).is_file():
-            initial, init_meta = _read_safetensors(files.directory / PISSA_INIT_FILE)
+            initial, init_meta = read_safetensors(files.directory / PISSA_INIT_FILE)
             report.conversions.append(f"PiSSA -> plain LoRA of rank 2r={2 * config.r} for the original base")
         elif target == "vllm":
             report.reasons.append(f"PiSSA adapter without its initial A0/B0 ({PISSA_INIT_FILE}): it only applies to "
@@ -148,7 +148,7 @@ def export_adapter(directory: str | os.PathLike, target: str, output: str | os.P
         ours["fingerprint"] = json.loads(init_meta.get(METADATA_KEY, "{}")).get("fingerprint")
     ours["export"] = {"target": target, "source": str(files.directory), "conversions": report.conversions}
     with atomic_directory(output, replace=None) as staging:
-        _write_adapter(staging, new_config, tensors, ours)
+        write_adapter_folder(staging, new_config, tensors, ours)
     report.output = Path(output)
     return report
 
@@ -241,13 +241,13 @@ def _task_of(files: AdapterFiles) -> str:
     recipe = files.provenance.get("recipe")
     if isinstance(recipe, dict) and isinstance(recipe.get("task"), str):
         return recipe["task"]
-    return TASK_FROM_PEFT.get(files.config.task_type or "", "base")
+    return task_from_peft(files.config.task_type)
 
 
 def _num_labels(files: AdapterFiles) -> int | None:
     """Classes of the trained head: the smallest first dimension of a 2-D modules_to_save weight."""
     rows = [t.shape[0] for k, t in files.tensors.items()
-            if not k.endswith(tuple(_PARTS)) and k.endswith(".weight") and t.dim() == 2]
+            if not k.endswith(tuple(FILE_PARTS)) and k.endswith(".weight") and t.dim() == 2]
     return min(rows) if rows else None
 
 
@@ -281,14 +281,14 @@ def merge_to_folder(base: str, adapter: str | os.PathLike, output: str | os.Path
         else:
             from safetensors.torch import save
 
-            _write_file(staging / "model.safetensors",
+            write_file(staging / "model.safetensors",
                         save({k: v.contiguous() for k, v in model.state_dict().items()}, metadata={"format": "pt"}))
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(staging)
         record = {"base": base, "adapter": str(adapter), "task": task, "max_abs_diff": report.max_abs_diff,
                   "mean_abs_diff": report.mean_abs_diff, "fingerprint": files.fingerprint,
-                  "provenance": files.provenance, "lorakit_version": _lorakit_version()}
-        _write_file(staging / "lorakit_merge.json", (json.dumps(record, indent=2, default=str) + "\n").encode())
+                  "provenance": files.provenance, "lorakit_version": lorakit_version()}
+        write_file(staging / "lorakit_merge.json", json_text(record).encode())
     return report
 
 
@@ -307,15 +307,7 @@ def adapter_info(directory: str | os.PathLike) -> dict[str, Any]:
     if not weights.is_file():
         raise AdapterError(f"{folder} has no {WEIGHTS_FILE}" + (" (only a pickle .bin: lorakit does not open it)"
                                                                   if (folder / PICKLE_FILE).is_file() else ""))
-    total = weights.stat().st_size
-    try:
-        with open(weights, "rb") as f:
-            head = f.read(8)
-            size = int.from_bytes(head, "little") if len(head) == 8 else 0
-            data = head + f.read(min(size, total))
-    except OSError as err:
-        raise AdapterError(f"cannot read {weights}: {err}") from None
-    entries, metadata = _parse_header(data, weights, total)
+    entries, metadata, total = read_safetensors_header(weights)
     try:
         ours = json.loads(metadata.get(METADATA_KEY, "{}") or "{}")
     except json.JSONDecodeError as err:
@@ -325,7 +317,7 @@ def adapter_info(directory: str | os.PathLike) -> dict[str, Any]:
     ranks: dict[str, int] = {}
     for key, (_, shape, _, _) in entries.items():
         n = math.prod(shape)
-        if key.endswith(tuple(_PARTS)):
+        if key.endswith(tuple(FILE_PARTS)):
             lora_params += n
             if key.endswith((".lora_A.weight", ".lora_embedding_A")) and shape:
                 ranks[key[len(PREFIX):].rsplit(".lora_", 1)[0]] = shape[0]
@@ -394,56 +386,6 @@ def format_info(info: dict[str, Any]) -> str:
     if info.get("sub_adapters"):
         lines.append(f"sub-adapters   {', '.join(info['sub_adapters'])}")
     return "\n".join(lines)
-
-
-# =========================================================================================================
-# CLI
-# =========================================================================================================
-def _merge_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("base", help="base model: packaged name (minilm, smollm2, mobilenet-v2), folder or hub id")
-    p.add_argument("adapter", help="adapter folder")
-    p.add_argument("output", help="folder for the merged model (written atomically)")
-    p.add_argument("--task", default=None, help="default: from the adapter (task_type / provenance)")
-    p.add_argument("--num-labels", type=int, default=None, help="default: from the adapter's classifier head")
-    p.add_argument("--force", action="store_true", help="merge even if the base-model fingerprint differs")
-    p.add_argument("--allow-pickle", action="store_true", help="accept a pickle adapter_model.bin")
-
-
-@command("merge", _merge_args)
-def _merge_cli(args: argparse.Namespace) -> int:
-    """Fold an adapter into its base model and write a plain model folder (safetensors)."""
-    print(merge_to_folder(args.base, args.adapter, args.output, task=args.task, num_labels=args.num_labels,
-                          force=args.force, allow_pickle=args.allow_pickle))
-    return 0
-
-
-def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("adapter", help="adapter folder")
-    p.add_argument("--target", required=True, choices=("vllm", "peft"))
-    p.add_argument("--output", "-o", default=None, help="write the (converted) copy here; without it only check")
-
-
-@command("export", _export_args)
-def _export_cli(args: argparse.Namespace) -> int:
-    """Check an adapter against a serving target (vllm, peft) and write a converted copy."""
-    report = export_adapter(args.adapter, args.target)
-    if report.ok and args.output is not None:
-        report = export_adapter(args.adapter, args.target, args.output)
-    print(report)
-    return 0 if report.ok else 1
-
-
-def _info_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("adapter", help="adapter folder")
-    p.add_argument("--json", action="store_true", help="print as JSON")
-
-
-@command("info", _info_args)
-def _info_cli(args: argparse.Namespace) -> int:
-    """Show an adapter's config, ranks, targets, size, fingerprint and provenance."""
-    info = adapter_info(args.adapter)
-    print(json.dumps(info, indent=2, default=str) if args.json else format_info(info))
-    return 0
 
 
 __all__ = ["ExportReport", "MergeReport", "adapter_info", "export_adapter", "format_info", "merge_to_folder",
