@@ -307,3 +307,61 @@ def test_training_dropout_mask_keeps_one_minus_p() -> None:
         layer(torch.randn(500, 64, requires_grad=True))
     assert len(masks) == 1 and masks[0].shape == (500, 64)
     assert abs(masks[0].float().mean().item() - 0.7) < 0.01  # 32,000 draws: standard error 0.0026
+
+
+class Conv2dSame(nn.Conv2d):
+    """TF "same" padding computed from the input size inside forward (timm's ``Conv2dSame``, TF-ported models)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        pads = []
+        for size, k, s in ((iw, self.kernel_size[1], self.stride[1]), (ih, self.kernel_size[0], self.stride[0])):
+            total = max((-(-size // s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return nn.functional.conv2d(nn.functional.pad(x, pads), self.weight, self.bias, self.stride, 0,
+                                    self.dilation, self.groups)
+
+
+class ScaledLinear(nn.Linear):
+    """A Linear subclass whose forward is not a plain linear map of its weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).tanh()
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_same_padding_conv_subclass_keeps_its_own_forward(dora: bool) -> None:
+    """Issue 14: a Conv2d subclass padding inside forward was wrapped as a plain Conv2d and crashed on the first
+    forward (size 5 vs 4); LoRA now runs A through the subclass's forward, so it sees the same padded input."""
+    torch.manual_seed(0)
+    model = Holder(Conv2dSame(3, 4, 3, stride=2)).eval()
+    x = torch.randn(2, 3, 9, 9)
+    expected = model(x)
+    assert expected.shape == (2, 4, 5, 5)
+    inject(model, LoraConfig(r=2, target_modules=["layer"], use_dora=dora))
+    assert torch.equal(model(x), expected)  # B = 0: the base output exactly
+    randomize_lora(model, std=0.3)
+    unmerged = model(x)
+    assert unmerged.shape == expected.shape and not torch.allclose(unmerged, expected)
+    lorakit.merge(model)  # the merged kernel through the subclass's forward: W + s B A on the same padded input
+    torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=1e-5)
+    lorakit.unmerge(model)
+    model.train()
+    model(x).sum().backward()
+    assert model.layer.lora_A["default"].weight.grad is not None
+
+
+def test_layer_overriding_forward_is_skipped_with_the_reason(tiny) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), ScaledLinear(4, 4))
+    report = lorakit.targeting_report(model, LoraConfig(r=2, target_modules=["0", "1"]))
+    skipped = {row.name: row.skipped for row in report.rows if row.skipped}
+    assert list(skipped) == ["1"] and "ScaledLinear overrides Linear.forward" in skipped["1"]
+    assert "register_layer(ScaledLinear" in str(report)
+    inject(model, LoraConfig(r=2, target_modules=["0", "1"]))
+    assert isinstance(model[0], LoraLayer) and type(model[1]) is ScaledLinear
+    lorakit.register_layer(ScaledLinear, LoraLinear)  # registered explicitly: the user vouches for it
+    try:
+        assert lorakit.targeting_report(nn.Sequential(ScaledLinear(4, 4)), LoraConfig(r=2, target_modules=["0"])
+                                        ).rows[0].skipped is None
+    finally:
+        lorakit.LAYER_REGISTRY.pop(ScaledLinear)
