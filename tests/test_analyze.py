@@ -132,3 +132,23 @@ def test_inspect_real_adapters_on_a_tiny_model(tiny, tmp_path: Path) -> None:
     assert html.count("data:image/png;base64,") == len(pngs)
     assert "layers.0.q" in (out / "report.md").read_text()
     assert (out / "inspect.json").is_file()
+
+
+def test_conv1d_update_is_read_as_out_by_in() -> None:
+    """HF ``Conv1D`` stores its weight ``(in, out)``: the update analyze reads must be ``(out, in)`` like W, and be the
+    map the layer really adds (x ↦ x ΔWᵀ)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from lorakit.analyze import adapter_matrices
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("proj", Conv1D(6, 4))  # nf=6 outputs, nx=4 inputs: weight (4, 6)
+    inject(model, LoraConfig(r=2, alpha=4, target_modules=["proj"]))
+    randomize_lora(model, std=0.3)
+    [(name, W, delta, r)] = list(adapter_matrices(model, "default"))
+    assert (name, r) == ("proj", 2) and W.shape == delta.shape == (6, 4)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        added = model(x) - model.proj.base_layer(x)
+    torch.testing.assert_close(added, x @ delta.T)

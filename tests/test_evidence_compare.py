@@ -10,7 +10,8 @@ import pytest
 
 from evidence_helpers import TINY, check_report
 from lorakit import ConfigError
-from lorakit.evidence import COST_MARGIN, TOLERANCE, Metric, compare, fraction_sizes, judge
+from lorakit.evidence import COST_MARGIN, TOLERANCE, compare, fraction_sizes, judge
+from lorakit.tasks import Metric
 
 CLAIMS = 10  # rows of the compare table: one per seed claim
 

@@ -81,7 +81,7 @@ def test_recommend_is_reproducible(tmp_path: Path) -> None:
     assert (runs[0]["rank"], runs[0]["lr"]) == (runs[1]["rank"], runs[1]["lr"])
 
 
-def test_race_arms_keep_rank_times_lr() -> None:
-    assert race_arms(8, 4e-3) == [(8, 4e-3), (32, 1e-3)]
-    assert race_arms(32, 1.96e-3) == [(32, 1.96e-3), (64, 0.00098)]  # capped at max_rank
-    assert race_arms(64, 1e-3) == [(64, 1e-3)]  # nothing wider to try
+def test_recommend_refuses_a_quantized_base_before_loading(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="quantize=int8.*fix: run recommend with quantize=null"):
+        recommend("sentiment-minilm", [*TINY, "quantize=int8"], tmp_path, log=lambda line: None)
+    assert not any(tmp_path.iterdir())

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from lorakit import ConfigError
-from lorakit.evidence import Metric, sweep, sweep_summary
+from lorakit.evidence import sweep, sweep_summary
+from lorakit.tasks import Metric
 
 
 def test_sweep_sensitivity_verdicts() -> None:

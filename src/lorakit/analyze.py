@@ -18,8 +18,6 @@ plain tensors (`layer_stats`, `similarity_grid`), so it is tested on hand-built 
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -29,7 +27,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from .cli import command
+from .files import write_json
 
 #: share of ``Σσ²`` the energy rank must hold
 ENERGY = 0.9
@@ -196,9 +194,7 @@ def adapter_matrices(model: nn.Module, adapter_name: str) -> Iterator[tuple[str,
         for name, layer in lora_layers(model):
             if adapter_name not in layer.r:
                 continue
-            # _to_matrix: the layer's own (out, in) view of its weight layout (Conv1D stores (in, out))
-            delta = layer._to_matrix(layer.delta_weight(adapter_name))
-            yield name, layer.weight_matrix(), delta, layer.r[adapter_name]
+            yield name, layer.weight_matrix(), layer.delta_matrix(adapter_name), layer.r[adapter_name]
 
 
 @dataclass
@@ -288,16 +284,17 @@ def load_for_inspection(adapter: str | Path, base: str | None = None, task: str 
     The base and task come from the adapter's provenance (lorakit runs) or its ``adapter_config.json``.
     """
     from .errors import ConfigError
-    from .io import TASK_FROM_PEFT, load_adapter, read_adapter
+    from .io import load_adapter, read_adapter
     from .models import load_model
+    from .tasks import TASKS, task_from_peft
 
     files = read_adapter(adapter)
     recipe = files.provenance.get("recipe") if isinstance(files.provenance.get("recipe"), dict) else {}
     model_name = base or recipe.get("model") or files.config.base_model_name_or_path
     if not model_name:
         raise ConfigError(f"{adapter}: the base model is not recorded; pass --base")
-    task = task or recipe.get("task") or TASK_FROM_PEFT.get(files.config.task_type or "", "base")
-    num_labels = _num_labels(files.tensors) if task in ("sequence-classification", "image-classification") else None
+    task = task or recipe.get("task") or task_from_peft(files.config.task_type)
+    num_labels = _num_labels(files.tensors) if task in TASKS and TASKS[task].classification else None
     model = load_model(model_name, task=task, num_labels=num_labels).model
     name_a = load_adapter(model, adapter, adapter_name="a")
     name_b = load_adapter(model, against, adapter_name="b") if against is not None else None
@@ -320,7 +317,7 @@ def write_inspection_report(result: Inspection, output: str | Path) -> Path:
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "inspect.json").write_text(json.dumps(result.to_dict(), indent=2))
+    write_json(out / "inspect.json", result.to_dict())
     doc = rp.Report(f"Adapter inspection: {result.adapter}")
     summary = result.summary()
     doc.text(f"{summary['layers']} adapted layers. Mean ‖ΔW‖/‖W‖ {summary['mean_relative_norm']:.4f}; "
@@ -401,33 +398,3 @@ def format_table(result: Inspection) -> str:
     summary = result.summary()
     lines.append("\n" + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     return "\n".join(lines)
-
-
-def _inspect_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("adapter", help="adapter folder (or a training output folder holding adapter/)")
-    p.add_argument("--against", default=None, help="a second adapter on the same base: subspace similarity")
-    p.add_argument("--base", default=None, help="base model (default: from the adapter's provenance/config)")
-    p.add_argument("--task", default=None, help="default: from the adapter")
-    p.add_argument("--side", default="right", choices=("right", "left"),
-                   help="singular vectors compared: right = input side, as the paper's A (default)")
-    p.add_argument("--output", "-o", default=None, help="report folder (default: runs/inspect-NAME)")
-    p.add_argument("--json", action="store_true", help="print inspect.json instead of the table")
-
-
-def _adapter_folder(path: str | None) -> Path | None:
-    if path is None:
-        return None
-    folder = Path(path)
-    return folder / "adapter" if (folder / "adapter" / "adapter_config.json").is_file() else folder
-
-
-@command("inspect", _inspect_args)
-def _inspect_cli(args: argparse.Namespace) -> int:
-    """Per-layer ‖ΔW‖/‖W‖, spectra, effective rank, amplification and subspace similarity of adapters."""
-    adapter, against = _adapter_folder(args.adapter), _adapter_folder(args.against)
-    result = inspect_adapter(adapter, against, base=args.base, task=args.task, side=args.side)
-    default = Path("runs") / f"inspect-{adapter.parent.name if adapter.name == 'adapter' else adapter.name}"
-    out = write_inspection_report(result, args.output or default)
-    print(json.dumps(result.to_dict(), indent=2) if args.json else format_table(result))
-    print(f"\nreport: {out / 'report.html'}")
-    return 0

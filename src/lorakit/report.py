@@ -24,8 +24,9 @@ from matplotlib.figure import Figure  # noqa: E402
 
 #: one colour per method / series, stable across figures
 COLORS = {"full": "#d62728", "lora": "#1f77b4"}
-_CYCLE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-          "#17becf"]
+CYCLE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+         "#17becf"]
+_CYCLE = CYCLE  # the old name, still imported by lorakit.multitask
 
 
 @dataclass
@@ -119,7 +120,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 
 # -- figures ----------------------------------------------------------------------------------------------------
 def _color(label: str, index: int) -> str:
-    return COLORS.get(label, _CYCLE[index % len(_CYCLE)])
+    return COLORS.get(label, CYCLE[index % len(CYCLE)])
 
 
 def learning_curve(fractions: Sequence[float], series: dict[str, Sequence[float]], metric: str,
@@ -145,8 +146,42 @@ def learning_curve(fractions: Sequence[float], series: dict[str, Sequence[float]
 
 def grouped_bars(categories: Sequence[str], series: dict[str, Sequence[float]], ylabel: str, title: str,
                  log: bool = False, xlabel: str | None = None) -> Figure:
-    """One group of bars per category, one bar per series (e.g. method), values printed on the bars."""
+    """One group of bars per category, one bar per series (e.g. method), values printed on the bars. All the
+    categories share one axis: give them one unit (`bar_panels` for several units)."""
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(categories) + 2), 4.0))
+    _bars(ax, categories, series, ylabel, log)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    return fig
+
+
+@dataclass
+class BarPanel:
+    """One panel of `bar_panels`: its own axis, so its own unit (in ``ylabel``)."""
+
+    title: str
+    ylabel: str  # names the unit: "seconds per step", "MB"
+    categories: Sequence[str]
+    series: dict[str, Sequence[float]]
+    log: bool = False
+
+
+def bar_panels(panels: Sequence[BarPanel], title: str) -> Figure:
+    """Grouped bars side by side, one panel per unit (seconds per step next to minutes in total, never on one
+    axis)."""
+    widths = [max(2.4, 1.3 * len(p.categories) + 1.2) for p in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths) + 0.6, 4.0), squeeze=False,
+                             gridspec_kw={"width_ratios": widths}, layout="constrained")
+    for ax, panel in zip(axes[0], panels):
+        _bars(ax, panel.categories, panel.series, panel.ylabel, panel.log, legend=ax is axes[0][0])
+        ax.set_title(panel.title, fontsize=10)
+    fig.suptitle(title)
+    return fig
+
+
+def _bars(ax: Any, categories: Sequence[str], series: dict[str, Sequence[float]], ylabel: str, log: bool,
+          legend: bool = True) -> None:
     width = 0.8 / max(1, len(series))
     for i, (label, values) in enumerate(series.items()):
         xs = [c + (i - (len(series) - 1) / 2) * width for c in range(len(categories))]
@@ -156,13 +191,10 @@ def grouped_bars(categories: Sequence[str], series: dict[str, Sequence[float]], 
     ax.set_xticklabels(categories)
     if log:
         ax.set_yscale("log")
-    if xlabel:
-        ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend()
+    if legend:
+        ax.legend(fontsize=8)
     ax.margins(y=0.15)
-    return fig
 
 
 def _short(value: float) -> str:
@@ -202,7 +234,7 @@ def rank_sweep(ranks: Sequence[int], by_lr: dict[str, Sequence[float]], params: 
     """Two panels: held-out metric vs rank (one line per learning rate) and vs trainable parameters."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, (label, values) in enumerate(by_lr.items()):
-        color = _CYCLE[i % len(_CYCLE)]
+        color = CYCLE[i % len(CYCLE)]
         left.plot(ranks, values, marker="o", label=label, color=color)
         right.plot(params, values, marker="o", label=label, color=color)
     for ax in (left, right):
@@ -246,24 +278,56 @@ def heatmap(values: Sequence[Sequence[float]], row_labels: Sequence[str], col_la
 
 
 def spectra(singular_values: dict[str, Sequence[float]], kinds: Sequence[str]) -> Figure:
-    """σ_i / σ_1 of every layer's update, coloured by module kind (log scale)."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    palette = {kind: _CYCLE[i % len(_CYCLE)] for i, kind in enumerate(dict.fromkeys(kinds))}
-    labelled: set[str] = set()
-    for (name, sigma), kind in zip(singular_values.items(), kinds):
-        if not sigma or sigma[0] <= 0:
-            continue
-        ys = [s / sigma[0] for s in sigma]
-        ax.plot(range(1, len(ys) + 1), ys, marker=".", color=palette[kind], alpha=0.7,
-                label=kind if kind not in labelled else None)
-        labelled.add(kind)
-    ax.set_yscale("log")
-    ax.set_xlabel("singular value index i")
-    ax.set_ylabel("σ_i / σ_1")
-    ax.set_title("Singular-value spectrum of each ΔW")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    """σ_i / σ_1 of the layers' updates, summarised per module kind (log scale): one small panel per kind with
+    the median over its layers and the band between the quartiles, so 210 layers read as 7 curves."""
+    groups: dict[str, list[list[float]]] = {}
+    for sigma, kind in zip(singular_values.values(), kinds):
+        if sigma and sigma[0] > 0:
+            groups.setdefault(kind, []).append([v / sigma[0] for v in sigma])
+    cols = min(4, max(1, len(groups)))
+    rows = max(1, math.ceil(len(groups) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols + 0.6, 2.7 * rows + 0.8), squeeze=False,
+                             sharey=True, layout="constrained")
+    for k, (ax, (kind, curves)) in enumerate(zip(axes.flat, groups.items())):
+        index, low, mid, high = _quartiles(curves)
+        color = CYCLE[k % len(CYCLE)]
+        if len(curves) > 1:
+            ax.fill_between(index, low, high, color=color, alpha=0.25, linewidth=0, label="quartiles")
+        ax.plot(index, mid, marker=".", color=color, label="median" if len(curves) > 1 else "the layer")
+        ax.set_yscale("log")
+        ax.set_title(f"{_fit(kind, 34)} ({len(curves)} layer{'s' if len(curves) > 1 else ''})", fontsize=9)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, nbins=6))
+        ax.grid(alpha=0.3)
+        if k % cols == 0:
+            ax.set_ylabel("σ_i / σ_1")
+        if k >= len(groups) - cols:
+            ax.set_xlabel("index i")
+        if k == 0:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.set_visible(False)
+    fig.suptitle("Singular-value spectrum of ΔW per module kind (median, quartile band)")
     return fig
+
+
+def _quartiles(curves: Sequence[Sequence[float]]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Per index 1..longest: the 25th, 50th and 75th percentile over the curves that reach that index."""
+    import statistics
+
+    index, low, mid, high = [], [], [], []
+    for i in range(max(len(c) for c in curves)):
+        values = sorted(c[i] for c in curves if len(c) > i)
+        q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+        index.append(i + 1)
+        low.append(q[0])
+        mid.append(statistics.median(values))
+        high.append(q[2])
+    return index, low, mid, high
+
+
+def _fit(text: str, limit: int) -> str:
+    """``text`` shortened from the left, marked with an ellipsis, never cut silently."""
+    return text if len(text) <= limit else "…" + text[-(limit - 1):]
 
 
 def similarity_grids(grids: dict[str, Sequence[Sequence[float]]]) -> Figure:
@@ -300,15 +364,54 @@ def lr_range(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[f
     return fig
 
 
-def rank_estimates(names: Sequence[str], ranks: Sequence[int], chosen: int, energy: float) -> Figure:
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(names) + 2), 4.0))
-    ax.bar(range(len(names)), ranks, color=COLORS["lora"])
+def rank_estimates(layers: Sequence[tuple[int | None, str]], ranks: Sequence[int], chosen: int,
+                   energy: float) -> Figure:
+    """The rank each layer's gradient needs. ``layers``: ``(block index or None, module kind)`` per layer, as
+    `lorakit.analyze.split_name` gives. Up to `MAX_BARS` layers: one labelled bar each; more: one line per kind
+    over the block index (210 layers of a 30-block model read as 7 lines), layers outside the blocks (a pooler)
+    as single points after the last block."""
+    if len(layers) <= MAX_BARS:
+        fig = _rank_bars([_layer_label(b, k) for b, k in layers], ranks)
+    else:
+        fig = _rank_lines(layers, ranks)
+    ax = fig.axes[0]
     ax.axhline(chosen, color=COLORS["full"], linestyle="--", label=f"suggested rank {chosen}")
     ax.set_yscale("log", base=2)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=90, fontsize=7)
-    ax.set_xlabel("adapted layer")
     ax.set_ylabel(f"rank holding {int(energy * 100)}% of gradient energy")
     ax.set_title("Rank needed per layer (accumulated-gradient spectrum)")
-    ax.legend()
+    ax.legend(fontsize=8)
+    return fig
+
+
+#: most layers `rank_estimates` draws as labelled bars
+MAX_BARS = 64
+
+
+def _layer_label(block: int | None, kind: str) -> str:
+    return kind if block is None else f"{block}: {kind}"
+
+
+def _rank_bars(labels: Sequence[str], ranks: Sequence[int]) -> Figure:
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(labels) + 2), 4.6), layout="constrained")
+    ax.bar(range(len(labels)), ranks, color=COLORS["lora"])
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=90, fontsize=7)
+    ax.set_xlim(-0.7, len(labels) - 0.3)
+    ax.set_xlabel("adapted layer (block: module)")
+    return fig
+
+
+def _rank_lines(layers: Sequence[tuple[int | None, str]], ranks: Sequence[int]) -> Figure:
+    fig, ax = plt.subplots(figsize=(8.0, 4.4), layout="constrained")
+    after = 1 + max((b for b, _ in layers if b is not None), default=-1)  # where layers outside blocks go
+    by_kind: dict[str, list[tuple[int, int]]] = {}
+    for (block, kind), rank in zip(layers, ranks):
+        by_kind.setdefault(kind, []).append((after if block is None else block, rank))
+    for i, (kind, points) in enumerate(by_kind.items()):
+        points.sort()
+        ax.plot([b for b, _ in points], [r for _, r in points], marker="." if len(points) > 1 else "D",
+                color=CYCLE[i % len(CYCLE)], label=_fit(kind, 30))
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("block index")
+    ax.grid(alpha=0.3)
     return fig

@@ -8,7 +8,7 @@ reports). Verdicts are computed from the numbers by the rule written beside each
 and never edit them.
 """
 
-from .claims import COST_MARGIN, TOLERANCE, ClaimRow, Metric, main_metric
+from .claims import COST_MARGIN, TOLERANCE, ClaimRow
 from .compare import compare, fraction_sizes, judge, summarize
 from .probes import PROBES, mean_reciprocal_rank, probe_for, run_probe, text_perplexity
 from .ranks import RACE_FACTOR, race_arms
@@ -16,7 +16,7 @@ from .recommend import next_power_of_two, recommend, suggest_lr, suggest_rank
 from .runs import RunSpec, launch
 from .sweep import sweep, sweep_summary
 
-__all__ = ["COST_MARGIN", "PROBES", "RACE_FACTOR", "TOLERANCE", "ClaimRow", "Metric", "RunSpec", "compare",
-           "fraction_sizes", "judge", "launch", "main_metric", "mean_reciprocal_rank", "next_power_of_two",
+__all__ = ["COST_MARGIN", "PROBES", "RACE_FACTOR", "TOLERANCE", "ClaimRow", "RunSpec", "compare",
+           "fraction_sizes", "judge", "launch", "mean_reciprocal_rank", "next_power_of_two",
            "probe_for", "race_arms", "recommend", "run_probe", "summarize", "suggest_lr", "suggest_rank", "sweep",
            "sweep_summary", "text_perplexity"]

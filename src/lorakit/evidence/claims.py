@@ -1,4 +1,5 @@
-"""How a claim is judged: the metric a recipe is ranked by, the tolerances, and one verdict row per claim."""
+"""How a claim is judged: the tolerances and one verdict row per claim. The metric a recipe is judged by and its
+direction come from the task table (`lorakit.tasks.primary_metric`)."""
 
 from __future__ import annotations
 
@@ -8,24 +9,6 @@ from dataclasses import dataclass
 TOLERANCE = 0.01
 #: relative margin a cost (memory, time) must beat to count as "less"
 COST_MARGIN = 0.05
-
-
-@dataclass(frozen=True)
-class Metric:
-    name: str  # key in metrics["eval"]
-    higher_is_better: bool
-
-    def better(self, a: float, b: float) -> bool:
-        return a > b if self.higher_is_better else a < b
-
-    def worse_by(self, a: float, b: float) -> float:
-        """How much worse ``a`` is than ``b`` (negative: better)."""
-        return b - a if self.higher_is_better else a - b
-
-
-def main_metric(task: str) -> Metric:
-    """Accuracy for classification, answer-token loss (lower is better) for causal LMs."""
-    return Metric("loss", False) if task == "causal-lm" else Metric("accuracy", True)
 
 
 @dataclass

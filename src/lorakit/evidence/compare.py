@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import ConfigError
-from .claims import COST_MARGIN, TOLERANCE, ClaimRow, Metric, format_bytes, format_mb, main_metric, verdict
+from ..files import write_json
+from ..tasks import Metric, primary_metric
+from .claims import COST_MARGIN, TOLERANCE, ClaimRow, format_bytes, format_mb, verdict
 from .probes import PROBES, probe_for
 from .reports import write_compare_report
-from .runs import Log, RunSpec, launch, machine, write_json
+from .runs import Log, RunSpec, launch, machine
 
 #: full fine-tuning's default learning rate = LoRA's x this (LoRA usually wants ~10-20x larger steps)
 FULL_LR_RATIO = 0.05
@@ -25,9 +27,9 @@ def training_budget(recipe: Any) -> int:
     """Training examples the recipe uses: ``train.max_train_examples`` or the whole train split."""
     if recipe.train.max_train_examples is not None:
         return int(recipe.train.max_train_examples)
-    from ..data import load_dataset
+    from ..recipes import load_recipe_data
 
-    return len(load_dataset(recipe.data, seed=recipe.train.seed).train)
+    return len(load_recipe_data(recipe).train)
 
 
 def fraction_sizes(budget: int, fractions: Sequence[float], rows_per_step: int) -> list[int]:
@@ -47,7 +49,7 @@ def compare(recipe_name: str, overrides: Sequence[str] = (), fractions: Sequence
 
     ``probe=False`` skips the knowledge probe; ``isolate=False`` trains in this process (quick checks only:
     peak memory is then shared by every run)."""
-    from ..train import load_recipe
+    from ..recipes import load_recipe
 
     base = load_recipe(recipe_name, list(overrides))
     fractions = sorted(set(float(f) for f in fractions))
@@ -57,7 +59,7 @@ def compare(recipe_name: str, overrides: Sequence[str] = (), fractions: Sequence
     budget = training_budget(base)
     sizes = fraction_sizes(budget, fractions, base.train.batch_size * base.train.grad_accum)
     probe_name = probe_for(base.task, base.data) if probe else None
-    metric = main_metric(base.task)
+    metric = primary_metric(base.task)
     started = time.perf_counter()
     log(f"compare {base.name}: fractions {fractions} of {budget} examples, lr full {full_lr:g} / LoRA {lora_lr:g}")
 

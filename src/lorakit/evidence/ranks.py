@@ -1,34 +1,58 @@
-"""A recipe at another LoRA rank, as `sweep` and `recommend` train it: alpha keeps the recipe's alpha / r (the
-update scale s fixed), and layers whose weight allows fewer directions than the rank are capped there."""
+"""A recipe at another LoRA rank, as `sweep` and `recommend` train it: alpha keeps the recipe's update scale s
+(`FixedScale`), and layers whose weight allows fewer directions than the rank are capped there."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..config import LoraConfig
 
-def alpha_ratio(recipe: Any) -> float:
-    """The recipe's alpha / r, kept by every rank `sweep` and `recommend` try."""
-    return float(recipe.lora.get("alpha", 2 * recipe.lora.get("r", 8))) / float(recipe.lora.get("r", 8))
+
+@dataclass(frozen=True)
+class FixedScale:
+    """The one rule for alpha at another rank: keep the recipe's scale ``s = LoraConfig.scaling(r, alpha)``
+    (``alpha / r``; ``alpha / sqrt(r)`` with rsLoRA), so only the rank changes between runs. ``r`` and ``alpha``
+    are the recipe's own, or `LoraConfig`'s defaults where the recipe leaves them out (PEFT's ``lora_alpha=8``):
+    nothing here assumes alpha = 2r."""
+
+    config: LoraConfig  # the recipe's adapter settings
+
+    @classmethod
+    def of(cls, recipe: Any) -> "FixedScale":
+        return cls(recipe.lora_config())
+
+    @property
+    def scale(self) -> float:
+        return self.config.scaling(self.config.r, self.config.alpha)
+
+    def alpha(self, rank: int) -> float:
+        """The alpha at which rank ``rank`` has the recipe's scale (scaling is linear in alpha)."""
+        return float(f"{self.scale / self.config.scaling(rank, 1.0):.12g}")
+
+    def describe(self) -> str:
+        return (f"alpha = {self.scale:g} x sqrt(r) (rsLoRA)" if self.config.use_rslora
+                else f"alpha = {self.scale:g} x r")
 
 
 def rank_limits(recipe: Any, model: torch.nn.Module | None = None) -> dict[str, int]:
     """Targeted layers whose weight allows fewer than 64 directions (e.g. a 3x3 conv on 3 channels: 27),
-    by name: where a sweep's rank exceeds them, the rank is capped there."""
+    by name: where a sweep's rank exceeds them, the rank is capped there. Without ``model``, the recipe's model is
+    loaded unquantized (only the shapes are read)."""
     from ..inject import targeting_report
     from ..layers import wrapper_for
 
     if model is None:
-        from ..data import load_dataset
-        from ..models import load_model
+        from ..recipes import load_recipe_model
 
-        labels = load_dataset(recipe.data, seed=recipe.train.seed).train.labels if recipe.task != "causal-lm" else None
-        model = load_model(recipe.model, task=recipe.task, num_labels=len(labels) if labels else None).model
-    config = recipe_from(recipe, 1, 1.0, {}).lora_config()
+        model = load_recipe_model(dataclasses.replace(recipe, quantize=None)).model
+    config = recipe_from(recipe, 1, FixedScale.of(recipe), {}).lora_config()
     modules = dict(model.named_modules())
     limits = {}
     for row in targeting_report(model, config).targeted:
@@ -38,31 +62,31 @@ def rank_limits(recipe: Any, model: torch.nn.Module | None = None) -> dict[str, 
     return limits
 
 
-def rank_overrides(rank: int, ratio: float, limits: dict[str, int]) -> list[str]:
-    """Recipe overrides for LoRA rank ``rank``, alpha = ratio x rank (the scale s fixed), capped per `rank_limits`."""
-    lora = lora_at_rank({}, rank, ratio, limits)
-    out = [f"lora.r={rank}", f"lora.alpha={ratio * rank:g}"]
+def rank_overrides(rank: int, scale: FixedScale, limits: dict[str, int]) -> list[str]:
+    """Recipe overrides for LoRA rank ``rank`` at the recipe's scale, capped per `rank_limits`."""
+    lora = lora_at_rank({}, rank, scale, limits)
+    out = [f"lora.r={rank}", f"lora.alpha={scale.alpha(rank):g}"]
     for key in ("rank_pattern", "alpha_pattern"):
         if lora.get(key):
             out.append(f"lora.{key}={json.dumps(lora[key])}")  # JSON is YAML: the override parser reads it
     return out
 
 
-def lora_at_rank(lora: dict[str, Any], rank: int, ratio: float, limits: dict[str, int]) -> dict[str, Any]:
-    """The ``lora`` section at rank ``rank`` (alpha = ratio x rank), with per-layer caps as patterns."""
+def lora_at_rank(lora: dict[str, Any], rank: int, scale: FixedScale, limits: dict[str, int]) -> dict[str, Any]:
+    """The ``lora`` section at rank ``rank`` and the recipe's scale, with per-layer caps as patterns."""
     capped = {re.escape(name): limit for name, limit in limits.items() if limit < rank}
-    changed = {**lora, "r": rank, "alpha": ratio * rank}
+    changed = {**lora, "r": rank, "alpha": scale.alpha(rank)}
     if capped:
         changed["rank_pattern"] = {**lora.get("rank_pattern", {}), **capped}
         changed["alpha_pattern"] = {**lora.get("alpha_pattern", {}),
-                                    **{key: ratio * limit for key, limit in capped.items()}}
+                                    **{key: scale.alpha(limit) for key, limit in capped.items()}}
     return changed
 
 
-def recipe_from(recipe: Any, rank: int, ratio: float, limits: dict[str, int]) -> Any:
-    """The recipe with another rank (alpha keeps the recipe's alpha / r ratio), capped per layer by ``limits``."""
+def recipe_from(recipe: Any, rank: int, scale: FixedScale, limits: dict[str, int]) -> Any:
+    """The recipe with another rank at the same scale, capped per layer by ``limits``."""
     changed = copy.deepcopy(recipe)
-    changed.lora = lora_at_rank(changed.lora, rank, ratio, limits)
+    changed.lora = lora_at_rank(changed.lora, rank, scale, limits)
     return changed
 
 

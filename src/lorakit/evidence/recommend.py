@@ -21,10 +21,12 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import ConfigError
-from .claims import TOLERANCE, Metric, main_metric, verdict
-from .ranks import alpha_ratio, race_arms, rank_limits, rank_overrides, recipe_from
+from ..files import write_json
+from ..tasks import Metric, primary_metric
+from .claims import TOLERANCE, verdict
+from .ranks import FixedScale, race_arms, rank_limits, rank_overrides, recipe_from
 from .reports import write_recommend_report
-from .runs import Log, RunSpec, launch, machine, write_json
+from .runs import Log, RunSpec, launch, machine
 
 #: the fewest batches the rank probe and the fewest steps the range test take, whatever the recipe's length
 MIN_GRAD_BATCHES, MIN_LR_STEPS = 8, 12
@@ -65,14 +67,12 @@ class BaseProbe:
 
     @classmethod
     def load(cls, recipe: Any) -> "BaseProbe":
-        from ..data import load_dataset
-        from ..models import load_model
+        from ..recipes import load_recipe_data, load_recipe_model
 
         args = recipe.train
-        splits = load_dataset(recipe.data, seed=args.seed)
+        splits = load_recipe_data(recipe)
         rows = splits.train if args.max_train_examples is None else splits.train.take(args.max_train_examples)
-        num_labels = len(splits.train.labels) if recipe.task != "causal-lm" and splits.train.labels else None
-        loaded = load_model(recipe.model, task=recipe.task, num_labels=num_labels, seed=args.seed)
+        loaded = load_recipe_model(recipe, labels=splits.train.labels)
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed))
         return cls(recipe, loaded, rows, order)
 
@@ -165,14 +165,14 @@ def lr_range_test(probe: BaseProbe, lora_recipe: Any, steps: int, lr_min: float,
 
 
 # -- the race and the check -------------------------------------------------------------------------------------
-def run_race(recipe_name: str, overrides: Sequence[str], rank: int, lr: float, ratio: float,
+def run_race(recipe_name: str, overrides: Sequence[str], rank: int, lr: float, scale: FixedScale,
              limits: dict[str, int], max_rank: int, metric: Metric, out: Path, log: Log,
              isolate: bool) -> list[dict[str, Any]]:
     """Train each of `race_arms` at the budget ``overrides`` set (each in its own process); returns the arms
     with their validation and held-out metric, the better validation first."""
     arms: list[dict[str, Any]] = []
     for arm_rank, arm_lr in race_arms(rank, lr, max_rank):
-        extra = ["method=lora", *rank_overrides(arm_rank, ratio, limits), f"train.lr={arm_lr:.3g}",
+        extra = ["method=lora", *rank_overrides(arm_rank, scale, limits), f"train.lr={arm_lr:.3g}",
                  "train.progress=false"]
         folder = out / f"race-r{arm_rank}"
         record = launch(RunSpec(recipe_name, [*overrides, *extra], folder), log, isolate=isolate)
@@ -193,7 +193,7 @@ def run_race(recipe_name: str, overrides: Sequence[str], rank: int, lr: float, r
     return [chosen] + [a for a in arms if a is not chosen]
 
 
-def check_against_sweep(recipe_name: str, rank: int, lr: float, ratio: float, limits: dict[str, int],
+def check_against_sweep(recipe_name: str, rank: int, lr: float, scale: FixedScale, limits: dict[str, int],
                         recommend_time: float, recommend_cpu: float, sweep_dir: Path, out: Path, log: Log,
                         isolate: bool = True, record: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train the suggestion at the sweep's budget (or take ``record``, a run of it already trained there, as the
@@ -202,7 +202,7 @@ def check_against_sweep(recipe_name: str, rank: int, lr: float, ratio: float, li
     result = json.loads((sweep_dir / "sweep.json").read_text())
     metric = Metric(**result["metric"])
     if record is None:
-        extra = ["method=lora", *rank_overrides(rank, ratio, limits), f"train.lr={lr:.3g}", "train.progress=false"]
+        extra = ["method=lora", *rank_overrides(rank, scale, limits), f"train.lr={lr:.3g}", "train.progress=false"]
         record = launch(RunSpec(recipe_name, [*result["overrides"], *extra], out / "check"), log, isolate=isolate)
     value = record["metrics"]["eval"][metric.name]
     best = result["best"]
@@ -229,16 +229,21 @@ def recommend(recipe_name: str, overrides: Sequence[str] = (), output: str | Pat
     more, but the rank is then checked against the budget rather than read off a gradient at step 0. With
     ``sweep_dir`` (a `sweep` output), the suggestion is trained at the sweep's budget (with ``race``: the chosen
     arm's run is that training) and compared with the sweep's best run (`check_against_sweep`)."""
-    from ..train import _seed_everything, load_recipe
+    from ..recipes import load_recipe
+    from ..train import seed_everything
 
     recipe = load_recipe(recipe_name, list(overrides))
     if recipe.method != "lora":
         raise ConfigError(f"recommend suggests LoRA settings; recipe {recipe.name} has method={recipe.method}")
+    if recipe.quantize:  # the rank probe differentiates the base weights, which a quantized base does not have
+        raise ConfigError(f"recommend measures gradients of the full-precision base weights; recipe {recipe.name} "
+                          f"has quantize={recipe.quantize} (fix: run recommend with quantize=null and use its "
+                          "suggestion with the quantized recipe)")
     out = Path(output or Path("runs") / f"recommend-{recipe.name}")
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
     started, cpu_started = time.perf_counter(), time.process_time()
-    _seed_everything(recipe.train.seed)  # the base model's dropout in both probes and LoRA's A init draw from it
+    seed_everything(recipe.train.seed)  # the base model's dropout in both probes and LoRA's A init draw from it
     probe = BaseProbe.load(recipe)
     run_length = probe.run_length()
     grad_batches = min(grad_batches, max(run_length, MIN_GRAD_BATCHES))
@@ -249,9 +254,9 @@ def recommend(recipe_name: str, overrides: Sequence[str] = (), output: str | Pat
     rank_time = time.perf_counter() - started
     log(f"  {len(layers)} layers, per-layer ranks (median "
         f"{statistics.median([x['energy_rank'] for x in layers]):g}) -> r={rank} ({rank_time:.0f} s)")
-    ratio = alpha_ratio(recipe)
+    scale = FixedScale.of(recipe)
     limits = rank_limits(recipe, probe.model)
-    lrs, losses = lr_range_test(probe, recipe_from(recipe, rank, ratio, limits), lr_steps, lr_min, lr_max,
+    lrs, losses = lr_range_test(probe, recipe_from(recipe, rank, scale, limits), lr_steps, lr_min, lr_max,
                                 first_batch=grad_batches)
     lr, smoothed = suggest_lr(lrs, losses)
     log(f"  LR range test over {len(lrs)} steps -> lr={lr:.3g}")
@@ -261,14 +266,14 @@ def recommend(recipe_name: str, overrides: Sequence[str] = (), output: str | Pat
         del probe  # free memory: the arms train in their own processes
         budget = (json.loads((Path(sweep_dir) / "sweep.json").read_text())["overrides"] if sweep_dir is not None
                   else list(overrides))
-        arms = run_race(recipe_name, budget, rank, lr, ratio, limits, max_rank, main_metric(recipe.task), out, log,
+        arms = run_race(recipe_name, budget, rank, lr, scale, limits, max_rank, primary_metric(recipe.task), out, log,
                         isolate)
         rank, lr = arms[0]["rank"], arms[0]["lr"]
     total_time = time.perf_counter() - started
     cpu_time = time.process_time() - cpu_started + sum(a["cpu_time_s"] for a in arms)  # the arms' own processes
     log(f"  recommend took {total_time:.0f} s")
     result: dict[str, Any] = {
-        "recipe": recipe.name, "overrides": list(overrides), "rank": rank, "lr": lr, "alpha": ratio * rank,
+        "recipe": recipe.name, "overrides": list(overrides), "rank": rank, "lr": lr, "alpha": scale.alpha(rank),
         "energy": energy, "grad_batches": grad_batches, "layers": layers, "rank_time_s": rank_time,
         "lr_range": {"lrs": lrs, "losses": losses, "smoothed": smoothed}, "time_s": total_time,
         "cpu_time_s": cpu_time, "recipe_defaults": {"r": recipe.lora.get("r"), "lr": recipe.train.lr},
@@ -276,7 +281,7 @@ def recommend(recipe_name: str, overrides: Sequence[str] = (), output: str | Pat
         "race": sorted(({k: v for k, v in a.items() if k != "record"} for a in arms), key=lambda a: a["rank"]),
     }
     if sweep_dir is not None:
-        result["check"] = check_against_sweep(recipe_name, rank, lr, ratio, limits, total_time, cpu_time,
+        result["check"] = check_against_sweep(recipe_name, rank, lr, scale, limits, total_time, cpu_time,
                                               Path(sweep_dir), out, log, isolate,
                                               record=arms[0]["record"] if arms else None)
     out.mkdir(parents=True, exist_ok=True)

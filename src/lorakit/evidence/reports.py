@@ -7,8 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+
 from .. import report as rp
-from .claims import Metric, format_bytes, verdict
+from ..analyze import split_name
+from ..tasks import Metric
+from .claims import format_bytes, verdict
 from .ranks import RACE_FACTOR
 
 
@@ -35,17 +39,9 @@ def write_compare_report(comparison: dict[str, Any], runs: dict[str, dict[float,
                                  comparison["examples"], baseline=full["base_held_out"]),
                "learning_curve.png", f"Held-out {metric.name} at each data fraction (dashed: before training).")
     doc.heading("Costs")
-    doc.figure(rp.grouped_bars(["trainable params", "checkpoint MB", "peak MB, training steps", "peak MB, whole run"],
-                               {m: [e["trainable_params"], e["checkpoint_bytes"] / 1e6, e["train_peak_mb"] or 0.0,
-                                    e["peak_memory_mb"]] for m, e in (("full", full), ("lora", lora))},
-                               "value (log scale)",
-                               "Parameters, checkpoint size and peak memory", log=True),
-               "costs.png", "Log scale; labels give the values.")
-    doc.figure(rp.grouped_bars(["wall s / step", "CPU s / step", "wall min total", "CPU min total"],
-                               {m: [e["step_time_s"], e["step_cpu_s"], e["train_time_s"] / 60, e["cpu_time_s"] / 60]
-                                for m, e in (("full", full), ("lora", lora))}, "seconds per step, minutes in total",
-                               "Training time"),
-               "time.png", "Median optimizer step and whole run, wall clock and the process's CPU time.")
+    doc.figure(costs_figure(full, lora), "costs.png", "One panel per unit, log scales; labels give the values.")
+    doc.figure(time_figure(full, lora), "time.png",
+               "Median optimizer step (seconds) and whole run (minutes), wall clock and the process's CPU time.")
     doc.figure(rp.loss_curves({m: e["history"] for m, e in (("full", full), ("lora", lora))},
                               "Training loss at the full budget"), "loss.png", "Per-step loss; thick: 10-step mean.")
     doc.heading("Serving N tasks")
@@ -65,6 +61,30 @@ def write_compare_report(comparison: dict[str, Any], runs: dict[str, dict[float,
     return out
 
 
+def costs_figure(full: dict[str, Any], lora: dict[str, Any]) -> Figure:
+    """Trainable parameters, checkpoint size and peak memory of the two methods: one panel per unit."""
+    methods = (("full", full), ("lora", lora))
+    return rp.bar_panels([
+        rp.BarPanel("Trainable parameters", "parameters (log scale)", [""],
+                    {m: [e["trainable_params"]] for m, e in methods}, log=True),
+        rp.BarPanel("Checkpoint", "MB on disk (log scale)", [""],
+                    {m: [e["checkpoint_bytes"] / 1e6] for m, e in methods}, log=True),
+        rp.BarPanel("Peak memory", "MB", ["training steps", "whole run"],
+                    {m: [e["train_peak_mb"] or 0.0, e["peak_memory_mb"]] for m, e in methods}),
+    ], "Parameters, checkpoint size and peak memory")
+
+
+def time_figure(full: dict[str, Any], lora: dict[str, Any]) -> Figure:
+    """Seconds per optimizer step and minutes for the whole run, each on its own axis (wall clock and CPU)."""
+    methods = (("full", full), ("lora", lora))
+    return rp.bar_panels([
+        rp.BarPanel("Median optimizer step", "seconds per step", ["wall", "CPU"],
+                    {m: [e["step_time_s"], e["step_cpu_s"]] for m, e in methods}),
+        rp.BarPanel("Whole training run", "minutes", ["wall", "CPU"],
+                    {m: [e["train_time_s"] / 60, e["cpu_time_s"] / 60] for m, e in methods}),
+    ], "Training time")
+
+
 def _load(entry: dict[str, Any]) -> str:
     values = [v[0] for v in entry.get("load_average", []) if v]
     return "/".join(f"{v:.1f}" for v in values) or "?"
@@ -73,7 +93,9 @@ def _load(entry: dict[str, Any]) -> str:
 def write_sweep_report(result: dict[str, Any], out: Path) -> Path:
     metric = Metric(**result["metric"])
     doc = rp.Report(f"LoRA rank sweep: {result['recipe']}")
-    doc.text(f"Ranks {result['ranks']} x learning rates {result['lrs']}, alpha = {result['alpha_ratio']:g} x r; "
+    # sweeps recorded before alpha_rule existed kept alpha / r
+    alpha_rule = result.get("alpha_rule") or f"alpha = {result['alpha_ratio']:g} x r"
+    doc.text(f"Ranks {result['ranks']} x learning rates {result['lrs']}, {alpha_rule}; "
              f"overrides `{' '.join(result['overrides']) or '(none)'}`. Each run in its own process; sum of run "
              f"times {result['runs_time_s'] / 60:.1f} min. Best: r={result['best']['r']}, lr={result['best']['lr']:g}, "
              f"held-out {metric.name} {result['best']['held_out']:.4f}.")
@@ -108,8 +130,8 @@ def write_recommend_report(result: dict[str, Any], out: Path) -> Path:
     doc.text(f"Gradient of each targeted weight summed over {result['grad_batches']} training batches at the base "
              f"model; per layer, the number of singular directions holding {int(result['energy'] * 100)}% of its "
              "squared singular values. Suggestion: the power of two at or above the median layer.")
-    names = [x["name"] for x in result["layers"]]
-    doc.figure(rp.rank_estimates([n[-40:] for n in names], [x["energy_rank"] for x in result["layers"]],
+    doc.figure(rp.rank_estimates([split_name(x["name"]) for x in result["layers"]],
+                                 [x["energy_rank"] for x in result["layers"]],
                                  result["rank"], result["energy"]), "rank_estimates.png",
                "Rank each layer's gradient needs (log scale).")
     doc.heading("Evidence: learning rate")

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import LorakitError
+from ..files import write_json
 from .probes import run_probe
 
 #: version of run.json; a run recorded with another is run again
@@ -41,7 +42,8 @@ def run_child(payload_json: str) -> int:
 def execute(payload: dict[str, Any]) -> dict[str, Any]:
     """One run. ``mode`` ``train``: train the recipe, timing every step (wall and CPU), delete the checkpoint,
     score the probe on the result. ``probe``: score the untrained base model. Writes ``run.json``."""
-    from ..train import load_recipe, load_run, train
+    from ..recipes import load_recipe, load_recipe_model, load_run
+    from ..train import train
 
     out = Path(payload["output"])
     out.mkdir(parents=True, exist_ok=True)
@@ -51,12 +53,7 @@ def execute(payload: dict[str, Any]) -> dict[str, Any]:
     probe = payload.get("probe")
     record: dict[str, Any] = {"spec": payload, "load_average_start": os.getloadavg()}
     if payload["mode"] == "probe":
-        from ..data import load_dataset
-        from ..models import load_model
-
-        labels = load_dataset(recipe.data, seed=recipe.train.seed).train.labels
-        loaded = load_model(recipe.model, task=recipe.task, num_labels=len(labels) if labels else None,
-                            seed=recipe.train.seed)
+        loaded = load_recipe_model(recipe)
         started = time.perf_counter()
         record["probe"] = run_probe(probe, loaded.model, loaded.tokenizer)
         record["probe_time_s"] = time.perf_counter() - started
@@ -178,23 +175,6 @@ def launch(spec: RunSpec, log: Log = print, keep_weights: bool = False, isolate:
         shutil.rmtree(spec.output / "model", ignore_errors=True)
     log(f"  done in {time.perf_counter() - started:.0f} s")
     return json.loads(record_path.read_text())
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Atomic JSON write (tensors as lists, paths as strings)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
 
 
 def machine() -> dict[str, Any]:

@@ -9,32 +9,33 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import ConfigError
-from .claims import TOLERANCE, ClaimRow, Metric, main_metric, verdict
-from .ranks import alpha_ratio, rank_limits, rank_overrides
+from ..files import write_json
+from ..tasks import Metric, primary_metric
+from .claims import TOLERANCE, ClaimRow, verdict
+from .ranks import FixedScale, rank_limits, rank_overrides
 from .reports import write_sweep_report
-from .runs import Log, RunSpec, launch, machine, write_json
+from .runs import Log, RunSpec, launch, machine
 
 
 def sweep(recipe_name: str, ranks: Sequence[int], lrs: Sequence[float] | None = None, overrides: Sequence[str] = (),
           output: str | Path | None = None, isolate: bool = True, log: Log = print) -> dict[str, Any]:
-    """LoRA at every rank x learning rate; alpha follows the recipe's alpha / r ratio so the update scale s
-    stays fixed. Writes ``sweep.json`` and a report with metric vs rank and vs trainable parameters."""
-    from ..train import load_recipe
+    """LoRA at every rank x learning rate; alpha keeps the recipe's update scale s (`FixedScale`). Writes ``sweep.json`` and a report with metric vs rank and vs trainable parameters."""
+    from ..recipes import load_recipe
 
     base = load_recipe(recipe_name, list(overrides))
     if base.method != "lora":
         raise ConfigError(f"sweep varies the LoRA rank; recipe {base.name} has method={base.method}")
-    ratio = alpha_ratio(base)
+    scale = FixedScale.of(base)
     lrs = list(lrs or [base.train.lr])
-    metric = main_metric(base.task)
+    metric = primary_metric(base.task)
     out = Path(output or Path("runs") / f"sweep-{base.name}")
     limits = rank_limits(base)
     started = time.perf_counter()
     rows = []
-    log(f"sweep {base.name}: ranks {list(ranks)} x lrs {lrs} (alpha = {ratio:g} x r)")
+    log(f"sweep {base.name}: ranks {list(ranks)} x lrs {lrs} ({scale.describe()})")
     for lr in lrs:
         for r in ranks:
-            extra = ["method=lora", *rank_overrides(r, ratio, limits), f"train.lr={lr}", "train.progress=false"]
+            extra = ["method=lora", *rank_overrides(r, scale, limits), f"train.lr={lr}", "train.progress=false"]
             record = launch(RunSpec(recipe_name, [*overrides, *extra], out / f"r{r}-lr{lr:g}"), log, isolate=isolate)
             m = record["metrics"]
             rows.append({"r": r, "lr": lr, "held_out": m["eval"][metric.name], "train": m["train_eval"][metric.name],
@@ -44,7 +45,8 @@ def sweep(recipe_name: str, ranks: Sequence[int], lrs: Sequence[float] | None = 
                          "run": str(out / f"r{r}-lr{lr:g}")})
     result = sweep_summary(rows, metric)
     result.update({"recipe": base.name, "overrides": list(overrides), "ranks": list(ranks), "lrs": lrs,
-                   "alpha_ratio": ratio, "wall_time_s": time.perf_counter() - started,
+                   "alpha_ratio": scale.config.alpha / scale.config.r, "alpha_rule": scale.describe(),
+                   "wall_time_s": time.perf_counter() - started,
                    "runs_time_s": sum(r["train_time_s"] for r in rows),
                    "runs_cpu_s": sum(r["cpu_time_s"] for r in rows), "machine": machine()})
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,121 @@
+"""`lorakit.report` figures readable at their default size: every label inside the figure, one unit per axis, many
+layers summarised (lines and panels bounded), and the summaries equal to the numbers they summarise."""
+
+from __future__ import annotations
+
+import matplotlib.text
+import pytest
+from matplotlib.collections import PolyCollection
+from matplotlib.figure import Figure
+
+from lorakit import report as rp
+from lorakit.analyze import split_name
+from lorakit.evidence.reports import costs_figure, time_figure
+
+BERT = [f"bert.encoder.layer.{b}.{k}" for b in range(6)
+        for k in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")]
+BERT.append("bert.pooler.dense")
+SMOLLM = [f"model.layers.{b}.{k}" for b in range(30)
+          for k in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                    "mlp.up_proj", "mlp.down_proj")]
+
+
+def _drawn_texts(fig: Figure) -> list[matplotlib.text.Text]:
+    """Texts a PNG of ``fig`` shows: titles, axis labels, legends, value labels, and the tick labels of ticks
+    inside the axes' view (matplotlib keeps, but does not draw, those outside)."""
+    ticks = set()
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            low, high = sorted(axis.get_view_interval())
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                if low - 1e-9 * abs(high - low) <= tick.get_loc() <= high + 1e-9 * abs(high - low):
+                    ticks.update({id(tick.label1), id(tick.label2)})
+    tick_labels = {id(t) for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)
+                   for tick in axis.get_major_ticks() + axis.get_minor_ticks() for t in (tick.label1, tick.label2)}
+    return [t for t in fig.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text().strip()
+            and (id(t) not in tick_labels or id(t) in ticks) and (t.axes is None or t.axes.get_visible())]
+
+
+def _texts_outside(fig: Figure) -> list[str]:
+    """Drawn texts whose extent leaves the figure (what a PNG of the figure at its default size would cut)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    outside = []
+    for text in _drawn_texts(fig):
+        ext = text.get_window_extent(renderer)
+        if ext.x0 < box.x0 - 1 or ext.x1 > box.x1 + 1 or ext.y0 < box.y0 - 1 or ext.y1 > box.y1 + 1:
+            outside.append(text.get_text())
+    return outside
+
+
+def _method(step: float, cpu_step: float, total: float, cpu_total: float) -> dict:
+    return {"step_time_s": step, "step_cpu_s": cpu_step, "train_time_s": total, "cpu_time_s": cpu_total,
+            "trainable_params": 1000, "checkpoint_bytes": 4e6, "train_peak_mb": 900.0, "peak_memory_mb": 1200.0}
+
+
+def test_rank_estimates_labels_every_layer_in_full_inside_the_figure() -> None:
+    layers = [split_name(n) for n in BERT]
+    fig = rp.rank_estimates(layers, [1 + i % 40 for i in range(len(layers))], 8, 0.9)
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels[0] == "0: attention.self.query" and labels[-1] == "bert.pooler.dense"
+    assert len(set(labels)) == len(BERT)  # every layer named, none cut to a common tail
+    assert _texts_outside(fig) == []
+
+
+def test_rank_estimates_of_210_layers_is_one_line_per_kind() -> None:
+    layers = [split_name(n) for n in SMOLLM]
+    ranks = [2 ** (i % 6) for i in range(len(layers))]
+    fig = rp.rank_estimates(layers, ranks, 16, 0.9)
+    ax = fig.axes[0]
+    lines = ax.get_lines()
+    assert len(lines) == 7 + 1  # seven module kinds and the suggested rank
+    q_proj = next(line for line in lines if line.get_label() == "self_attn.q_proj")
+    assert list(q_proj.get_xdata()) == list(range(30))
+    assert list(q_proj.get_ydata()) == [ranks[7 * b] for b in range(30)]
+    assert len([t for t in ax.get_xticklabels() if t.get_text()]) <= 20
+    assert _texts_outside(fig) == []
+
+
+def test_time_chart_has_one_unit_per_axis() -> None:
+    fig = time_figure(_method(1.5, 1.2, 600.0, 540.0), _method(0.5, 0.4, 300.0, 240.0))
+    step_ax, total_ax = fig.axes
+    assert step_ax.get_ylabel() == "seconds per step" and total_ax.get_ylabel() == "minutes"
+    heights = lambda ax: sorted(round(p.get_height(), 6) for p in ax.patches)  # noqa: E731
+    assert heights(step_ax) == [0.4, 0.5, 1.2, 1.5]
+    assert heights(total_ax) == [4.0, 5.0, 9.0, 10.0]  # minutes, not seconds
+    assert _texts_outside(fig) == []
+
+
+def test_costs_chart_has_one_unit_per_axis() -> None:
+    fig = costs_figure(_method(1, 1, 1, 1), _method(1, 1, 1, 1))
+    units = [ax.get_ylabel() for ax in fig.axes]
+    assert units == ["parameters (log scale)", "MB on disk (log scale)", "MB"]
+    assert _texts_outside(fig) == []
+
+
+def test_spectra_of_210_layers_summarised_per_kind() -> None:
+    sigma = {}
+    kinds = []
+    for i, name in enumerate(SMOLLM):
+        block, kind = split_name(name)
+        tail = 0.1 * (1 + block % 4)  # σ_2/σ_1 over a kind's 30 layers: 0.1, 0.2, 0.3, 0.4 repeating (8, 8, 7, 7)
+        sigma[name] = [2.0, 2.0 * tail]
+        kinds.append(kind)
+    fig = rp.spectra(sigma, kinds)
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(shown) == 7
+    for ax in shown:
+        [median] = ax.get_lines()
+        assert list(median.get_ydata()) == pytest.approx([1.0, 0.2])  # 15th and 16th of 30 sorted: 0.2
+        [band] = [c for c in ax.collections if isinstance(c, PolyCollection)]  # the quartile band
+        at_two = [y for x, y in band.get_paths()[0].vertices if x == 2]
+        assert (min(at_two), max(at_two)) == pytest.approx((0.125, 0.3))  # inclusive quartiles of the 30
+    assert _texts_outside(fig) == []
+
+
+def test_spectra_of_one_layer_per_kind_draws_the_layer() -> None:
+    fig = rp.spectra({"a.0.q": [4.0, 2.0, 1.0], "b": [3.0, 0.3]}, ["q", "b"])
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert [list(ax.get_lines()[0].get_ydata()) for ax in shown] == [[1.0, 0.5, 0.25], pytest.approx([1.0, 0.1])]
+    assert all(not ax.collections for ax in shown)
