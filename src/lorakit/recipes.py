@@ -59,6 +59,9 @@ class TrainArgs:
     num_threads: int | None = None
     progress: bool = True
     precision: str = "fp32"  # fp32 | bf16: bf16 autocast of the training forward (weights, optimizer, loss fp32)
+    # LoRA: train the base's normalisation layers with running statistics (BatchNorm...) as modules_to_save
+    # copies, saved with the adapter; default: they stay frozen and run with their running statistics
+    train_norm_stats: bool = False
 
 
 @dataclass
@@ -266,11 +269,11 @@ def coerce(key: str, spec: dataclasses.Field, value: Any, source: str) -> Any:
     if value is None:
         if "None" in options or base not in ("int", "float", "bool", "str", "list"):
             return value
-        raise ConfigError(f"{source}: {key} needs a value (a {base}), got null")
+        raise ConfigError(f"{source}: {key} needs a value (a {base}), got null (fix: {key}=VALUE)")
     if base in ("int", "float"):
         return _number(key, base, value, source)
     if base == "bool" and not isinstance(value, bool):
-        raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+        raise ConfigError(f"{source}: {key} must be true or false, got {value!r} (fix: {key}=true)")
     if base == "str":
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{source}: {key} must be a single value, got {value!r}")
@@ -289,11 +292,12 @@ def _number(key: str, kind: str, value: Any, source: str) -> int | float:
         except ValueError:
             number = None
     if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
-        raise ConfigError(f"{source}: {key} must be a{'n integer' if kind == 'int' else ' number'}, got {value!r}")
+        raise ConfigError(f"{source}: {key} must be a{'n integer' if kind == 'int' else ' number'}, got {value!r} "
+                          f"(fix: e.g. {key}={'8' if kind == 'int' else '1.0e-3'})")
     if kind == "float":
         return float(number)
     if isinstance(number, float) and not number.is_integer():
-        raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        raise ConfigError(f"{source}: {key} must be an integer, got {value!r} (fix: e.g. {key}={int(number)})")
     return int(number)
 
 

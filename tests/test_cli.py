@@ -1,0 +1,154 @@
+"""The ``lorakit`` command: help and version, every bad recipe key or value refused in one line with exit code 2
+before anything loads, ``lorakit recipes``, ``generate``'s sampling options, a run on the user's own data named
+after it, and the CLI/library boundary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import lorakit
+import lorakit.data
+import lorakit.models
+import lorakit.train
+from lorakit.cli import build_parser, main
+from lorakit.recipes import recipe_names, recipe_path
+
+SRC = Path(lorakit.__file__).parent
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a model, a dataset or training is reached."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded something before the input was checked")
+
+    monkeypatch.setattr(lorakit.models, "load_model", refuse)
+    monkeypatch.setattr(lorakit.data, "load_dataset", refuse)
+    monkeypatch.setattr(lorakit.train, "train", refuse)
+
+
+def test_no_arguments_prints_help_and_starts_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys,
+                                                     nothing_loads) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: lorakit") and "train" in out and "recipes" in out
+    assert list(tmp_path.iterdir()) == []  # no ./runs
+
+
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"lorakit {lorakit.__version__}"
+
+
+def test_every_command_is_registered() -> None:
+    commands = set(build_parser()._subparsers._group_actions[0].choices)
+    assert {"train", "eval", "predict", "generate", "targets", "recipes", "serve", "merge", "export", "info",
+            "compare", "sweep", "recommend", "inspect", "multitask", "continual"} <= commands
+
+
+BAD_TRAIN = {  # the issue's cases, and one per kind of check
+    "lora.rr=16": "unknown lora key(s) ['rr']; known: ['alpha',",
+    "train.batch_size=0": "train.batch_size must be >= 1",
+    "train.device=cdua": "unknown train.device 'cdua' (did you mean train.device=cuda?",
+    "train.device=cuda": "train.device=cuda but",
+    "train.lr=fast": "train.lr must be a number",
+    "skip_bad_rows=true": "unknown top-level key(s) ['skip_bad_rows']",
+    "data.encoding=klingon": "unknown data.encoding 'klingon'",
+    "eval.max_new_tokens=-1": "eval.max_new_tokens must be >= 1",
+}
+
+
+@pytest.mark.parametrize("override", list(BAD_TRAIN))
+def test_bad_override_exits_2_with_one_line_and_loads_nothing(override: str, capsys, nothing_loads,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "CUDA where there is none", on any machine
+    assert main(["train", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lorakit: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert BAD_TRAIN[override] in err and ("fix" in err or "known:" in err)
+
+
+def test_bad_input_elsewhere_exits_2(tmp_path: Path, capsys, nothing_loads) -> None:
+    assert main(["train", "no-such-recipe"]) == 2
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert main(["eval", str(tmp_path)]) == 2  # not a run folder
+    run = tmp_path / "lm-run"  # a causal-LM run: predict refuses before loading its model
+    run.mkdir()
+    (run / "recipe.yaml").write_text(recipe_path("instruct-smollm2").read_text())
+    assert main(["predict", str(run), "hello"]) == 2
+    assert "predict classifies text; run" in capsys.readouterr().err
+    assert main(["generate", "hi", "--temperature", "-1"]) == 2
+    assert main(["generate", "hi", "--top-p", "0"]) == 2
+    assert main(["generate", "hi", "--max-new-tokens", "0"]) == 2
+    assert main(["targets", "minilm", "-t", "a", "b", "--regex"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 4 and all(e.startswith("lorakit: error: ") for e in errors)
+
+
+def test_recipes_list_show_copy_validate(tmp_path: Path, capsys, nothing_loads) -> None:
+    assert main(["recipes"]) == 0 and main(["recipes", "list"]) == 0
+    listed = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in listed] == recipe_names() * 2
+    assert "Rotten Tomatoes" in next(line for line in listed if line.startswith("sentiment-minilm"))
+    assert main(["recipes", "show", "sentiment-minilm"]) == 0
+    assert capsys.readouterr().out == recipe_path("sentiment-minilm").read_text()
+
+    mine = tmp_path / "mine.yaml"
+    assert main(["recipes", "copy", "sentiment-minilm", str(mine)]) == 0
+    assert mine.read_text() == recipe_path("sentiment-minilm").read_text()
+    mine.write_text(mine.read_text().replace("lr: 2.0e-3", "lr: 1.0e-3"))
+    assert main(["recipes", "copy", "sentiment-minilm", str(mine)]) == 2  # never overwritten
+    assert "lr: 1.0e-3" in mine.read_text()
+    capsys.readouterr()
+
+    assert main(["recipes", "validate", str(mine)]) == 0
+    assert capsys.readouterr().out.startswith("ok: sentiment-minilm")
+    assert main(["recipes", "validate", str(mine), "train.batch_size=0"]) == 2
+    mine.write_text(mine.read_text().replace("  r: 8", "  rr: 8"))
+    assert main(["recipes", "validate", str(mine)]) == 2
+    assert "unknown lora key(s) ['rr']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_generate_samples_like_the_server(capsys) -> None:
+    """temperature 0 is greedy; a seed fixes a sampled text; top_k=1 is greedy whatever the seed."""
+    base = ["generate", "Name a colour.", "--max-new-tokens", "8"]
+    texts = {}
+    for name, extra in {"greedy": [], "s1": ["--temperature", "1.5", "--seed", "1"],
+                        "s1-again": ["--temperature", "1.5", "--seed", "1"],
+                        "k1-a": ["--temperature", "1.5", "--top-k", "1", "--seed", "2"],
+                        "k1-b": ["--temperature", "1.5", "--top-k", "1", "--seed", "3"]}.items():
+        assert main(base + extra) == 0
+        texts[name] = capsys.readouterr().out
+    assert texts["s1"] == texts["s1-again"]
+    assert texts["k1-a"] == texts["k1-b"] == texts["greedy"]
+
+
+@pytest.mark.slow
+def test_run_on_own_data_is_named_after_it(tmp_path: Path, capsys) -> None:
+    rows = [("a wonderful, moving film", "good"), ("dull and far too long", "bad")] * 20
+    data = tmp_path / "my reviews.csv"
+    data.write_text("text,label\n" + "".join(f'"{t}",{label}\n' for t, label in rows) + "oops,\n")
+    out = tmp_path / "run"
+    assert main(["train", f"data={data}", "data.skip_bad_rows=true", "train.max_steps=1", "train.batch_size=8",
+                 "train.max_length=16", "train.max_train_examples=16", "train.progress=false",
+                 "--output", str(out)]) == 0
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert saved["name"] == "sentiment-minilm-on-my-reviews"
+    assert saved["data"] == {"path": str(data), "skip_bad_rows": True}
+    assert "Rotten Tomatoes" not in saved["description"] and str(data) in saved["description"]
+    provenance = lorakit.read_adapter(out / "adapter").lorakit["provenance"]
+    assert provenance["recipe"]["name"] == saved["name"] and provenance["recipe"]["description"] == saved[
+        "description"]
+    assert json.loads((out / "metrics.json").read_text())["recipe"] == saved["name"]
+    capsys.readouterr()
+    assert main(["eval", str(out), "--max-examples", "4"]) == 0  # the saved recipe reads back, options and all
+    assert json.loads(capsys.readouterr().out)["examples"] == 4
