@@ -66,9 +66,9 @@ def _amp():
     """`lorakit.train`'s bf16 autocast on the benchmark's device for ``--precision bf16``, else nothing."""
     import torch
 
-    from lorakit.train import _autocast
+    from lorakit.train import autocast
 
-    return _autocast(PRECISION, torch.device(DEVICE))
+    return autocast(PRECISION, torch.device(DEVICE))
 
 
 def _peak_mb() -> float:

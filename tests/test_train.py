@@ -16,8 +16,10 @@ import yaml
 
 import lorakit.train as lktrain
 from lorakit import ConfigError
+from lorakit.checkpoints import CHECKPOINT_FILE, read_checkpoint
 from lorakit.cli import main as cli_main
-from lorakit.train import RECIPES_DIR, TrainingError, load_recipe, train
+from lorakit.recipes import RECIPES_DIR, load_recipe
+from lorakit.train import TrainingError, train
 
 # a tiny but real slice: MiniLM on Rotten Tomatoes, a few steps
 TINY = ["train.max_train_examples=64", "train.batch_size=8", "train.max_length=32", "eval.max_examples=16",
@@ -59,8 +61,7 @@ def test_every_recipe_runs_on_a_small_slice(name: str, tmp_path: Path) -> None:
 
 
 def _final_weights(folder: Path) -> dict[str, torch.Tensor]:
-    payload = torch.load(folder / "checkpoint.pt", weights_only=False)
-    return payload["trainable"]
+    return read_checkpoint(folder / CHECKPOINT_FILE).trainable
 
 
 def test_interrupted_run_resumes_to_the_same_adapter(tmp_path: Path) -> None:
@@ -74,11 +75,11 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path: Path) -> None:
 
     with pytest.raises(KeyboardInterrupt):
         train(recipe, tmp_path / "broken", on_step=interrupt)
-    assert torch.load(tmp_path / "broken" / "checkpoint.pt", weights_only=False)["loop"]["global_step"] == 3
+    assert read_checkpoint(tmp_path / "broken" / CHECKPOINT_FILE).loop["global_step"] == 3
     train(recipe, tmp_path / "broken", resume=True)
     a, b = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "broken")
     assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
 
 
 def test_nan_loss_stops_with_last_checkpoint_intact(tmp_path: Path, monkeypatch) -> None:
@@ -94,9 +95,9 @@ def test_nan_loss_stops_with_last_checkpoint_intact(tmp_path: Path, monkeypatch)
     monkeypatch.setattr(lktrain, "loss_sum", poisoned)
     with pytest.raises(TrainingError, match="loss became nan at step 3.*last good checkpoint"):
         train(recipe, tmp_path)
-    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert payload["loop"]["global_step"] == 2
-    assert all(torch.isfinite(t).all() for t in payload["trainable"].values())
+    saved = read_checkpoint(tmp_path / CHECKPOINT_FILE)
+    assert saved.loop["global_step"] == 2
+    assert all(torch.isfinite(t).all() for t in saved.trainable.values())
 
 
 def test_lora_plus_gives_b_a_larger_learning_rate() -> None:
@@ -105,7 +106,7 @@ def test_lora_plus_gives_b_a_larger_learning_rate() -> None:
     from lorakit import LoraConfig, inject
 
     inject(model, LoraConfig(r=2, target_modules=["0"]))
-    optimizer = lktrain._optimizer(model, recipe.train)
+    optimizer = lktrain.build_optimizer(model, recipe.train)
     lrs = sorted(group["lr"] for group in optimizer.param_groups)
     assert lrs == [recipe.train.lr, 16 * recipe.train.lr]
 
@@ -159,3 +160,123 @@ def test_two_processes_follow_the_single_process_loss_trajectory(tmp_path: Path)
     losses_two = [h["loss"] for h in multi["history"] if "loss" in h]
     assert len(losses_one) == len(losses_two) == 4
     assert max(abs(a - b) for a, b in zip(losses_one, losses_two)) <= 1e-4
+
+
+# -- issue 14: frozen means frozen, max_steps beyond an epoch, targets checked before the baseline -------------------
+VISION_CI = ["train.max_steps=3", "train.batch_size=8", "image_size=32", "train.max_train_examples=64",
+             "eval.max_examples=32", "eval.batch_size=16", "train.progress=false", "train.lr=1e-2"]
+
+
+def _eval_cli(run: Path, capsys, examples: int) -> dict:
+    capsys.readouterr()
+    assert cli_main(["eval", str(run), "--max-examples", str(examples)]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("norm_stats", [False, True])
+def test_vision_run_evaluates_the_same_after_loading(tmp_path: Path, capsys, norm_stats: bool) -> None:
+    """MobileNetV2 has 52 BatchNorm layers. Frozen (default): training leaves their running statistics exactly
+    as the base had them; `lorakit eval` of the run folder gives the end-of-training metrics. With
+    train.train_norm_stats=true they train as modules_to_save copies, are saved with the adapter and restored."""
+    recipe = load_recipe("vision-mobilenet-mnist", VISION_CI + [f"train.train_norm_stats={str(norm_stats).lower()}"])
+    from lorakit.recipes import load_recipe_model
+
+    pristine = {k: v.clone() for k, v in load_recipe_model(recipe).model.state_dict().items() if "running" in k}
+    seen: dict[str, torch.Tensor] = {}
+
+    def spy(state, loss) -> None:  # the base's statistics after training steps (train mode was on)
+        model = state_model["model"]
+        seen.update({k: v.clone() for k, v in model.state_dict().items() if "running_mean" in k
+                     and "modules_to_save" not in k})
+
+    state_model: dict = {}
+    real_prepare = lktrain._prepare_model
+
+    def prepare(recipe_, model, config, tokenizer):
+        state_model["model"] = model
+        return real_prepare(recipe_, model, config, tokenizer)
+
+    import unittest.mock as mock
+
+    with mock.patch.object(lktrain, "_prepare_model", prepare):
+        metrics = train(recipe, tmp_path / "run", on_step=spy)
+    base_keys = {k.replace(".original_module", "").replace(".base_layer", ""): v for k, v in seen.items()}
+    moved = [k for k, v in base_keys.items() if not torch.equal(v, pristine[k])]
+    assert not moved, f"frozen BatchNorm statistics changed: {moved[:3]}"
+    evaluated = _eval_cli(tmp_path / "run", capsys, 32)
+    for key in ("loss", "accuracy"):
+        assert evaluated[key] == pytest.approx(metrics["eval"][key], abs=1e-6), key
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    norm_keys = [k for k in saved if k.endswith("running_mean")]
+    if norm_stats:
+        assert len(norm_keys) == 52
+        config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+        assert len(config["modules_to_save"]) == 53  # the classifier and every BatchNorm
+        trained = [k for k in norm_keys if not torch.equal(saved[k], pristine[_base_key(k)])]
+        assert trained, "train_norm_stats=true: the saved statistics must be the trained ones"
+        ckpt = read_checkpoint(tmp_path / "run" / CHECKPOINT_FILE)
+        assert sum(k.endswith("running_mean") for k in ckpt.buffers) == 52
+    else:
+        assert norm_keys == []
+
+
+def _base_key(adapter_key: str) -> str:
+    """``base_model.model.features.0.1.running_mean`` -> the base's ``features.0.1.running_mean``."""
+    return adapter_key.removeprefix("base_model.model.")
+
+
+def test_max_steps_beyond_one_epoch_cycles_the_data(tmp_path: Path) -> None:
+    """30 rows in batches of 2: 15 steps per epoch; max_steps=40 runs 40 steps (2 validations at epoch ends),
+    and stale temporary files of a killed run in the output folder are removed at the start."""
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = out / ".checkpoint.pt.999999999.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    recipe = load_recipe("sentiment-minilm", ["train.max_train_examples=30", "train.batch_size=2",
+                                              "train.max_length=16", "train.max_steps=40", "eval.max_examples=8",
+                                              "train.progress=false", "lora.r=2"])
+    metrics = train(recipe, out)
+    assert metrics["steps"] == 40 and metrics["examples_seen"] == 80
+    assert [h["step"] for h in metrics["history"] if "validation" in h] == [15, 30]
+    assert not stale.exists()
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 41))
+    assert set(steps[0]) == {"step", "epoch", "loss", "lr", "grad_norm", "elapsed_s"}
+    assert steps[16]["epoch"] == 1 and all(r["grad_norm"] > 0 for r in steps)
+    assert [r["step"] for r in log if "validation" in r] == [15, 30]
+    png = (out / "training.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_a_target_matching_nothing_fails_before_the_baseline_evaluation(tmp_path: Path, monkeypatch) -> None:
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("the baseline evaluation ran before the targets were checked")
+
+    monkeypatch.setattr(lktrain, "evaluate", no_evaluation)
+    from lorakit.errors import TargetError
+
+    with pytest.raises(TargetError, match="nope"):
+        train(load_recipe("sentiment-minilm", TINY + ["lora.target_modules=[nope]"]), tmp_path)
+
+
+def test_resumed_log_keeps_the_steps_before_the_checkpoint(tmp_path: Path) -> None:
+    recipe = load_recipe("sentiment-minilm", TINY + ["train.max_steps=4", "train.checkpoint_every=2"])
+
+    def interrupt(state, loss) -> None:
+        if state.global_step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, tmp_path, on_step=interrupt)
+    train(recipe, tmp_path, resume=True)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_tensorboard_event_files_when_installed(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    train(load_recipe("sentiment-minilm", TINY + ["train.max_steps=2"]), tmp_path)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

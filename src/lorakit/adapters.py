@@ -8,6 +8,7 @@ effect of ``.eval()``.
 from __future__ import annotations
 
 import dataclasses
+import dataclasses
 import math
 import re
 from contextlib import contextmanager
@@ -359,6 +360,22 @@ def add_weighted_adapter(model: nn.Module, sources: Sequence[str], weights: Sequ
     for _, layer in layers:
         for param in layer.adapter_parameters(name):
             param.requires_grad_(False)
+
+
+def copy_modules_to_save(model: nn.Module, source: str, target: str) -> None:
+    """Give adapter ``target`` frozen copies of adapter ``source``'s ``modules_to_save`` (parameters and buffers,
+    e.g. a classifier head, a trained BatchNorm's running statistics) and list them in ``target``'s config:
+    what a combined adapter (`add_weighted_adapter`, which has none) needs to be used, or saved, for a task."""
+    state = _require_state(model)
+    _check_known(state, [source, target])
+    for _, module in lora_modules(model):
+        if isinstance(module, ModulesToSave) and source in module.modules_to_save:
+            if target not in module.modules_to_save:
+                module.add(target)
+            module.modules_to_save[target].load_state_dict(module.modules_to_save[source].state_dict())
+            module.modules_to_save[target].requires_grad_(False)
+    state.configs[target] = dataclasses.replace(state.configs[target],
+                                                modules_to_save=state.configs[source].modules_to_save)
 
 
 def copy_modules_to_save(model: nn.Module, source: str, target: str) -> None:

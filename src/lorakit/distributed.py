@@ -48,7 +48,7 @@ def setup(device: str | None = None) -> World:
 
 
 def all_reduce_sum(value: torch.Tensor, world: World) -> torch.Tensor:
-    """Sum over processes (a no-op in a world of one)."""
+    """Sum over processes (a no-op in a world of one); ``value`` must be on the process group's device."""
     if world.distributed:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
@@ -63,3 +63,12 @@ def barrier(world: World) -> None:
 def teardown(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wrap(model: torch.nn.Module, world: World) -> torch.nn.Module:
+    """The module a training step runs: ``DistributedDataParallel`` over the processes of ``world`` (gradients
+    averaged in backward), the model itself in a world of one. The one place a model is wrapped for training,
+    so every loop (`lorakit.train.run_training`) shards or replicates it the same way."""
+    if not world.distributed:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model)

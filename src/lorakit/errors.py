@@ -19,3 +19,7 @@ class AdapterStateError(LorakitError, RuntimeError):
 
 class AdapterError(LorakitError, ValueError):
     """An adapter file or folder cannot be read, or does not fit the model."""
+
+
+class TrainingError(LorakitError, RuntimeError):
+    """Training cannot go on (non-finite loss, unreadable or incompatible checkpoint...)."""

@@ -62,6 +62,9 @@ class TrainArgs:
     # LoRA: train the base's normalisation layers with running statistics (BatchNorm...) as modules_to_save
     # copies, saved with the adapter; default: they stay frozen and run with their running statistics
     train_norm_stats: bool = False
+    # LoRA: train the base's normalisation layers with running statistics (BatchNorm...) as modules_to_save
+    # copies, saved with the adapter; default: they stay frozen and run with their running statistics
+    train_norm_stats: bool = False
 
 
 @dataclass

@@ -1,22 +1,37 @@
-"""Training from recipes: one loop for LoRA and full fine-tuning, for 1 or N processes (torchrun).
+"""Training: ONE optimizer step and ONE loop, used by every path that trains (`lorakit train`, multi-task in
+mixed batches and one task after another, continual learning, the LR range test, 1 or N processes).
 
-A recipe is a YAML file (``recipes/NAME.yaml``) read into `Recipe`; ``key=value`` overrides use dotted paths
-(``train.lr=1e-3``, ``lora.r=16``, ``method=full``). Checkpoints hold everything needed to resume so that an
-interrupted run ends with the same weights as an uninterrupted one: trainable tensors, optimizer, scheduler,
-RNG states and the data position (epoch, step), written atomically.
+The public API, bottom up:
+
+- ``train_step(model, micro_batches, optimizer, scheduler, settings, lr=None) -> StepResult``: forward (bf16
+  autocast when ``settings.precision == "bf16"``), loss summed and divided by the global count of loss terms of
+  each group (rows, or answer tokens: `lorakit.evaluate.loss_terms`), backward, gradient clipping (per group of
+  parameters when ``settings.clip_groups`` is set), ``optimizer.step()``, ``scheduler.step()``. ``micro_batches``
+  are `MicroBatch` (inputs + labels; optional loss groups and per-row adapters for mixed batches).
+- ``run_training(model, optimizer, scheduler, batches, steps, settings, *, start=0, on_step=None, lr_at=None,
+  progress=None, stop_on_nonfinite=True) -> list[StepResult]``: the loop. ``batches(step)`` gives a step's
+  micro-batches; the model is put in `train_mode` (frozen normalisation layers keep their running statistics)
+  before each step; ``on_step(step, result)`` returning True stops; ``lr_at(step)`` sets the learning rate per
+  step (an LR range test, with ``scheduler=None``).
+- ``train(recipe, output_dir, resume=False, on_step=None) -> metrics``: a recipe run (`RecipeLoop`): data
+  order (`DataOrder`: seeded, optionally grouped by length, cycled through epochs until ``max_steps``),
+  optimizer (`build_optimizer`, LoRA+), schedule (`build_scheduler`), validation at each epoch's end with early
+  stopping, checkpoints (`lorakit.checkpoints`: safetensors + JSON, exact resume), a per-step log and a plot
+  (`lorakit.runlog`). The model is wrapped for N processes in one place, `lorakit.distributed.wrap`.
+
+A `lorakit.recipes.Recipe` (schema, YAML, overrides and checks live there) says what to train.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import os
 import random
 import resource
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,186 +40,364 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import yaml
-from torch import nn
+from torch import Tensor, nn
 
 from . import distributed
+from .checkpoints import (CHECKPOINT_FILE, checkpoint_path, clean_stale_temp_files, read_checkpoint,
+                          restore_checkpoint, rng_state, save_checkpoint)
 from .config import LoraConfig
-from .errors import ConfigError, LorakitError
-from .evaluate import encode, evaluate, forward, loss_sum, to_device
+from .errors import ConfigError, TrainingError
+from .evaluate import encode, evaluate, forward, loss_sum, loss_terms, to_device
+from .files import write_bytes, write_json
+from .inject import targeting_report
+from .recipes import Recipe, TrainArgs, load_recipe_data, load_recipe_model
+from .runlog import PLOT_FILE, TrainingLog, plot_training, save_result
+from .tasks import primary_metric
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
-DEFAULT_RECIPE = "sentiment-minilm"
-_TASK_TYPES = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM", "image-classification": None}
 
+# -- one step and one loop ---------------------------------------------------------------------------------------
+@dataclass
+class MicroBatch:
+    """The rows of one forward and backward pass of a step.
 
-class TrainingError(LorakitError, RuntimeError):
-    """Training cannot go on (non-finite loss, incompatible checkpoint...)."""
+    ``inputs``: model inputs and ``labels`` as `lorakit.evaluate.encode` makes them (classification labels
+    ``(rows,)``, causal-LM labels ``(rows, seq)`` with -100 where nothing is learned), on the model's device.
+    ``groups``: contiguous row segments ``(name, rows)`` whose losses are averaged separately (the tasks of a
+    mixed batch); None is one group over all rows. ``adapters``: each row's adapter for a mixed batch
+    (`lorakit.route`), with ``shared`` adapters on every row; None runs the active adapters on every row.
+    """
+
+    inputs: dict[str, Tensor]
+    groups: tuple[tuple[str, int], ...] | None = None
+    adapters: Sequence[str | None] | None = None
+    shared: Sequence[str] = ()
+
+    def segments(self) -> tuple[tuple[str, int], ...]:
+        return self.groups if self.groups is not None else (("", int(self.inputs["labels"].shape[0])),)
 
 
 @dataclass
-class TrainArgs:
-    """How to train. ``epochs`` may be fractional; ``max_steps`` (optimizer steps) caps it."""
+class StepSettings:
+    """How `train_step` runs: the task (its forward and loss), bf16 autocast, clipping, the processes."""
 
-    epochs: float = 1.0
-    max_steps: int | None = None
-    batch_size: int = 16  # global rows per micro-batch, split over processes
-    grad_accum: int = 1
-    lr: float = 5e-4
-    lora_plus_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): lr of B = ratio x lr; 1 = off
-    weight_decay: float = 0.0
-    schedule: str = "cosine"  # cosine | linear | constant
-    warmup_ratio: float = 0.06
-    max_grad_norm: float | None = 1.0
-    seed: int = 0
-    max_length: int = 128
-    group_by_length: bool = False  # batch rows of similar length together (less padding, same epoch content)
-    max_train_examples: int | None = None
-    early_stopping_patience: int | None = None
-    checkpoint_every: int = 0  # optimizer steps; 0: only at the end (and on Ctrl-C)
-    gradient_checkpointing: bool = False
-    model_dropout: float | None = None  # set every dropout of the base model to this (None: keep the model's)
-    device: str = "auto"
-    num_threads: int | None = None
-    progress: bool = True
-    precision: str = "fp32"  # fp32 | bf16: bf16 autocast of the training forward (weights, optimizer, loss fp32)
-
-
-@dataclass
-class EvalArgs:
-    batch_size: int = 32
-    max_examples: int | None = None  # cap on validation/test rows (speed)
-    generate_examples: int = 0  # causal LM: greedy answers scored with chrF / exact match
-    max_new_tokens: int = 64
-
-
-@dataclass
-class Recipe:
-    name: str
     task: str
-    model: str
-    data: str
-    method: str = "lora"  # lora | full
-    lora: dict[str, Any] = field(default_factory=dict)
-    train: TrainArgs = field(default_factory=TrainArgs)
-    eval: EvalArgs = field(default_factory=EvalArgs)
-    image_size: int | None = None
-    quantize: str | None = None  # int8 | nf4: frozen quantized base under the adapters (QLoRA-style)
-    description: str = ""
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the forward; weights, optimizer and loss stay fp32)
+    max_grad_norm: float | None = 1.0
+    clip_groups: Sequence[Sequence[nn.Parameter]] | None = None  # clipped one by one; None: all trainable ones
+    world: distributed.World = field(default_factory=distributed.World)
 
-    def lora_config(self, base_model_name: str | None = None) -> LoraConfig:
-        return LoraConfig(**{**self.lora, "task_type": _TASK_TYPES.get(self.task),
-                             "base_model_name_or_path": base_model_name})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    @classmethod
+    def from_args(cls, task: str, args: TrainArgs, world: distributed.World | None = None,
+                  clip_groups: Sequence[Sequence[nn.Parameter]] | None = None) -> "StepSettings":
+        return cls(task, args.precision, args.max_grad_norm, clip_groups, world or distributed.World())
 
 
-# -- recipes -------------------------------------------------------------------------------------------------
-def recipe_path(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return path
-    for folder in (RECIPES_DIR, Path.cwd() / "recipes"):
-        candidate = folder / f"{name_or_path}.yaml"
-        if candidate.is_file():
-            return candidate
-    known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
-    raise ConfigError(f"no recipe {name_or_path!r}: give a YAML file or one of {known}")
+@dataclass
+class StepResult:
+    """What one optimizer step did."""
+
+    loss: float  # mean loss of the step (several groups: the mean of the groups' means)
+    losses: dict[str, float]  # each group's mean loss ("" for the single group)
+    grad_norm: float | None  # total gradient norm before clipping; None when the step was skipped (non-finite)
+    lr: float  # learning rate the step used (first parameter group)
+    terms: int  # loss terms of the step over all processes (rows, or answer tokens)
+
+    @property
+    def finite(self) -> bool:
+        return all(math.isfinite(v) for v in self.losses.values())
 
 
-def load_recipe(name_or_path: str = DEFAULT_RECIPE, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a recipe and apply ``key=value`` overrides (values parsed as YAML: ``3``, ``1e-3``, ``[q, v]``)."""
-    path = recipe_path(name_or_path)
-    return recipe_from_dict(read_recipe_yaml(path, overrides), source=str(path))
+class NonFiniteLoss(TrainingError):
+    """The loss of a step was NaN or infinite; the step changed nothing."""
+
+    def __init__(self, step: int, result: StepResult) -> None:
+        super().__init__(f"loss became {result.loss} at step {step}; lower train.lr, keep train.max_grad_norm "
+                         "set, or check the data")
+        self.step, self.result = step, result
 
 
-def read_recipe_yaml(path: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """A recipe file's YAML with ``key=value`` overrides applied: dotted keys walk sections, a number indexes a
-    list (``tasks.1.max_train_examples=400``), values are parsed as YAML (``3``, ``1e-3``, ``[q, v]``)."""
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe is a YAML mapping (name: ..., task: ..., ...), got {type(data).__name__}")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=1e-3)")
-        node: Any = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[_list_index(node, part, item)] if isinstance(node, list) else node.setdefault(part, {})
-            if not isinstance(node, (dict, list)):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        if isinstance(node, list):
-            node[_list_index(node, leaf, item)] = yaml.safe_load(value)
-        elif isinstance(node, dict):
-            node[leaf] = yaml.safe_load(value)
+def train_step(model: nn.Module, micro_batches: Sequence[MicroBatch], optimizer: torch.optim.Optimizer,
+               scheduler: Any, settings: StepSettings, lr: float | None = None) -> StepResult:
+    """One optimizer step: forward and backward of every micro-batch, the loss of each group summed and divided
+    by the group's global count of loss terms (`lorakit.evaluate.loss_terms`, over all micro-batches and
+    processes: 1 and N processes, 1 and K micro-batches agree), clipping, ``optimizer.step()`` and
+    ``scheduler.step()`` (``scheduler`` may be None).
+
+    The objective is ``sum_g L_g / N_g``: each group's mean loss (one group: the batch mean). ``model`` is the
+    module to run (`lorakit.distributed.wrap` of the model under torchrun). ``lr`` sets the learning rate of this
+    step first (`set_lr`; pass ``scheduler=None`` then). A non-finite loss skips the update (gradients cleared)
+    and is returned for the caller to act on.
+    """
+    world, task = settings.world, settings.task
+    names = list(dict.fromkeys(name for mb in micro_batches for name, _ in mb.segments()))
+    local = torch.zeros(len(names), dtype=torch.float64)
+    for mb in micro_batches:
+        for (name, start, stop) in _spans(mb):
+            local[names.index(name)] += loss_terms(task, mb.inputs["labels"][start:stop])
+    counts = distributed.all_reduce_sum(local.to(world.device), world).cpu()
+    empty = [name or "the batch" for name, count in zip(names, counts.tolist()) if count == 0]
+    if empty:
+        raise TrainingError(f"a step has no loss term for {empty}: every answer token was cut off (fix: a larger "
+                            "train.max_length, or shorter prompts)")
+    if lr is not None:
+        set_lr(optimizer, lr)
+    used_lr = float(optimizer.param_groups[0]["lr"])
+    optimizer.zero_grad(set_to_none=True)
+    totals = torch.zeros(len(names), dtype=torch.float64)
+    for i, mb in enumerate(micro_batches):
+        no_sync = getattr(model, "no_sync", None)  # DDP: all-reduce gradients once, after the last micro-batch
+        sync = no_sync() if no_sync is not None and i < len(micro_batches) - 1 else contextlib.nullcontext()
+        with sync, _routed(model, mb):  # backward inside: recomputation (checkpointing) is routed too
+            with autocast(settings.precision, world.device):
+                logits = forward(model, task, mb.inputs)
+            objective: Any = 0.0
+            for name, start, stop in _spans(mb):
+                part, _ = loss_sum(task, logits[start:stop], mb.inputs["labels"][start:stop])  # fp32
+                k = names.index(name)
+                # DDP averages gradients over processes: scale so the result is the global mean
+                objective = objective + part * (world.size / float(counts[k]))
+                totals[k] += part.detach().double().cpu()
+            objective.backward()
+    means = distributed.all_reduce_sum(totals.to(world.device), world).cpu() / counts
+    losses = {name: float(v) for name, v in zip(names, means)}
+    result = StepResult(sum(losses.values()) / len(losses), losses, None, used_lr, int(counts.sum()))
+    if not result.finite:
+        optimizer.zero_grad(set_to_none=True)
+        return result
+    result.grad_norm = _clip(model, settings)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return result
+
+
+def _spans(mb: MicroBatch) -> list[tuple[str, int, int]]:
+    spans, start = [], 0
+    for name, rows in mb.segments():
+        spans.append((name, start, start + rows))
+        start += rows
+    return spans
+
+
+def _routed(model: nn.Module, mb: MicroBatch) -> contextlib.AbstractContextManager:
+    if mb.adapters is None:
+        return contextlib.nullcontext()
+    from .adapters import route
+
+    return route(getattr(model, "module", model), list(mb.adapters), shared=list(mb.shared))
+
+
+def _clip(model: nn.Module, settings: StepSettings) -> float:
+    """Clip each group to ``max_grad_norm`` (None: no clipping); the total norm before clipping."""
+    groups = settings.clip_groups or [[p for p in model.parameters() if p.requires_grad]]
+    norms = []
+    for params in groups:
+        if settings.max_grad_norm:
+            norms.append(float(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)))
         else:
-            raise ConfigError(f"override {item!r}: {leaf!r} is not in a section")
-    return data
+            grads = [p.grad for p in params if p.grad is not None]
+            norms.append(float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0)
+    return math.sqrt(sum(n * n for n in norms))
 
 
-def _list_index(node: list, part: str, item: str) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(f"override {item!r}: the list has no entry {part}")
-    return int(part)
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on the run's device type (cuda or cpu), or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def build_section(cls: type, values: Any, where: str, source: str) -> Any:
-    """Dataclass ``cls`` from a recipe section: unknown keys refused with the known ones listed, values coerced
-    to the fields' types (`_coerce`)."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{source}: {where} must be a mapping, got {values!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(fields)
-    if unknown:
-        raise ConfigError(f"{source}: unknown {where} key(s) {sorted(unknown)}; known: {sorted(fields)}")
-    return cls(**{k: _coerce(f"{where}.{k}", fields[k], v, source) for k, v in values.items()})
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate to ``lr``, keeping each parameter group's ratio to it (LoRA+'s B matrices)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_ratio", 1.0)
 
 
-def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
-    data = dict(data)
-    train_args = build_section(TrainArgs, data.pop("train", None) or {}, "train", source)
-    eval_args = build_section(EvalArgs, data.pop("eval", None) or {}, "eval", source)
-    missing = [k for k in ("name", "task", "model", "data") if k not in data]
-    if missing:
-        raise ConfigError(f"{source}: missing required key(s) {missing}")
-    recipe = build_section(Recipe, {**data, "train": train_args, "eval": eval_args}, "top-level", source)
-    if recipe.task not in _TASK_TYPES:
-        raise ConfigError(f"{source}: task must be one of {list(_TASK_TYPES)}, got {recipe.task!r}")
-    if recipe.method not in ("lora", "full"):
-        raise ConfigError(f"{source}: method must be 'lora' or 'full', got {recipe.method!r}")
-    if recipe.quantize not in (None, "int8", "nf4"):
-        raise ConfigError(f"{source}: quantize must be int8 or nf4, got {recipe.quantize!r}")
-    if recipe.method == "full" and recipe.quantize:
-        raise ConfigError(f"{source}: a quantized base is frozen; quantize needs method=lora")
-    if recipe.train.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"{source}: train.precision must be fp32 or bf16, got {recipe.train.precision!r}")
-    if recipe.train.schedule not in ("cosine", "linear", "constant"):
-        raise ConfigError(f"{source}: train.schedule must be cosine, linear or constant")
-    if recipe.method == "lora":
-        recipe.lora_config()  # validate early
-    return recipe
+def has_running_stats(module: nn.Module) -> bool:
+    """Whether ``module`` keeps running statistics that training mode would update (BatchNorm*, InstanceNorm
+    with ``track_running_stats``, any module with a ``running_mean`` buffer)."""
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return module.track_running_stats
+    return any(name == "running_mean" for name, _ in module.named_buffers(recurse=False))
 
 
-def _coerce(key: str, spec: dataclasses.Field, value: Any, source: str) -> Any:
-    """YAML reads ``1e-3`` as a string (1.1 wants ``1.0e-3``); numbers in numeric fields are converted."""
-    kind = spec.type if isinstance(spec.type, str) else getattr(spec.type, "__name__", "")
-    numeric = next((t for t in ("float", "int") if kind.startswith(t)), None)
-    if numeric is None or not isinstance(value, str):
-        return value
+def norm_layers(model: nn.Module) -> list[str]:
+    """Names of ``model``'s modules with running statistics (`has_running_stats`)."""
+    return [name for name, module in model.named_modules() if name and has_running_stats(module)]
+
+
+def with_norm_layers(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """``config`` with every normalisation layer of ``model`` that keeps running statistics added to
+    ``modules_to_save`` (``train.train_norm_stats``): each becomes a trainable copy per adapter whose affine
+    parameters train and whose running statistics update, and both are saved with the adapter (as PEFT saves
+    ``modules_to_save``), checkpointed and restored on load. `ConfigError` when the model has none."""
+    names = norm_layers(model)
+    if not names:
+        raise ConfigError("train.train_norm_stats: the model has no normalisation layer with running statistics "
+                          "(BatchNorm...); remove the option")
+    return config.replace(modules_to_save=list(dict.fromkeys([*(config.modules_to_save or []), *names])))
+
+
+def train_mode(model: nn.Module) -> None:
+    """Training mode, except normalisation layers whose parameters are all frozen: they keep the base's
+    running statistics (eval mode), so a frozen base stays frozen. Trained ones (full fine-tuning, or a
+    ``modules_to_save`` copy, see ``train.train_norm_stats``) train and update their statistics."""
+    model.train()
+    for module in model.modules():
+        if has_running_stats(module) and not any(p.requires_grad for p in module.parameters()):
+            module.eval()
+
+
+StepHook = Callable[[int, StepResult], "bool | None"]
+
+
+def run_training(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 batches: Callable[[int], Sequence[MicroBatch]], steps: int, settings: StepSettings, *,
+                 start: int = 0, on_step: StepHook | None = None, lr_at: Callable[[int], float] | None = None,
+                 progress: str | None = None, stop_on_nonfinite: bool = True) -> list[StepResult]:
+    """The training loop: steps ``start .. steps - 1`` of `train_step`, each on ``batches(step)``, the model in
+    `train_mode` before each. Returns the steps' results.
+
+    ``on_step(step, result)`` runs after each step (``step`` counted from 1); returning True stops the loop
+    (validation, checkpoints, early stopping, an LR range test's divergence all live there). ``lr_at(step)``
+    sets the learning rate of each step (with ``scheduler=None``). A non-finite loss raises `NonFiniteLoss`
+    unless ``stop_on_nonfinite`` is False (then ``on_step`` sees it). ``progress``: a progress bar's title
+    (main process only).
+    """
+    bar = None
+    if progress is not None and settings.world.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=start, desc=progress, unit="step", file=sys.stderr, dynamic_ncols=True)
+    results = []
     try:
-        return float(value) if numeric == "float" else int(value)
-    except ValueError:
-        raise ConfigError(f"{source}: {key} must be a number, got {value!r}") from None
+        for step in range(start, steps):
+            train_mode(getattr(model, "module", model))
+            result = train_step(model, batches(step), optimizer, scheduler, settings,
+                                lr=lr_at(step) if lr_at is not None else None)
+            results.append(result)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
+            if stop_on_nonfinite and not result.finite:
+                raise NonFiniteLoss(step + 1, result)
+            if on_step is not None and on_step(step + 1, result):
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
 
 
-# -- the loop ------------------------------------------------------------------------------------------------
+# -- which rows each step trains on -------------------------------------------------------------------------------
+def run_steps(n_rows: int, args: TrainArgs) -> tuple[int, int]:
+    """``(optimizer steps per epoch, optimizer steps of the run)`` for ``n_rows`` training rows: ``max_steps``
+    when set (the data is cycled through as many epochs as it takes), else ``epochs`` passes."""
+    steps_per_epoch = n_rows // args.batch_size // args.grad_accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{n_rows} training rows are fewer than one step needs "
+                          f"(batch_size {args.batch_size} x grad_accum {args.grad_accum}); lower them")
+    if args.max_steps is not None:
+        return steps_per_epoch, args.max_steps
+    return steps_per_epoch, math.ceil(args.epochs * steps_per_epoch)
+
+
+@dataclass
+class DataOrder:
+    """Which rows each optimizer step trains on: epoch ``e`` visits the rows in ``randperm(n, seed + e)``
+    (sorted by length within chunks of 50 batches when ``lengths`` are given: `group_by_length`), cut into
+    micro-batches of ``batch_size`` rows, ``grad_accum`` per step; steps run on through the epochs."""
+
+    n_rows: int
+    args: TrainArgs
+    lengths: Tensor | None = None
+    _orders: dict[int, Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return run_steps(self.n_rows, self.args)[0]
+
+    def micro_batches(self, step: int) -> list[Tensor]:
+        """Row indices of optimizer step ``step`` (counted from 0 over all epochs), one tensor per micro-batch."""
+        args = self.args
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch not in self._orders:
+            order = torch.randperm(self.n_rows, generator=torch.Generator().manual_seed(args.seed + epoch))
+            if self.lengths is not None:
+                order = group_by_length(order, self.lengths, chunk=50 * args.batch_size)
+            self._orders = {epoch: order}
+        order, first = self._orders[epoch], k * args.grad_accum
+        return [order[(first + i) * args.batch_size:(first + i + 1) * args.batch_size] for i in range(args.grad_accum)]
+
+
+def encode_rows(task: str, rows: Any, micro: Sequence[Tensor], tokenizer: Any, max_length: int,
+                image_size: int | None, world: distributed.World) -> list[MicroBatch]:
+    """`MicroBatch`es of global row indices ``micro``: this process takes every ``world.size``-th row."""
+    out = []
+    for indices in micro:
+        mine = indices[world.rank::world.size].tolist()
+        inputs = encode(task, [rows[i] for i in mine], tokenizer, max_length, image_size)
+        out.append(MicroBatch(to_device(inputs, world.device)))
+    return out
+
+
+def row_lengths(task: str, rows: Any, tokenizer: Any) -> Tensor | None:
+    """Token count per row (text tasks), to group rows of similar length; None for images."""
+    if task == "sequence-classification":
+        texts = [row["text"] for row in rows]
+    elif task == "causal-lm":
+        texts = [row.get("prompt", "") + row.get("completion", "") if "messages" not in row
+                 else " ".join(m["content"] for m in row["messages"]) for row in rows]
+    else:
+        return None
+    return torch.tensor([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
+
+
+def group_by_length(order: Tensor, lengths: Tensor, chunk: int) -> Tensor:
+    """Within each chunk of the shuffled order, sort rows by length (longest first): batches then hold rows
+    of similar length while the epoch still visits every row once, in an order fixed by the seed."""
+    parts = []
+    for part in order.split(chunk):
+        parts.append(part[torch.argsort(lengths[part], descending=True, stable=True)])
+    return torch.cat(parts)
+
+
+# -- optimizer and schedule ------------------------------------------------------------------------------------------
+def build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; with LoRA+ the B matrices get ``lora_plus_ratio`` x the learning
+    rate (kept as each group's ``lr_ratio``, see `set_lr`). No decay on 1-D tensors."""
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        ratio = args.lora_plus_ratio if ("lora_B" in name or "lora_embedding_B" in name) else 1.0
+        decay = args.weight_decay if param.ndim > 1 else 0.0
+        groups.setdefault((ratio, decay), []).append(param)
+    return torch.optim.AdamW([{"params": ps, "lr": args.lr * ratio, "lr_ratio": ratio, "weight_decay": wd}
+                              for (ratio, wd), ps in groups.items()], lr=args.lr)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, total_steps: int) -> Any:
+    """Linear warm-up over ``warmup_ratio`` of the steps, then cosine, linear or constant (``schedule``)."""
+    warmup = int(args.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if args.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if args.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# -- lorakit train: a recipe run ---------------------------------------------------------------------------------
 @dataclass
 class LoopState:
-    """Where training is: enough to resume exactly."""
+    """Where a recipe run is: enough to resume exactly (saved in checkpoints as JSON)."""
 
     epoch: int = 0
     step_in_epoch: int = 0
@@ -215,174 +408,248 @@ class LoopState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass
+class RunData:
+    """A recipe's rows: training (capped by ``max_train_examples``), validation and test (capped by
+    ``eval.max_examples``), and the full training split (its fingerprint and labels)."""
+
+    train: Any
+    validation: Any
+    test: Any
+    full_train: Any
+
+
+def load_run_data(recipe: Recipe) -> RunData:
+    """The rows a recipe run trains and evaluates on (`lorakit.recipes.load_recipe_data`, then the caps)."""
+    splits = load_recipe_data(recipe)  # the recipe's data options (data.skip_bad_rows, ...) applied there
+    limit = recipe.train.max_train_examples
+    train_rows = splits.train if limit is None else splits.train.take(limit)
+    cap = recipe.eval.max_examples
+    return RunData(train_rows, _cap(splits.validation, cap), _cap(splits.test, cap), splits.train)
+
+
 def train(recipe: Recipe, output_dir: str | Path, resume: bool = False,
           on_step: Callable[[LoopState, float], None] | None = None) -> dict[str, Any]:
-    """Train ``recipe`` into ``output_dir`` (``adapter/`` or ``model/``, ``metrics.json``); returns the metrics."""
-    from .data import load_dataset
-    from .models import load_model
-
+    """Train ``recipe`` into ``output_dir`` (``adapter/`` or ``model/``, ``metrics.json``, ``train_log.jsonl``,
+    ``training.png``, ``checkpoint.safetensors``); returns the metrics. ``on_step(state, loss)`` runs after every
+    optimizer step (an exception there stops the run with a checkpoint, as Ctrl-C does)."""
     args = recipe.train
     world = distributed.setup(args.device)
     out = Path(output_dir)
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        clean_stale_temp_files(out)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    _seed_everything(args.seed)
+    seed_everything(args.seed)
     started = time.perf_counter()
-
-    splits = load_dataset(recipe.data, seed=args.seed)
-    train_rows = splits.train if args.max_train_examples is None else splits.train.take(args.max_train_examples)
-    val_rows, test_rows = _cap(splits.validation, recipe.eval.max_examples), _cap(splits.test, recipe.eval.max_examples)
-    num_labels = len(splits.train.labels) if recipe.task != "causal-lm" and splits.train.labels else None
-    loaded = load_model(recipe.model, task=recipe.task, num_labels=num_labels, seed=args.seed)
-    model, tokenizer = loaded.model.to(world.device), loaded.tokenizer
-    quantized_bytes = None
-    if recipe.quantize:
-        from .quant import quantize_model, weight_bytes
-
-        quantize_model(model, recipe.quantize, skip=recipe.lora.get("modules_to_save") or ())
-        quantized_bytes = weight_bytes(model)
-    eval_kwargs = dict(tokenizer=tokenizer, batch_size=recipe.eval.batch_size, max_length=args.max_length,
+    data = load_run_data(recipe)
+    loaded = load_recipe_model(recipe, labels=data.full_train.labels, device=world.device)
+    model = loaded.model
+    config = recipe.lora_config(loaded.path or loaded.name) if recipe.method == "lora" else None
+    if config is not None:  # a target matching nothing fails now, not after the baseline evaluation
+        targeting_report(model, config)
+    eval_kwargs = dict(tokenizer=loaded.tokenizer, batch_size=recipe.eval.batch_size, max_length=args.max_length,
                        image_size=recipe.image_size, max_new_tokens=recipe.eval.max_new_tokens, device=world.device)
-    base_eval = evaluate(model, recipe.task, test_rows, generate_examples=recipe.eval.generate_examples,
+    _log(world, f"[{recipe.name}] evaluating the base model on {len(data.test)} held-out rows")
+    base_eval = evaluate(model, recipe.task, data.test, generate_examples=recipe.eval.generate_examples,
                          **eval_kwargs)
-    _log(world, f"[{recipe.name}] before training: {_fmt(base_eval)}")
+    _log(world, f"[{recipe.name}] before training: {format_metrics(base_eval)}")
+    extras = _prepare_model(recipe, model, config, loaded.tokenizer)
+    loop = RecipeLoop(recipe, world, out, model, loaded.tokenizer, data, eval_kwargs)
+    if resume:
+        loop.resume()
+    loop.run(on_step)
+    metrics = {"base_eval": base_eval, "train_time_s": time.perf_counter() - started, **_param_counts(recipe, model)}
+    return loop.finish(loaded, metrics, extras)
 
+
+def _prepare_model(recipe: Recipe, model: nn.Module, config: LoraConfig | None, tokenizer: Any) -> dict[str, Any]:
+    """Dropout, adapters (LoRA) or all parameters trainable (full), gradient checkpointing; returns what
+    `save_adapter` needs besides the model (PiSSA's fingerprint of the original base and initial factors)."""
+    args = recipe.train
     if args.model_dropout is not None:
         for module in model.modules():
             if isinstance(module, nn.Dropout):
                 module.p = args.model_dropout
-    save_extras: dict[str, Any] = {}
-    if recipe.method == "lora":
+    extras: dict[str, Any] = {}
+    if config is None:
+        model.requires_grad_(True)
+    else:
         from .inject import inject
         from .io import adapter_state_dict, base_fingerprint
 
-        config = recipe.lora_config(loaded.path or loaded.name)
+        if args.train_norm_stats:
+            config = with_norm_layers(model, config)
         if config.init == "pissa":  # the base becomes a residual: fingerprint the original, keep A0/B0 for export
-            save_extras["fingerprint"] = base_fingerprint(model, config, tokenizer)
+            extras["fingerprint"] = base_fingerprint(model, config, tokenizer)
         inject(model, config)
         if config.init == "pissa":
-            save_extras["pissa_initial"] = adapter_state_dict(model)
-    else:
-        model.requires_grad_(True)
+            extras["pissa_initial"] = adapter_state_dict(model)
+        if args.dtype != "fp32":  # a bf16/fp16 base: the adapters, heads and AdamW state stay fp32
+            from .precision import keep_trainable_fp32
+
+            keep_trainable_fp32(model)
     if args.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
+    return extras
+
+
+def _param_counts(recipe: Recipe, model: nn.Module) -> dict[str, Any]:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+    counts: dict[str, Any] = {}
     if recipe.quantize:  # quantized weights are buffers now; count them as the parameters they replace
-        from .quant import QuantizedLinear
+        from .quant import QuantizedLinear, weight_bytes
 
         n_total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
+        counts["quantized_weight_bytes"], counts["quantized_weight_fp32_bytes"] = weight_bytes(model)
+    return {"trainable_params": n_trainable, "total_params": n_total, "trainable_fraction": n_trainable / n_total,
+            "trainable_tensors": len(trainable), **counts}
 
-    steps_per_epoch, total_steps = run_steps(len(train_rows), args)
-    optimizer = _optimizer(model, args)
-    scheduler = _scheduler(optimizer, args, total_steps)
-    state = LoopState()
-    ckpt = out / "checkpoint.pt"
-    if resume:
-        state = _load_checkpoint(ckpt, model, optimizer, scheduler, recipe)
-        _log(world, f"[{recipe.name}] resumed at step {state.global_step} (epoch {state.epoch})")
-    train_model: nn.Module = model
-    if world.distributed:
-        train_model = nn.parallel.DistributedDataParallel(model)
 
-    lengths = _row_lengths(recipe.task, train_rows, tokenizer) if args.group_by_length else None
-    best_state: dict[str, torch.Tensor] | None = None
-    rng_at_step = _rng_state()  # RNG at the last step boundary: what a checkpoint of `state` must hold
-    progress = _progress(world, args, total_steps, state.global_step, recipe.name)
-    tick, tick_examples = time.perf_counter(), 0
-    model.train()
-    stop = _DeferredInterrupt()
-    try:
-        while state.global_step < total_steps:
-            order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed + state.epoch))
-            if lengths is not None:
-                order = _group_by_length(order, lengths, chunk=50 * args.batch_size)
-            while state.step_in_epoch < steps_per_epoch and state.global_step < total_steps:
-                first = state.step_in_epoch * args.grad_accum
-                micro = [order[(first + i) * args.batch_size:(first + i + 1) * args.batch_size]
-                         for i in range(args.grad_accum)]
-                loss = _step(train_model, recipe, world, train_rows, micro, tokenizer, optimizer, scheduler, model)
-                if not math.isfinite(loss):
-                    raise TrainingError(
-                        f"loss became {loss} at step {state.global_step + 1} (epoch {state.epoch}); training stopped "
-                        f"and the last good checkpoint ({ckpt if ckpt.exists() else 'none yet'}) is intact. "
-                        "Lower train.lr, keep train.max_grad_norm set, or check the data")
-                state.step_in_epoch += 1
-                state.global_step += 1
-                state.examples_seen += args.batch_size * args.grad_accum
-                tick_examples += args.batch_size * args.grad_accum
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{loss:.4f}",
-                                         ex_s=f"{tick_examples / max(1e-9, time.perf_counter() - tick):.1f}")
-                state.history.append({"step": state.global_step, "loss": loss, "lr": scheduler.get_last_lr()[0]})
-                rng_at_step = _rng_state()
-                if args.checkpoint_every and state.global_step % args.checkpoint_every == 0:
-                    _save_checkpoint(ckpt, world, model, optimizer, scheduler, state, recipe, rng_at_step)
-                if on_step is not None:
-                    on_step(state, loss)
-                stop.check()
-            if state.step_in_epoch >= steps_per_epoch:  # epoch finished: validate, maybe stop early
-                val = evaluate(model, recipe.task, val_rows, **eval_kwargs)
-                state.history.append({"epoch": state.epoch, "step": state.global_step, "validation": val})
-                _log(world, f"[{recipe.name}] epoch {state.epoch} validation: {_fmt(val)}")
-                metric = val.get("accuracy", -val["loss"])
-                if state.best_metric is None or metric > state.best_metric:
-                    state.best_metric, state.bad_epochs = metric, 0
-                    best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-                else:
-                    state.bad_epochs += 1
-                state.epoch += 1
-                state.step_in_epoch = 0
-                model.train()
-                if args.early_stopping_patience is not None and state.bad_epochs > args.early_stopping_patience:
-                    _log(world, f"[{recipe.name}] early stop: no validation gain for {state.bad_epochs} epochs")
-                    break
-    except KeyboardInterrupt:
-        _save_checkpoint(ckpt, world, model, optimizer, scheduler, state, recipe, rng_at_step)
-        _log(world, f"[{recipe.name}] interrupted: checkpoint saved at step {state.global_step}; "
-                    f"continue with --resume")
-        raise
-    finally:
-        stop.restore()
-        if progress is not None:
-            progress.close()
-    if best_state is not None and args.early_stopping_patience is not None:
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in best_state:
-                    param.copy_(best_state[name])
-    _save_checkpoint(ckpt, world, model, optimizer, scheduler, state, recipe, _rng_state())
-    train_time = time.perf_counter() - started
+class RecipeLoop:
+    """`run_training` for a recipe: its data order, optimizer and schedule, validation at each epoch's end with
+    early stopping, checkpoints, the per-step log, Ctrl-C handling and resuming."""
 
-    final_eval = evaluate(model, recipe.task, test_rows, generate_examples=recipe.eval.generate_examples,
-                          **eval_kwargs)
-    train_eval = evaluate(model, recipe.task, _cap(train_rows, len(test_rows)), **eval_kwargs)
-    _log(world, f"[{recipe.name}] after training: {_fmt(final_eval)}")
-    metrics = {
-        "recipe": recipe.name, "task": recipe.task, "model": recipe.model, "data": recipe.data,
-        "method": recipe.method, "trainable_params": n_trainable, "total_params": n_total,
-        "trainable_fraction": n_trainable / n_total, "base_eval": base_eval, "eval": final_eval,
-        "train_eval": train_eval, "train_time_s": train_time, "steps": state.global_step,
-        "examples_seen": state.examples_seen, "peak_memory_mb": _peak_memory_mb(world),
-        "world_size": world.size, "history": state.history, "trainable_tensors": len(trainable_names),
-    }
-    if quantized_bytes is not None:
-        metrics["quantized_weight_bytes"], metrics["quantized_weight_fp32_bytes"] = quantized_bytes
-    if world.is_main:
-        metrics["adapter_bytes"] = _save_result(model, loaded, recipe, out, metrics, splits.train, save_extras)
-        if recipe.quantize and recipe.method == "lora":  # after saving: this leaves the model merged
-            metrics["quantized_merge"] = quantized_merge_check(model, recipe.task, test_rows, eval_kwargs)
-            _log(world, f"[{recipe.name}] merged into the {recipe.quantize} base: "
-                        f"{_fmt(metrics['quantized_merge']['eval'])}; re-quantization drift "
-                        f"{metrics['quantized_merge']['mean_relative']:.2e} (mean relative)")
-        _write_json(out / "metrics.json", metrics)
-        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    distributed.barrier(world)
-    return metrics
+    def __init__(self, recipe: Recipe, world: distributed.World, out: Path, model: nn.Module, tokenizer: Any,
+                 data: RunData, eval_kwargs: dict[str, Any]) -> None:
+        args = recipe.train
+        self.recipe, self.world, self.out, self.model, self.tokenizer = recipe, world, out, model, tokenizer
+        self.data, self.eval_kwargs = data, eval_kwargs
+        self.steps_per_epoch, self.total_steps = run_steps(len(data.train), args)
+        lengths = row_lengths(recipe.task, data.train, tokenizer) if args.group_by_length else None
+        self.order = DataOrder(len(data.train), args, lengths)
+        self.optimizer = build_optimizer(model, args)
+        self.scheduler = build_scheduler(self.optimizer, args, self.total_steps)
+        self.state = LoopState()
+        self.checkpoint = out / CHECKPOINT_FILE
+        self.best: dict[str, Tensor] | None = None
+        self.rng_at_step = rng_state()  # RNG at the last step boundary: what a checkpoint of `state` must hold
+        self.log: TrainingLog | None = None
+        self.started = time.perf_counter()
+        self.user_hook: Callable[[LoopState, float], None] | None = None
+        self.interrupt: _DeferredInterrupt | None = None
+
+    def resume(self) -> None:
+        path = checkpoint_path(self.out)
+        saved = read_checkpoint(path)
+        restore_checkpoint(saved, path, self.model, self.optimizer, self.scheduler)
+        try:
+            self.state = LoopState(**saved.loop)
+        except TypeError as err:
+            raise TrainingError(f"--resume: checkpoint {path}: its loop state does not fit ({err}); use a new "
+                                "--output") from None
+        _log(self.world, f"[{self.recipe.name}] resumed at step {self.state.global_step} (epoch {self.state.epoch})")
+
+    def batches(self, step: int) -> list[MicroBatch]:
+        r = self.recipe
+        return encode_rows(r.task, self.data.train, self.order.micro_batches(step), self.tokenizer,
+                           r.train.max_length, r.image_size, self.world)
+
+    def run(self, on_step: Callable[[LoopState, float], None] | None = None) -> None:
+        """Train from ``state`` to the end; a checkpoint on Ctrl-C (or an exception from ``on_step``) and at the
+        end; a non-finite loss stops with the last good checkpoint intact."""
+        args, name = self.recipe.train, self.recipe.name
+        self.user_hook = on_step
+        if self.world.is_main:
+            self.log = TrainingLog(self.out, resume_step=self.state.global_step or None)
+        settings = StepSettings.from_args(self.recipe.task, args, self.world)
+        stop = self.interrupt = _DeferredInterrupt()
+        try:
+            run_training(distributed.wrap(self.model, self.world), self.optimizer, self.scheduler, self.batches,
+                         self.total_steps, settings, start=self.state.global_step, on_step=self._after_step,
+                         progress=name if args.progress else None)
+        except NonFiniteLoss as err:
+            ckpt = self.checkpoint if self.checkpoint.exists() else "none yet"
+            raise TrainingError(f"loss became {err.result.loss} at step {err.step} (epoch {self.state.epoch}); "
+                                f"training stopped and the last good checkpoint ({ckpt}) is intact. Lower "
+                                "train.lr, keep train.max_grad_norm set, or check the data") from None
+        except KeyboardInterrupt:
+            self.save_checkpoint(self.rng_at_step)
+            _log(self.world, f"[{name}] interrupted: checkpoint saved at step {self.state.global_step}; "
+                             "continue with --resume")
+            raise
+        finally:
+            stop.restore()
+            if self.log is not None:
+                self.log.close()
+        if self.best is not None and args.early_stopping_patience is not None:
+            with torch.no_grad():
+                for pname, param in self.model.named_parameters():
+                    if pname in self.best:
+                        param.copy_(self.best[pname])
+        self.save_checkpoint(rng_state())
+
+    def _after_step(self, step: int, result: StepResult) -> bool:
+        """Book-keeping after optimizer step ``step``: state, history and log, validation at an epoch's end,
+        checkpoint, the caller's hook; True stops (early stopping)."""
+        args, s = self.recipe.train, self.state
+        self.rng_at_step = rng_state()
+        s.global_step, s.examples_seen = step, s.examples_seen + args.batch_size * args.grad_accum
+        s.epoch, s.step_in_epoch = divmod(step, self.steps_per_epoch)
+        s.history.append({"step": step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm})
+        if self.log is not None:
+            self.log.step(step, s.epoch, result, time.perf_counter() - self.started)
+        stop = s.step_in_epoch == 0 and self._validate(s.epoch - 1)
+        if args.checkpoint_every and step % args.checkpoint_every == 0:
+            self.save_checkpoint(self.rng_at_step)
+        if self.user_hook is not None:
+            self.user_hook(s, result.loss)
+        self.interrupt.check()  # a Ctrl-C during the step stops here, at a step boundary
+        return stop
+
+    def _validate(self, epoch: int) -> bool:
+        """Validation at the end of ``epoch``; keeps the best trainable tensors; True when early stopping stops."""
+        r, s = self.recipe, self.state
+        val = evaluate(self.model, r.task, self.data.validation, **self.eval_kwargs)
+        s.history.append({"epoch": epoch, "step": s.global_step, "validation": val})
+        if self.log is not None:
+            self.log.validation(s.global_step, epoch, val)
+        _log(self.world, f"[{r.name}] epoch {epoch} validation: {format_metrics(val)}")
+        metric = primary_metric(r.task)
+        value = val[metric.name]
+        if s.best_metric is None or metric.better(value, s.best_metric):
+            s.best_metric, s.bad_epochs = value, 0
+            self.best = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        else:
+            s.bad_epochs += 1
+        patience = r.train.early_stopping_patience
+        if patience is not None and s.bad_epochs > patience:
+            _log(self.world, f"[{r.name}] early stop: no validation gain for {s.bad_epochs} epochs")
+            return True
+        return False
+
+    def save_checkpoint(self, rng: dict[str, Any]) -> None:
+        if self.world.is_main:
+            save_checkpoint(self.checkpoint, self.model, self.optimizer, self.scheduler,
+                            dataclasses.asdict(self.state), self.recipe.to_dict(), rng)
+
+    def finish(self, loaded: Any, metrics: dict[str, Any], extras: dict[str, Any]) -> dict[str, Any]:
+        """Held-out and training-slice metrics, then (main process) the adapter or model, ``metrics.json``,
+        ``recipe.yaml`` and the training plot; returns the metrics."""
+        r, world, model = self.recipe, self.world, self.model
+        final_eval = evaluate(model, r.task, self.data.test, generate_examples=r.eval.generate_examples,
+                              **self.eval_kwargs)
+        train_eval = evaluate(model, r.task, _cap(self.data.train, len(self.data.test)), **self.eval_kwargs)
+        _log(world, f"[{r.name}] after training: {format_metrics(final_eval)}")
+        metrics = {"recipe": r.name, "task": r.task, "model": r.model, "data": r.data, "method": r.method,
+                   **metrics, "eval": final_eval, "train_eval": train_eval, "steps": self.state.global_step,
+                   "examples_seen": self.state.examples_seen, "peak_memory_mb": _peak_memory_mb(world),
+                   "world_size": world.size, "history": self.state.history}
+        if world.is_main:
+            metrics["adapter_bytes"] = save_result(model, loaded.tokenizer, r, self.out, metrics, self.data.full_train,
+                                                   extras)
+            if r.quantize and r.method == "lora":  # after saving: this leaves the model merged
+                metrics["quantized_merge"] = quantized_merge_check(model, r.task, self.data.test, self.eval_kwargs)
+                _log(world, f"[{r.name}] merged into the {r.quantize} base: "
+                            f"{format_metrics(metrics['quantized_merge']['eval'])}; re-quantization drift "
+                            f"{metrics['quantized_merge']['mean_relative']:.2e} (mean relative)")
+            write_json(self.out / "metrics.json", metrics)
+            write_bytes(self.out / "recipe.yaml", yaml.safe_dump(r.to_dict(), sort_keys=False).encode())
+            plot_training(self.state.history, self.out / PLOT_FILE, primary_metric(r.task).name, title=r.name)
+        distributed.barrier(world)
+        return metrics
 
 
 def quantized_merge_check(model: nn.Module, task: str, rows: Any, eval_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -403,51 +670,6 @@ def quantized_merge_check(model: nn.Module, task: str, rows: Any, eval_kwargs: d
             "eval": evaluate(model, task, rows, **eval_kwargs)}
 
 
-def _step(train_model: nn.Module, recipe: Recipe, world: distributed.World, rows: Any, micro: list[torch.Tensor],
-          tokenizer: Any, optimizer: torch.optim.Optimizer, scheduler: Any, model: nn.Module) -> float:
-    """One optimizer step over ``grad_accum`` micro-batches of global rows; this process takes every
-    ``world.size``-th row. Losses are summed and divided by the global count, so 1 and N processes agree."""
-    args = recipe.train
-    batches = []
-    local_count = 0
-    for indices in micro:
-        mine = indices[world.rank::world.size].tolist()
-        batch = to_device(encode(recipe.task, [rows[i] for i in mine], tokenizer, args.max_length, recipe.image_size),
-                          world.device)
-        labels = batch["labels"]
-        local_count += int((labels[:, 1:] != -100).sum()) if recipe.task == "causal-lm" else int(labels.numel())
-        batches.append(batch)
-    global_count = float(distributed.all_reduce_sum(torch.tensor(float(local_count)), world))
-    optimizer.zero_grad(set_to_none=True)
-    total = torch.zeros((), dtype=torch.float64)
-    for i, batch in enumerate(batches):
-        sync = i == len(batches) - 1 or not world.distributed
-        context = train_model.no_sync() if not sync else contextlib.nullcontext()
-        with context:
-            with _autocast(args.precision, world.device):
-                logits = forward(train_model, recipe.task, batch)
-            part, _ = loss_sum(recipe.task, logits, batch["labels"])  # in fp32
-            # DDP averages gradients over processes; scale so the result is the global mean
-            (part * (world.size / global_count)).backward()
-        total += part.detach().double().cpu()
-    loss = float(distributed.all_reduce_sum(total, world)) / global_count
-    if not math.isfinite(loss):
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-    if args.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    return loss
-
-
-def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on the run's device type (cuda or cpu), or nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
 class _DeferredInterrupt:
     """The first Ctrl-C is handled at the next step boundary (a checkpoint then needs no half-done step);
     a second one interrupts at once."""
@@ -455,7 +677,7 @@ class _DeferredInterrupt:
     def __init__(self) -> None:
         self.requested = False
         self.previous = None
-        if _main_thread():
+        if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -475,190 +697,15 @@ class _DeferredInterrupt:
             self.previous = None
 
 
-def _row_lengths(task: str, rows: Any, tokenizer: Any) -> torch.Tensor | None:
-    """Token count per row (text tasks), to group rows of similar length; None for images."""
-    if task == "sequence-classification":
-        texts = [row["text"] for row in rows]
-    elif task == "causal-lm":
-        texts = [row.get("prompt", "") + row.get("completion", "") if "messages" not in row
-                 else " ".join(m["content"] for m in row["messages"]) for row in rows]
-    else:
-        return None
-    return torch.tensor([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
-
-
-def _group_by_length(order: torch.Tensor, lengths: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Within each chunk of the shuffled order, sort rows by length (longest first): batches then hold rows
-    of similar length while the epoch still visits every row once, in an order fixed by the seed."""
-    parts = []
-    for part in order.split(chunk):
-        parts.append(part[torch.argsort(lengths[part], descending=True, stable=True)])
-    return torch.cat(parts)
-
-
-def _optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
-    """AdamW; with LoRA+ the B matrices get ``lora_plus_ratio`` x the learning rate. No decay on 1-D tensors."""
-    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        lr = args.lr * (args.lora_plus_ratio if ("lora_B" in name or "lora_embedding_B" in name) else 1.0)
-        decay = args.weight_decay if param.ndim > 1 else 0.0
-        groups.setdefault((lr, decay), []).append(param)
-    return torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
-                             lr=args.lr)
-
-
-def run_steps(n_rows: int, args: TrainArgs) -> tuple[int, int]:
-    """``(optimizer steps per epoch, optimizer steps of the run)`` for ``n_rows`` training rows."""
-    steps_per_epoch = n_rows // args.batch_size // args.grad_accum
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{n_rows} training rows are fewer than one step needs "
-                          f"(batch_size {args.batch_size} x grad_accum {args.grad_accum}); lower them")
-    total_steps = math.ceil(args.epochs * steps_per_epoch)
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
-    return steps_per_epoch, total_steps
-
-
-def _scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, total_steps: int) -> Any:
-    warmup = int(args.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if args.schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if args.schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# -- checkpoints -----------------------------------------------------------------------------------------------
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _save_checkpoint(path: Path, world: distributed.World, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler: Any, state: LoopState, recipe: Recipe, rng: dict[str, Any]) -> None:
-    if not world.is_main:
-        return
-    payload = {
-        "format": 1,
-        "recipe": recipe.to_dict(),
-        "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "loop": dataclasses.asdict(state),
-        "rng": rng,
-    }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    # Ctrl-C while writing must not leave a half file: ignore SIGINT for the few ms of the write + rename
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-        tmp.unlink(missing_ok=True)
-
-
-def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                     recipe: Recipe) -> LoopState:
-    if not path.is_file():
-        raise TrainingError(f"--resume: no checkpoint at {path}; start without --resume")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same problem for the user
-        raise TrainingError(f"--resume: checkpoint {path} is unreadable ({type(err).__name__}: {err})") from None
-    params = dict(model.named_parameters())
-    if set(payload["trainable"]) != {n for n, p in params.items() if p.requires_grad}:
-        raise TrainingError(f"--resume: checkpoint {path} was written for another recipe/model "
-                            f"(recipe {payload['recipe'].get('name')!r}); use a new --output")
-    with torch.no_grad():
-        for name, tensor in payload["trainable"].items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
-    _set_rng_state(payload["rng"])
-    return LoopState(**payload["loop"])
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-# -- results -----------------------------------------------------------------------------------------------
-def _save_result(model: nn.Module, loaded: Any, recipe: Recipe, out: Path, metrics: dict[str, Any],
-                 train_data: Any, extras: dict[str, Any]) -> int:
-    """Write ``adapter/`` (LoRA, PEFT format with provenance) or ``model/`` (full); return its size in bytes."""
-    if recipe.method == "lora":
-        from .io import save_adapter
-
-        target = out / "adapter"
-        provenance = {"recipe": recipe.to_dict(), "dataset": recipe.data, "dataset_hash": train_data.fingerprint(),
-                      "steps": metrics["steps"], "eval": metrics["eval"]}
-        save_adapter(model, target, provenance=provenance, tokenizer=loaded.tokenizer, **extras)
-    else:
-        target = out / "model"
-        tmp = out / ".model.tmp"
-        _save_full(model, tmp)
-        if target.exists():
-            import shutil
-
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    return sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
-
-
-def _save_full(model: nn.Module, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(folder, safe_serialization=True)
-    else:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    return str(value)
-
-
+# -- helpers -------------------------------------------------------------------------------------------------
 def _peak_memory_mb(world: distributed.World) -> float:
     if world.device.type == "cuda":
         return torch.cuda.max_memory_allocated(world.device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global RNGs (dropout, LoRA's initialisation draw from them)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -668,183 +715,10 @@ def _cap(rows: Any, limit: int | None) -> Any:
     return rows if limit is None or len(rows) <= limit else rows.take(limit)
 
 
-def _progress(world: distributed.World, args: TrainArgs, total: int, done: int, name: str) -> Any:
-    if not (args.progress and world.is_main):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=done, desc=name, unit="step", file=sys.stderr, dynamic_ncols=True)
-
-
 def _log(world: distributed.World, message: str) -> None:
     if world.is_main:
         print(message, flush=True)
 
 
-def _fmt(metrics: dict[str, Any]) -> str:
+def format_metrics(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-
-
-# -- command line --------------------------------------------------------------------------------------------
-def _train_args(p: Any) -> None:
-    p.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE,
-                   help=f"recipe name under recipes/ or a YAML file (default: {DEFAULT_RECIPE})")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-3 lora.r=16 method=full")
-    p.add_argument("--output", "-o", default=None, help="output folder (default: runs/RECIPE)")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
-
-
-def _split_recipe_and_overrides(args: Any) -> tuple[str, list[str]]:
-    # `lorakit train train.lr=1e-3` has no recipe: the first positional is an override
-    if "=" in args.recipe:
-        return DEFAULT_RECIPE, [args.recipe, *args.overrides]
-    return args.recipe, list(args.overrides)
-
-
-def _train_cli(args: Any) -> int:
-    """Train a recipe (default: sentiment-minilm) and write the adapter and metrics.json."""
-    name, overrides = _split_recipe_and_overrides(args)
-    recipe = load_recipe(name, overrides)
-    output = Path(args.output or Path("runs") / recipe.name)
-    world = distributed.setup(recipe.train.device)
-    try:
-        metrics = train(recipe, output, resume=args.resume)
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        distributed.teardown(world)
-    if world.is_main:
-        _print_summary(metrics, output)
-    return 0
-
-
-def _print_summary(metrics: dict[str, Any], output: Path) -> None:
-    main_metric = "accuracy" if "accuracy" in metrics["eval"] else "loss"
-    print(f"\n{metrics['recipe']}: {metrics['method']} on {metrics['model']} / {metrics['data']}")
-    print(f"  held-out {main_metric}: {metrics['base_eval'][main_metric]:.4f} before -> "
-          f"{metrics['eval'][main_metric]:.4f} after")
-    for extra in ("perplexity", "chrf"):
-        if extra in metrics["eval"]:
-            print(f"  held-out {extra}: {metrics['base_eval'].get(extra, float('nan')):.2f} before -> "
-                  f"{metrics['eval'][extra]:.2f} after")
-    print(f"  trained {metrics['trainable_params']:,} of {metrics['total_params']:,} parameters "
-          f"({100 * metrics['trainable_fraction']:.3f}%) in {metrics['train_time_s']:.1f} s, "
-          f"peak memory {metrics['peak_memory_mb']:.0f} MB")
-    print(f"  saved {metrics['adapter_bytes'] / 1e6:.2f} MB to {output} (metrics.json)")
-
-
-def _eval_args(p: Any) -> None:
-    p.add_argument("run", help="a training output folder (holds recipe.yaml and adapter/ or model/)")
-    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    p.add_argument("--max-examples", type=int, default=None)
-
-
-def load_run(run: str | Path) -> tuple[Recipe, Any]:
-    """Rebuild a trained model from a training output folder: (recipe, LoadedModel with weights applied)."""
-    from .models import load_model
-
-    folder = Path(run)
-    if not (folder / "recipe.yaml").is_file():
-        raise ConfigError(f"{folder} is not a training output folder (no recipe.yaml); run `lorakit train` first")
-    recipe = recipe_from_dict(yaml.safe_load((folder / "recipe.yaml").read_text()), source=str(folder))
-    from .data import load_dataset
-
-    labels = None
-    if recipe.task != "causal-lm":
-        labels = load_dataset(recipe.data, seed=recipe.train.seed).train.labels
-    loaded = load_model(recipe.model, task=recipe.task, num_labels=len(labels) if labels else None,
-                        seed=recipe.train.seed)
-    if recipe.quantize:
-        from .quant import quantize_model
-
-        quantize_model(loaded.model, recipe.quantize, skip=recipe.lora.get("modules_to_save") or ())
-    if recipe.method == "lora":
-        from .io import load_adapter
-
-        load_adapter(loaded.model, folder / "adapter")
-    else:
-        from safetensors.torch import load_file
-
-        state = {}
-        for f in sorted((folder / "model").glob("*.safetensors")):
-            state.update(load_file(f))
-        loaded.model.load_state_dict(state, strict=False)
-    loaded.model.eval()
-    return recipe, loaded
-
-
-def _eval_cli(args: Any) -> int:
-    """Evaluate a trained run on a held-out split."""
-    from .data import load_dataset
-
-    recipe, loaded = load_run(args.run)
-    splits = load_dataset(recipe.data, seed=recipe.train.seed)
-    rows = _cap(getattr(splits, args.split), args.max_examples)
-    metrics = evaluate(loaded.model, recipe.task, rows, loaded.tokenizer, batch_size=recipe.eval.batch_size,
-                       max_length=recipe.train.max_length, image_size=recipe.image_size,
-                       generate_examples=recipe.eval.generate_examples, max_new_tokens=recipe.eval.max_new_tokens)
-    print(json.dumps(metrics, indent=2))
-    return 0
-
-
-def _predict_args(p: Any) -> None:
-    p.add_argument("run", help="a training output folder of a classification recipe")
-    p.add_argument("texts", nargs="+", help="texts to classify")
-
-
-def _predict_cli(args: Any) -> int:
-    """Classify texts with a trained run: label and probability per text."""
-    from .data import load_dataset
-
-    recipe, loaded = load_run(args.run)
-    if recipe.task != "sequence-classification":
-        raise ConfigError(f"predict classifies text; run {args.run} is a {recipe.task} run")
-    labels = load_dataset(recipe.data, seed=recipe.train.seed).train.labels
-    rows = [{"text": t, "label": 0} for t in args.texts]
-    batch = encode(recipe.task, rows, loaded.tokenizer, recipe.train.max_length, None)
-    with torch.no_grad():
-        probs = forward(loaded.model, recipe.task, batch).softmax(-1)
-    for text, p in zip(args.texts, probs):
-        k = int(p.argmax())
-        print(f"{labels[k]}\t{float(p[k]):.3f}\t{text}")
-    return 0
-
-
-def _generate_args(p: Any) -> None:
-    p.add_argument("prompt", nargs="+", help="user message(s)")
-    p.add_argument("--base", default="smollm2", help="causal LM (packaged name or folder)")
-    p.add_argument("--adapter", action="append", default=[],
-                   help="adapter folder (repeat to combine several: their updates are summed)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-
-
-def _generate_cli(args: Any) -> int:
-    """Greedy text generation from a base causal LM with zero, one or more adapters, streamed."""
-    from transformers import TextStreamer
-
-    from .adapters import set_adapter
-    from .evaluate import generate
-    from .io import load_adapter
-    from .models import load_model
-
-    loaded = load_model(args.base, task="causal-lm")
-    names = [load_adapter(loaded.model, path, adapter_name=f"a{i}") for i, path in enumerate(args.adapter)]
-    if names:
-        set_adapter(loaded.model, names)
-    loaded.model.eval()
-    for prompt in args.prompt:
-        streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        generate(loaded.model, loaded.tokenizer, [prompt], args.max_new_tokens, streamer=streamer)
-    return 0
-
-
-def _register() -> None:
-    from .cli import command
-
-    command("train", _train_args)(_train_cli)
-    command("eval", _eval_args)(_eval_cli)
-    command("predict", _predict_args)(_predict_cli)
-    command("generate", _generate_args)(_generate_cli)
-
-
-_register()

@@ -18,7 +18,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("overrides", nargs="*",
                    help="key=value overrides, e.g. train.lr=1e-3 lora.r=16 method=full data=my.csv")
     p.add_argument("--output", "-o", default=None, help="output folder (default: runs/RECIPE)")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.safetensors (the exact state of the interrupted run)")
     p.set_defaults(_run=run)
 
 

@@ -1,0 +1,87 @@
+"""Each task's rows and their batches, and the one base model all tasks share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from .. import distributed
+from ..errors import ConfigError
+from ..recipes import Recipe, load_recipe_model
+from ..train import DataOrder, MicroBatch, encode_rows, load_run_data, row_lengths, run_steps
+from .recipe import MultitaskRecipe, TaskSpec
+
+
+@dataclass
+class TaskData:
+    """A task's rows and its batch order: the `lorakit.train.DataOrder` its single-task recipe would use
+    (seeded, grouped by length when ``train.group_by_length``, cycled through epochs until ``max_steps``)."""
+
+    spec: TaskSpec
+    recipe: Recipe  # the task's single-task recipe
+    train: Any  # data.Dataset
+    test: Any
+    _order: DataOrder | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def steps(self) -> int:
+        """Optimizer steps of this task's run (`lorakit.train.run_steps`: ``max_steps`` when set, else epochs)."""
+        try:
+            return run_steps(len(self.train), self.recipe.train)[1]
+        except ConfigError as err:
+            raise ConfigError(f"task {self.name}: {err}") from None
+
+    def order(self, tokenizer: Any = None) -> DataOrder:
+        if self._order is None:
+            r = self.recipe
+            lengths = row_lengths(r.task, self.train, tokenizer) if r.train.group_by_length else None
+            self._order = DataOrder(len(self.train), r.train, lengths)
+        return self._order
+
+    def batches(self, step: int, tokenizer: Any, device: torch.device) -> list[MicroBatch]:
+        """The micro-batches of optimizer step ``step`` (counted from 0), encoded, on ``device``."""
+        r = self.recipe
+        return encode_rows(r.task, self.train, self.order(tokenizer).micro_batches(step), tokenizer,
+                           r.train.max_length, r.image_size, distributed.World(device=device))
+
+
+def load_tasks(recipe: MultitaskRecipe, method: str = "lora") -> list[TaskData]:
+    """Every task's training rows (capped per task) and held-out test rows (capped by ``eval.max_examples``)."""
+    tasks = []
+    for spec in recipe.tasks:
+        task_recipe = recipe.task_recipe(spec, method)
+        data = load_run_data(task_recipe)
+        tasks.append(TaskData(spec, task_recipe, data.train, data.test))
+    return tasks
+
+
+@dataclass
+class Base:
+    """The loaded base model, ready for adapters (dropout per train.model_dropout, on the device)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    path: str | None
+    world: distributed.World
+
+
+def load_base(recipe: MultitaskRecipe, tasks: Sequence[TaskData]) -> Base:
+    """The base model for all tasks (`lorakit.recipes.load_recipe_model`); a classification head gets as many
+    classes as the largest task has. One process: multi-task runs refuse torchrun."""
+    world = distributed.setup(recipe.train.device)
+    if world.distributed:
+        raise ConfigError("multitask and continual runs use one process; run them without torchrun")
+    if recipe.train.num_threads:
+        torch.set_num_threads(recipe.train.num_threads)
+    largest = max(tasks, key=lambda t: len(t.train.labels or []))
+    loaded = load_recipe_model(largest.recipe, labels=largest.train.labels or None, device=world.device)
+    if recipe.train.model_dropout is not None:
+        for module in loaded.model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = recipe.train.model_dropout
+    return Base(loaded.model, loaded.tokenizer, loaded.path or loaded.name, world)
