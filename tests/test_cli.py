@@ -115,6 +115,11 @@ def test_recipes_list_show_copy_validate(tmp_path: Path, capsys, nothing_loads) 
     mine.write_text(mine.read_text().replace("  r: 8", "  rr: 8"))
     assert main(["recipes", "validate", str(mine)]) == 2
     assert "unknown lora key(s) ['rr']" in capsys.readouterr().err
+    assert main(["recipes", "validate", "multitask-mobilenet", "design=shared"]) == 0  # its own schema
+    assert capsys.readouterr().out.startswith("ok: multitask-mobilenet — shared")
+    assert main(["recipes", "validate", "multitask-mobilenet", "train.lr=0"]) == 2
+    assert main(["train", "multitask-smollm2"]) == 2
+    assert "is a multi-task recipe (fix: `lorakit multitask`" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -59,9 +59,9 @@ class TrainArgs:
     num_threads: int | None = None
     progress: bool = True
     precision: str = "fp32"  # fp32 | bf16: bf16 autocast of the training forward (weights, optimizer, loss fp32)
-    # LoRA: train the base's normalisation layers with running statistics (BatchNorm...) as modules_to_save
-    # copies, saved with the adapter; default: they stay frozen and run with their running statistics
-    train_norm_stats: bool = False
+    dtype: str = "fp32"  # fp32 | bf16 | fp16: storage of the frozen base (adapters, heads, AdamW state stay fp32)
+    sharding: str = "ddp"  # ddp | fsdp under torchrun: FSDP2 shards the base and adapters per block (H7)
+    fsdp_blocks: list | None = None  # module class names sharded as units (default: the model's _no_split_modules)
     # LoRA: train the base's normalisation layers with running statistics (BatchNorm...) as modules_to_save
     # copies, saved with the adapter; default: they stay frozen and run with their running statistics
     train_norm_stats: bool = False
@@ -401,6 +401,9 @@ def _check_lora(lora: Any, source: str) -> None:
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     """A checked `Recipe` from its mapping (a recipe file after overrides); nothing is loaded."""
     data = dict(data)
+    if "tasks" in data:
+        raise ConfigError(f"{source} is a multi-task recipe (fix: `lorakit multitask` or `lorakit continual` "
+                          "trains it)")
     known = [f.name for f in dataclasses.fields(Recipe) if f.name != "data_options"]  # options sit under data
     unknown = set(data) - set(known)
     if unknown:
@@ -430,6 +433,7 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
         raise ConfigError(f"{source}: train.precision must be fp32 or bf16, got {recipe.train.precision!r}")
     if recipe.train.schedule not in ("cosine", "linear", "constant"):
         raise ConfigError(f"{source}: train.schedule must be cosine, linear or constant")
+    _check_scale(recipe, source)
     check_values(recipe, source)
     _check_lora(recipe.lora, source)
     if recipe.method == "lora":
@@ -482,6 +486,30 @@ def load_recipe_data(recipe: Recipe) -> Any:
     return load_dataset(recipe.data, seed=recipe.train.seed, **recipe.data_options.loader_kwargs())
 
 
+def _check_scale(recipe: Recipe, source: str) -> None:
+    """``train.dtype`` and ``train.sharding``: values, and the combinations no path can honour (issue 16)."""
+    args = recipe.train
+    if args.dtype not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"{source}: train.dtype must be fp32, bf16 or fp16, got {args.dtype!r}")
+    if args.dtype != "fp32" and recipe.method == "full":
+        raise ConfigError(f"{source}: train.dtype={args.dtype} stores a frozen base; full fine-tuning trains every "
+                          "weight (fix: train.dtype=fp32, with train.precision=bf16 for bf16 compute)")
+    if args.sharding not in ("ddp", "fsdp"):
+        raise ConfigError(f"{source}: train.sharding must be ddp or fsdp, got {args.sharding!r}")
+    if args.sharding != "fsdp":
+        return
+    if recipe.quantize:
+        raise ConfigError(f"{source}: a quantized base cannot be sharded with FSDP (its weights are packed integer "
+                          "buffers) (fix: train.sharding=fsdp with train.dtype=bf16, or quantize with "
+                          "train.sharding=ddp)")
+    if recipe.method != "lora":
+        raise ConfigError(f"{source}: train.sharding=fsdp trains LoRA adapters; full fine-tuning is not sharded "
+                          "(fix: method=lora, or train.sharding=ddp)")
+    if args.checkpoint_every:
+        raise ConfigError(f"{source}: checkpoints of a sharded run are not written yet, so train.checkpoint_every "
+                          "cannot be honoured (fix: train.checkpoint_every=0, or train.sharding=ddp)")
+
+
 def load_recipe_model(recipe: Recipe, labels: Sequence[str] | None = None, device: Any = None) -> Any:
     """The recipe's base model (a `lorakit.models.LoadedModel`), ready for adapters: a classification head with
     one output per class of the recipe's dataset, seeded by ``train.seed``; moved to ``device``; quantized when
@@ -500,7 +528,10 @@ def load_recipe_model(recipe: Recipe, labels: Sequence[str] | None = None, devic
         if labels is None:
             labels = load_recipe_data(recipe).train.labels
         num_labels = len(labels) if labels else None
-    loaded = load_model(recipe.model, task=recipe.task, num_labels=num_labels, seed=recipe.train.seed)
+    from .precision import torch_dtype
+
+    loaded = load_model(recipe.model, task=recipe.task, num_labels=num_labels, seed=recipe.train.seed,
+                        dtype=torch_dtype(recipe.train.dtype))  # a bf16 base is never whole in fp32
     if device is not None:
         loaded.model.to(device)
     if recipe.quantize:

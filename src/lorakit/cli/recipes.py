@@ -77,10 +77,19 @@ def copy_recipe(args: argparse.Namespace) -> int:
 
 def validate_recipe(args: argparse.Namespace) -> int:
     """Run every check `lorakit train` runs before loading; print what would be trained."""
-    from ..recipes import check_runtime, load_recipe
+    from ..recipes import check_runtime, load_recipe, read_recipe_yaml, recipe_path
     from .train import recipe_and_overrides
 
     name, overrides = recipe_and_overrides(args.name, list(args.overrides))
+    if "tasks" in read_recipe_yaml(recipe_path(name)):  # a multi-task recipe: its own schema
+        from ..multitask.recipe import load_multitask_recipe
+
+        several = load_multitask_recipe(name, overrides)
+        for spec in several.tasks:
+            check_runtime(several.task_recipe(spec))
+        print(f"ok: {several.name} — {several.design} on {several.model}, tasks "
+              f"{', '.join(f'{s.name} ({s.data})' for s in several.tasks)}")
+        return 0
     recipe = load_recipe(name, overrides)
     check_runtime(recipe)
     print(f"ok: {recipe.name} — {recipe.method} on {recipe.model} / {recipe.data} ({recipe.task})")
