@@ -33,10 +33,13 @@ def _conv1d() -> nn.Module:
 
 LAYERS = {
     "linear": (lambda: nn.Linear(10, 12), lambda g: torch.randn(3, 5, 10, generator=g)),
-    "conv1d": (_conv1d, lambda g: torch.randn(3, 5, 10, generator=g)),
+    "hf_conv1d": (_conv1d, lambda g: torch.randn(3, 5, 10, generator=g)),
     "embedding": (lambda: nn.Embedding(30, 12), lambda g: torch.randint(0, 30, (3, 5), generator=g)),
+    "conv1d": (lambda: nn.Conv1d(3, 6, 3, padding=1), lambda g: torch.randn(2, 3, 9, generator=g)),
     "conv2d_3x3": (lambda: nn.Conv2d(3, 6, 3, stride=2, padding=1), lambda g: torch.randn(2, 3, 9, 9, generator=g)),
     "conv2d_1x1": (lambda: nn.Conv2d(6, 4, 1), lambda g: torch.randn(2, 6, 5, 5, generator=g)),
+    "conv2d_grouped": (lambda: nn.Conv2d(4, 6, 3, groups=2), lambda g: torch.randn(2, 4, 7, 7, generator=g)),
+    "conv3d": (lambda: nn.Conv3d(2, 4, 3, padding=1), lambda g: torch.randn(2, 2, 5, 5, 5, generator=g)),
 }
 OPTIONS = {
     "plain": {},
@@ -45,10 +48,19 @@ OPTIONS = {
     "dropout": {"dropout": 0.2},
     "dora": {"use_dora": True},
     "pissa": {"init": "pissa"},
+    "lora_bias": {"lora_bias": True},
 }
-LINEAR_ONLY = {"dora", "pissa"}
-TEST_CASES = [(layer, option) for layer in LAYERS for option in OPTIONS
-              if option not in LINEAR_ONLY or layer in ("linear", "conv1d")]
+
+
+def _supported(layer: str, option: str) -> bool:
+    if option == "pissa":
+        return layer in ("linear", "hf_conv1d")
+    if option == "lora_bias":
+        return layer != "embedding"
+    return not (option == "dora" and layer == "conv2d_grouped")
+
+
+TEST_CASES = [(layer, option) for layer in LAYERS for option in OPTIONS if _supported(layer, option)]
 
 
 def _build(layer: str, option: str, seed: int = 0):
@@ -80,7 +92,7 @@ def test_inference_paths_equal_autograd_path_with_two_adapters(layer: str, optio
     if option == "dropout":
         config = LoraConfig(r=2, alpha=4, target_modules=["layer"])
     inject(model, config)
-    lorakit.add_adapter(model, "b", LoraConfig(r=3, alpha=3, target_modules=["layer"]))
+    lorakit.add_adapter(model, "b", LoraConfig(r=4, alpha=3, target_modules=["layer"]))
     randomize_lora(model, std=0.3)
     if layer == "linear":  # (transformers' Conv1D itself refuses non-contiguous inputs)
         x = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, non-contiguous
@@ -109,6 +121,11 @@ def test_merge_equals_unmerged_and_unmerge_restores(layer: str, option: str) -> 
     randomize_lora(model, std=0.3)
     weight_before = model.layer.base_layer.weight.detach().clone()
     unmerged = model(x)
+    if layer == "conv2d_grouped":  # refused, nothing changed (as peft)
+        with pytest.raises(lorakit.AdapterStateError, match="grouped convolution"):
+            lorakit.merge(model)
+        assert not model.layer.merged and torch.equal(model.layer.base_layer.weight, weight_before)
+        return
     lorakit.merge(model)
     assert model.layer.merged
     assert (model(x) - unmerged).abs().max() <= 1e-5
