@@ -133,3 +133,8 @@ def test_chat_rows_without_chat_template_are_refused(smollm2) -> None:
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
     with pytest.raises(DataError, match="need a tokenizer with a chat template"):
         encode("causal-lm", rows, tokenizer, 64, None)
+
+
+def test_encode_reads_the_task_table() -> None:
+    with pytest.raises(ConfigError, match="unknown task 'translation'.*causal-lm"):
+        encode("translation", [{"text": "x", "label": 0}], None, 8, None)

@@ -20,21 +20,19 @@ from torch import Tensor, nn
 from . import data as lkdata
 from .data import IGNORE_INDEX, PLAIN_SEPARATOR, DataError, has_chat_template, plain_prompt_ids
 from .errors import ConfigError
-from .tasks import TASKS
-
+from .tasks import get_task
 
 
 def encode(task: str, rows: Sequence[dict], tokenizer: Any, max_length: int, image_size: int | None,
            separator: str = PLAIN_SEPARATOR) -> dict[str, Tensor]:
     """Rows -> model inputs plus ``labels`` (classification: ``(batch,)``; causal LM: ``(batch, seq)``, -100 on
     prompt and padding tokens). ``separator`` joins prompt and completion for a model without chat template."""
+    get_task(task)  # an unknown name is a ConfigError naming the tasks
     if task == "sequence-classification":
         return lkdata.encode_classification(tokenizer, rows, max_length)
     if task == "causal-lm":
         return lkdata.encode_causal_lm(tokenizer, rows, max_length, separator)
-    if task == "image-classification":
-        return lkdata.collate_images(rows, image_size, channels=3, normalize="imagenet")
-    raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
+    return lkdata.collate_images(rows, image_size, channels=3, normalize="imagenet")
 
 
 def forward(model: nn.Module, task: str, batch: dict[str, Tensor]) -> Tensor:

@@ -33,11 +33,9 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, LorakitError
-from .tasks import MODEL_TASKS
+from .tasks import MODEL_TASKS, TASKS, auto_class
 
 log = logging.getLogger(__name__)
-
-TASKS = MODEL_TASKS  # `lorakit.tasks`: base + the trainable tasks
 
 
 class ModelLoadError(LorakitError, OSError):
@@ -50,7 +48,7 @@ class LoadedModel:
 
     model: nn.Module  # in eval mode, fp32 unless another dtype was asked for
     tokenizer: Any | None  # HF tokenizer for text models, None for vision models
-    task: str  # one of `TASKS`
+    task: str  # one of `lorakit.tasks.MODEL_TASKS`
     name: str  # packaged name ("minilm", ...), or the folder / hub id given
     path: str | None  # folder the weights came from (provenance, fingerprints)
     num_labels: int | None = None
@@ -341,14 +339,6 @@ def _smollm2_folder() -> Path:
 # Hugging Face folders and hub ids
 # ---------------------------------------------------------------------------------------------------------
 
-_AUTO_CLASSES = {
-    "base": "AutoModel",
-    "sequence-classification": "AutoModelForSequenceClassification",
-    "causal-lm": "AutoModelForCausalLM",
-    "image-classification": "AutoModelForImageClassification",
-}
-
-
 @contextlib.contextmanager
 def _seeded(seed: int):
     """Seed the global RNG for the block (new heads are drawn from it), restoring it afterwards."""
@@ -412,10 +402,11 @@ def _load_hf(source: str | Path, task: str, num_labels: int | None, dtype: torch
     """Model + tokenizer from a HF folder or hub id, with the Auto class of ``task``."""
     import transformers
 
-    auto = getattr(transformers, _AUTO_CLASSES[task])
+    auto = getattr(transformers, auto_class(task))
+    classification = task in TASKS and TASKS[task].classification
     kwargs: dict[str, Any] = dict(hub_kwargs)
     if num_labels is not None:
-        if task not in ("sequence-classification", "image-classification"):
+        if not classification:
             raise ConfigError(f"num_labels={num_labels} only applies to classification tasks, not {task!r}")
         kwargs["num_labels"] = num_labels
         kwargs["ignore_mismatched_sizes"] = True  # a folder's own head of another size is replaced
@@ -431,7 +422,7 @@ def _load_hf(source: str | Path, task: str, num_labels: int | None, dtype: torch
             log.warning("%s: no tokenizer loaded (%s)", name, str(err).splitlines()[0])
         if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
-    labels = getattr(model.config, "num_labels", None) if task.endswith("classification") else None
+    labels = getattr(model.config, "num_labels", None) if classification else None
     image_size = getattr(model.config, "image_size", None) if task == "image-classification" else None
     return LoadedModel(model, tokenizer, task, name, str(source) if Path(source).is_dir() else None,
                        num_labels=labels, image_size=image_size)
@@ -548,8 +539,8 @@ def load_model(name_or_path: str, task: str = "base", num_labels: int | None = N
         dtype: parameter dtype.
         seed: seed of newly initialized heads, so the same call gives the same model.
     """
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r} (fix: one of {', '.join(TASKS)})")
+    if task not in MODEL_TASKS:
+        raise ConfigError(f"unknown task {task!r} (fix: one of {', '.join(MODEL_TASKS)})")
     if num_labels is not None and num_labels < 1:
         raise ConfigError(f"num_labels must be >= 1, got {num_labels}")
     spec = _packaged(str(name_or_path))
