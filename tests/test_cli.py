@@ -63,6 +63,8 @@ BAD_TRAIN = {  # the issue's cases, and one per kind of check
     "skip_bad_rows=true": "unknown top-level key(s) ['skip_bad_rows']",
     "data.encoding=klingon": "unknown data.encoding 'klingon'",
     "eval.max_new_tokens=-1": "eval.max_new_tokens must be >= 1",
+    "data=/no/such/reviews.csv": "data=/no/such/reviews.csv: no such file or folder (fix:",
+    "data.path=/no/such.csv": "data=/no/such.csv: no such file or folder",
 }
 
 

@@ -149,11 +149,12 @@ def test_data_options_reach_the_loader_or_are_refused(monkeypatch: pytest.Monkey
         return "splits"
 
     monkeypatch.setattr(lorakit.data, "load_dataset", loader)
-    recipe = load_recipe("sentiment-minilm", ["data=my.csv", "data.skip_bad_rows=true", "data.test_fraction=0.2",
-                                              "train.seed=3"])
+    monkeypatch.chdir(Path(__file__).parent)  # a file that exists
+    recipe = load_recipe("sentiment-minilm", ["data=conftest.py", "data.skip_bad_rows=true",
+                                              "data.test_fraction=0.2", "train.seed=3"])
     assert load_recipe_data(recipe) == "splits"
-    assert seen == {"name": "my.csv", "seed": 3, "skip_bad_rows": True, "test_fraction": 0.2}
-    refused = load_recipe("sentiment-minilm", ["data=my.csv", "data.encoding=latin-1"])  # this one takes none
+    assert seen == {"name": "conftest.py", "seed": 3, "skip_bad_rows": True, "test_fraction": 0.2}
+    refused = load_recipe("sentiment-minilm", ["data=conftest.py", "data.encoding=latin-1"])  # this one takes none
     with pytest.raises(ConfigError, match="data.encoding is not supported .*fix: drop data.encoding"):
         check_runtime(refused)
     with pytest.raises(ConfigError, match="data.encoding is not supported"):

@@ -447,8 +447,8 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
 
 
 def check_runtime(recipe: Recipe) -> None:
-    """What this machine must offer the recipe, checked before anything loads: the CUDA device it names, and
-    data options the installed dataset loader takes (`ConfigError` with the fix)."""
+    """What this machine must offer the recipe, checked before anything loads: the CUDA device it names, the
+    user's data files, and data options the installed dataset loader takes (`ConfigError` with the fix)."""
     import torch
 
     device = recipe.train.device
@@ -462,6 +462,20 @@ def check_runtime(recipe: Recipe) -> None:
             raise ConfigError(f"train.device={device} but there are {torch.cuda.device_count()} CUDA device(s) "
                               f"(fix: cuda:0 ... cuda:{torch.cuda.device_count() - 1})")
     _check_loader_options(recipe.data_options)
+    _check_data_files(recipe)
+
+
+def _check_data_files(recipe: Recipe) -> None:
+    """The user's data files exist (a packaged dataset's name needs nothing)."""
+    from .data import DATASETS
+
+    options = recipe.data_options
+    for key, value in (("data", recipe.data), ("data.validation_file", options.validation_file),
+                       ("data.test_file", options.test_file)):
+        if value is None or (key == "data" and value in DATASETS) or Path(value).expanduser().exists():
+            continue
+        raise ConfigError(f"{key}={value}: no such file or folder (fix: a .jsonl/.json/.csv file or a folder"
+                          f"{', or a packaged dataset: ' + ', '.join(DATASETS) if key == 'data' else ''})")
 
 
 def _check_loader_options(options: DataOptions) -> None:
