@@ -488,6 +488,7 @@ def test_a_single_file_split_is_said_and_fractions_are_options(tmp_path: Path,
         splits = load_dataset(path)
     assert [len(p) for p in splits] == [80, 10, 10]
     assert "all.jsonl: one piece, split 80/10/10 (seed 0) into 80 train / 10 validation / 10 test rows" in caplog.text
+    assert caplog.text.count("one piece") == 1
     splits = load_dataset(path, validation_fraction=0.2, test_fraction=0.05)
     assert [len(p) for p in splits] == [75, 20, 5]
     for bad in ({"validation_fraction": 0}, {"test_fraction": 1.5}, {"validation_fraction": 0.6, "test_fraction": 0.5},

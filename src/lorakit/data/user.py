@@ -87,26 +87,27 @@ def _read_parts(name: str, parts: dict[str, Path], read: ReadOptions) -> dict[st
             for split, (rows, skipped) in texts.items()}
 
 
-def _assemble(name: str, parts: dict[str, Path], datasets: dict[str, Dataset], seed: int,
-              split: SplitOptions) -> Splits:
-    """Splits from the parts read: one piece is split by the fractions, a missing held-out part is carved."""
+def _assemble(name: str, datasets: dict[str, Dataset], seed: int, split: SplitOptions) -> tuple[Splits, list[str]]:
+    """Splits from the parts read, and what was done to make them (said once the splits pass their checks):
+    one piece is split by the fractions, a missing held-out part is carved from train."""
     train = datasets["train"]
     if len(datasets) == 1:  # one piece: split it, and say so
         splits = split_rows(name, train.kind, train.rows, train.labels, train.source, seed,
                             fractions=split.fractions)
         for part in splits:
             part.skipped = train.skipped  # the count of the whole file, reported on each part
-        log.warning("%s: one piece, split %s (seed %d) into %d train / %d validation / %d test rows (to give "
-                    "your own: a folder with train/validation/test files, or validation_file=/test_file=)",
-                    train.source, split.percent(), seed, *(len(p) for p in splits))
-        return splits
+        sizes = " / ".join(f"{len(part)} {part_name}" for part, part_name in zip(splits, SPLIT_NAMES))
+        return splits, [f"{train.source}: one piece, split {split.percent()} (seed {seed}) into {sizes} rows "
+                        "(your own held-out data: a folder of train/validation/test files, or "
+                        "data.validation_file= / data.test_file=)"]
+    notes = []
     for held_out in ("validation", "test"):
         if held_out not in datasets:  # the one missing part: a seeded fraction of train
             fraction = split.fractions[SPLIT_NAMES.index(held_out)]
             train, datasets[held_out] = carve(train, fraction, seed)
-            log.warning("%s: no %s file: %g%% of train (seed %d) held out as %s, %d rows", train.source, held_out,
-                        100 * fraction, seed, held_out, len(datasets[held_out]))
-    return Splits(train, datasets["validation"], datasets["test"])
+            notes.append(f"{train.source}: no {held_out} file: {100 * fraction:g}% of train (seed {seed}) held out "
+                         f"as {held_out}, {len(datasets[held_out])} rows")
+    return Splits(train, datasets["validation"], datasets["test"]), notes
 
 
 def _fewest_rows(split: SplitOptions) -> int:
@@ -167,6 +168,8 @@ def load_user(path: Path, seed: int, read: ReadOptions, split: SplitOptions) -> 
                 raise DataError(f"{given}: no such {held_out} file (fix: the path of a .jsonl/.csv file)")
             parts[held_out] = given
     name = path.stem if path.is_file() else path.name
-    splits = _assemble(name, parts, _read_parts(name, parts, read), seed, split)
+    splits, notes = _assemble(name, _read_parts(name, parts, read), seed, split)
     check_splits(splits, str(path), split)
+    for note in notes:
+        log.warning("%s", note)
     return splits
