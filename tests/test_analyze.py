@@ -3,6 +3,7 @@ matrices with known answers, then on real adapters of a tiny model, and the repo
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 import lorakit
 from lorakit import LoraConfig, inject
-from lorakit.analyze import (amplification, effective_rank, energy_rank, inspect_model, layer_stats,
+from lorakit.analyze import (Inspection, amplification, effective_rank, energy_rank, inspect_model, layer_stats,
                              numerical_rank, relative_norm, similarity_grid, singular_values, split_name,
                              subspace_similarity, top_directions, write_inspection_report)
 
@@ -131,7 +132,8 @@ def test_inspect_real_adapters_on_a_tiny_model(tiny, tmp_path: Path) -> None:
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(pngs)
     assert "layers.0.q" in (out / "report.md").read_text()
-    assert (out / "inspect.json").is_file()
+    saved = json.loads((out / "inspect.json").read_text())
+    assert json.loads(json.dumps(Inspection.from_dict(saved).to_dict())) == saved  # read back whole
 
 
 def test_conv1d_update_is_read_as_out_by_in() -> None:

@@ -4,14 +4,19 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from evidence_helpers import TINY, check_report
 from lorakit import ConfigError
 from lorakit.cli import main as cli_main
 from lorakit.evidence import next_power_of_two, race_arms, recommend, suggest_lr, suggest_rank
+from lorakit.evidence.ranks import FixedScale, recipe_from
+from lorakit.evidence.recommend import BaseProbe, lr_range_test
+from lorakit.recipes import load_recipe
 
 
 def test_suggestion_rules() -> None:
@@ -85,3 +90,16 @@ def test_recommend_refuses_a_quantized_base_before_loading(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match="quantize=int8.*fix: run recommend with quantize=null"):
         recommend("sentiment-minilm", [*TINY, "quantize=int8"], tmp_path, log=lambda line: None)
     assert not any(tmp_path.iterdir())
+
+
+def test_range_test_takes_training_steps_and_keeps_frozen_norm_statistics() -> None:
+    """The range test is `lorakit.train.train_step` on the recipe's setup: MobileNet's frozen BatchNorms keep the
+    base's running statistics, as in training (a plain ``model.train()`` loop moved them)."""
+    recipe = load_recipe("vision-mobilenet-mnist", ["train.max_train_examples=64", "train.batch_size=8",
+                                                    "train.grad_accum=2", "train.num_threads=1"])
+    probe = BaseProbe.load(recipe)
+    before = {n: b.clone() for n, b in probe.model.named_buffers() if n.endswith("running_mean")}
+    lrs, losses = lr_range_test(probe, recipe_from(recipe, 4, FixedScale.of(recipe), {}), 3, 1e-4, 1e-2, 0)
+    assert lrs == pytest.approx([1e-4, 1e-3, 1e-2]) and all(math.isfinite(x) for x in losses)
+    after = dict(probe.model.named_buffers())
+    assert len(before) == 52 and all(torch.equal(after[n], v) for n, v in before.items())

@@ -63,17 +63,17 @@ def test_rank_estimates_labels_every_layer_in_full_inside_the_figure() -> None:
     assert _texts_outside(fig) == []
 
 
-def test_rank_estimates_of_210_layers_is_one_line_per_kind() -> None:
+def test_rank_estimates_of_210_layers_is_one_panel_per_kind() -> None:
     layers = [split_name(n) for n in SMOLLM]
     ranks = [2 ** (i % 6) for i in range(len(layers))]
     fig = rp.rank_estimates(layers, ranks, 16, 0.9)
-    ax = fig.axes[0]
-    lines = ax.get_lines()
-    assert len(lines) == 7 + 1  # seven module kinds and the suggested rank
-    q_proj = next(line for line in lines if line.get_label() == "self_attn.q_proj")
-    assert list(q_proj.get_xdata()) == list(range(30))
-    assert list(q_proj.get_ydata()) == [ranks[7 * b] for b in range(30)]
-    assert len([t for t in ax.get_xticklabels() if t.get_text()]) <= 20
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown][:2] == ["self_attn.q_proj (30 layers)", "self_attn.k_proj (30 layers)"]
+    assert len(shown) == 7
+    for k, ax in enumerate(shown):
+        assert [round(p.get_height()) for p in ax.patches] == [ranks[7 * b + k] for b in range(30)]
+        assert [line.get_ydata()[0] for line in ax.get_lines()] == [16]  # the suggestion, nothing else
+        assert len([t for t in ax.get_xticklabels() if t.get_text()]) <= 10
     assert _texts_outside(fig) == []
 
 

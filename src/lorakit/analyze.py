@@ -225,6 +225,14 @@ class Inspection:
                 "layers": [layer.to_dict() for layer in self.layers],
                 "similarity": [asdict(s) for s in self.similarity]}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Inspection":
+        """The inverse of `to_dict` (an ``inspect.json`` read back, e.g. to render its report again)."""
+        layers = [LayerStats(**{**x, "shape": tuple(x["shape"]), "amplification": Amplification(**x["amplification"])})
+                  for x in data["layers"]]
+        return cls(data["adapter"], data["against"], data["side"], layers,
+                   [Similarity(**s) for s in data["similarity"]])
+
     def summary(self) -> dict[str, float]:
         """Means over layers (what `lorakit compare`/`sweep` reports quote)."""
         n = max(1, len(self.layers))

@@ -367,19 +367,21 @@ def lr_range(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[f
 def rank_estimates(layers: Sequence[tuple[int | None, str]], ranks: Sequence[int], chosen: int,
                    energy: float) -> Figure:
     """The rank each layer's gradient needs. ``layers``: ``(block index or None, module kind)`` per layer, as
-    `lorakit.analyze.split_name` gives. Up to `MAX_BARS` layers: one labelled bar each; more: one line per kind
-    over the block index (210 layers of a 30-block model read as 7 lines), layers outside the blocks (a pooler)
-    as single points after the last block."""
+    `lorakit.analyze.split_name` gives. Up to `MAX_BARS` layers: one labelled bar each; more: one small panel
+    per module kind with a bar per block (210 layers of a 30-block model read as 7 panels)."""
+    title = "Rank needed per layer (accumulated-gradient spectrum)"
     if len(layers) <= MAX_BARS:
         fig = _rank_bars([_layer_label(b, k) for b, k in layers], ranks)
+        fig.axes[0].set_title(title)
     else:
-        fig = _rank_lines(layers, ranks)
-    ax = fig.axes[0]
-    ax.axhline(chosen, color=COLORS["full"], linestyle="--", label=f"suggested rank {chosen}")
-    ax.set_yscale("log", base=2)
-    ax.set_ylabel(f"rank holding {int(energy * 100)}% of gradient energy")
-    ax.set_title("Rank needed per layer (accumulated-gradient spectrum)")
-    ax.legend(fontsize=8)
+        fig = _rank_panels(layers, ranks)
+        fig.suptitle(title)
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    for ax in shown:
+        ax.axhline(chosen, color=COLORS["full"], linestyle="--", label=f"suggested rank {chosen}")
+        ax.set_yscale("log", base=2)
+    shown[0].set_ylabel(f"rank holding {int(energy * 100)}% of gradient energy")
+    shown[0].legend(fontsize=8)
     return fig
 
 
@@ -401,17 +403,22 @@ def _rank_bars(labels: Sequence[str], ranks: Sequence[int]) -> Figure:
     return fig
 
 
-def _rank_lines(layers: Sequence[tuple[int | None, str]], ranks: Sequence[int]) -> Figure:
-    fig, ax = plt.subplots(figsize=(8.0, 4.4), layout="constrained")
-    after = 1 + max((b for b, _ in layers if b is not None), default=-1)  # where layers outside blocks go
+def _rank_panels(layers: Sequence[tuple[int | None, str]], ranks: Sequence[int]) -> Figure:
+    """One panel per module kind, a bar per block; layers outside the blocks (a pooler) after the last block."""
+    after = 1 + max((b for b, _ in layers if b is not None), default=-1)
     by_kind: dict[str, list[tuple[int, int]]] = {}
     for (block, kind), rank in zip(layers, ranks):
         by_kind.setdefault(kind, []).append((after if block is None else block, rank))
-    for i, (kind, points) in enumerate(by_kind.items()):
-        points.sort()
-        ax.plot([b for b, _ in points], [r for _, r in points], marker="." if len(points) > 1 else "D",
-                color=CYCLE[i % len(CYCLE)], label=_fit(kind, 30))
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_xlabel("block index")
-    ax.grid(alpha=0.3)
+    cols = min(4, len(by_kind))
+    rows = math.ceil(len(by_kind) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols + 0.6, 2.5 * rows + 0.8), squeeze=False,
+                             sharey=True, layout="constrained")
+    for k, (ax, (kind, points)) in enumerate(zip(axes.flat, by_kind.items())):
+        ax.bar([b for b, _ in points], [r for _, r in points], color=CYCLE[k % len(CYCLE)])
+        ax.set_title(f"{_fit(kind, 34)} ({len(points)} layer{'s' if len(points) > 1 else ''})", fontsize=9)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, nbins=6))
+        if k + cols >= len(by_kind):  # nothing below it
+            ax.set_xlabel("block index")
+    for ax in list(axes.flat)[len(by_kind):]:
+        ax.set_visible(False)
     return fig

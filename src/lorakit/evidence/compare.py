@@ -83,7 +83,7 @@ def compare(recipe_name: str, overrides: Sequence[str] = (), fractions: Sequence
     comparison["claims"] = [asdict(row) for row in judge(comparison)]
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "comparison.json", comparison)
-    write_compare_report(comparison, runs, out)
+    write_compare_report(comparison, out)
     log(f"report: {out / 'report.md'} ({out / 'report.html'})")
     return comparison
 

@@ -64,17 +64,20 @@ class BaseProbe:
     loaded: Any  # lorakit.models.LoadedModel
     rows: Any  # the training rows (capped at train.max_train_examples)
     order: torch.Tensor  # (len(rows),) a permutation
+    device: torch.device  # train.device, as training resolves it
 
     @classmethod
     def load(cls, recipe: Any) -> "BaseProbe":
+        from .. import distributed
         from ..recipes import load_recipe_data, load_recipe_model
 
         args = recipe.train
+        device = distributed.setup(args.device).device
         splits = load_recipe_data(recipe)
         rows = splits.train if args.max_train_examples is None else splits.train.take(args.max_train_examples)
-        loaded = load_recipe_model(recipe, labels=splits.train.labels)
+        loaded = load_recipe_model(recipe, labels=splits.train.labels, device=device)
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed))
-        return cls(recipe, loaded, rows, order)
+        return cls(recipe, loaded, rows, order, device)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -87,14 +90,14 @@ class BaseProbe:
         return run_steps(len(self.rows), self.recipe.train)[1]
 
     def batch(self, k: int) -> dict[str, torch.Tensor]:
-        """The ``k``-th training batch (wrapping around), encoded for the model."""
-        from ..evaluate import encode
+        """The ``k``-th training batch (wrapping around), encoded for the model, on its device."""
+        from ..evaluate import encode, to_device
 
         size = self.recipe.train.batch_size
         start = (k * size) % max(1, len(self.rows) - size + 1)
         picked = [self.rows[int(i)] for i in self.order[start:start + size]]
-        return encode(self.recipe.task, picked, self.loaded.tokenizer, self.recipe.train.max_length,
-                      self.recipe.image_size)
+        return to_device(encode(self.recipe.task, picked, self.loaded.tokenizer, self.recipe.train.max_length,
+                                self.recipe.image_size), self.device)
 
     def loss(self, k: int) -> torch.Tensor:
         """Mean loss of batch ``k`` (over its rows or answer tokens), differentiable."""
@@ -135,31 +138,29 @@ def gradient_ranks(probe: BaseProbe, batches: int, energy: float) -> list[dict[s
 
 def lr_range_test(probe: BaseProbe, lora_recipe: Any, steps: int, lr_min: float, lr_max: float,
                   first_batch: int) -> tuple[list[float], list[float]]:
-    """Inject LoRA as ``lora_recipe`` sets it and train ``steps`` steps with the learning rate growing
-    geometrically from ``lr_min`` to ``lr_max``, on batches from ``first_batch`` on; stops when the loss
-    diverges. Returns ``(lrs, losses)``, one per step taken."""
+    """Inject LoRA as ``lora_recipe`` sets it and take ``steps`` training steps (`lorakit.train.train_step`, the
+    one step training takes: the recipe's optimizer, micro-batches, precision and clipping; frozen norms keep
+    the base's statistics) with the learning rate growing geometrically from ``lr_min`` to ``lr_max``, on
+    batches from ``first_batch`` on; stops when the loss diverges. Returns ``(lrs, losses)``, one per step."""
+    from ..distributed import World
     from ..inject import inject
+    from ..train import MicroBatch, StepSettings, build_optimizer, train_mode, train_step
 
     model, args = probe.model, lora_recipe.train
     inject(model, lora_recipe.lora_config(probe.loaded.path or probe.loaded.name))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr_min, weight_decay=args.weight_decay)
+    train_mode(model)
+    optimizer = build_optimizer(model, args)
+    settings = StepSettings.from_args(lora_recipe.task, args, World(device=probe.device))
     lrs: list[float] = []
     losses: list[float] = []
     for k in range(steps):
         lr = lr_min * (lr_max / lr_min) ** (k / max(1, steps - 1))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        loss = probe.loss(first_batch + k)  # rows the rank probe did not see first
-        loss.backward()
-        if args.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
+        first = first_batch + k * args.grad_accum  # rows the rank probe did not see first
+        micro = [MicroBatch(probe.batch(first + j)) for j in range(args.grad_accum)]
+        result = train_step(model, micro, optimizer, None, settings, lr=lr)
         lrs.append(lr)
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]) or (k > 5 and losses[-1] > 4 * min(losses)):
+        losses.append(result.loss)
+        if not result.finite or (k > 5 and result.loss > 4 * min(losses)):
             break  # diverged: the range above this is useless
     return lrs, losses
 

@@ -16,8 +16,7 @@ from .claims import format_bytes, verdict
 from .ranks import RACE_FACTOR
 
 
-def write_compare_report(comparison: dict[str, Any], runs: dict[str, dict[float, dict[str, Any]]],
-                         out: Path) -> Path:
+def write_compare_report(comparison: dict[str, Any], out: Path) -> Path:
     metric = Metric(**comparison["metric"])
     full, lora = comparison["methods"]["full"], comparison["methods"]["lora"]
     doc = rp.Report(f"Full fine-tuning vs LoRA: {comparison['recipe']}")
