@@ -60,7 +60,10 @@ BAD_TRAIN = {  # the issue's cases, and one per kind of check
     "train.device=cdua": "unknown train.device 'cdua' (did you mean train.device=cuda?",
     "train.device=cuda": "train.device=cuda but",
     "train.lr=fast": "train.lr must be a number",
-    "skip_bad_rows=true": "unknown top-level key(s) ['skip_bad_rows']",
+    "skip_bad_rows=true": "unknown top-level key(s) ['skip_bad_rows']; known: ['data', 'description', 'eval', "
+                          "'image_size', 'lora', 'method', 'model', 'name', 'quantize', 'task', 'train'] "
+                          "(fix: data.skip_bad_rows: it belongs to a section)",
+    "lr=1e-3": "(fix: train.lr: it belongs to a section)",
     "data.encoding=klingon": "unknown data.encoding 'klingon'",
     "eval.max_new_tokens=-1": "eval.max_new_tokens must be >= 1",
     "data=/no/such/reviews.csv": "data=/no/such/reviews.csv: no such file or folder (fix:",

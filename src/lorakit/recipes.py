@@ -257,6 +257,17 @@ def build_section(cls: type, values: Any, where: str, source: str) -> Any:
     return cls(**{k: coerce(f"{where}.{k}", fields[k], v, source) for k, v in values.items()})
 
 
+#: the sections whose keys a user may give at the top level by mistake (``skip_bad_rows=true``, ``lr=1e-3``)
+_SECTIONS: dict[str, Any] = {"data": DataOptions, "train": TrainArgs, "eval": EvalArgs, "lora": LoraConfig}
+
+
+def _in_a_section(unknown: Any) -> str:
+    """`` (fix: data.skip_bad_rows)`` when an unknown top-level key belongs to a section."""
+    found = [f"{section}.{key}" for key in sorted(map(str, unknown)) for section, cls in _SECTIONS.items()
+             if key in {f.name for f in dataclasses.fields(cls)} - {"task_type", "base_model_name_or_path"}]
+    return f" (fix: {', '.join(found)}: it belongs to a section)" if found else ""
+
+
 def _did_you_mean(unknown: Any, known: Any) -> str:
     guesses = [g for key in sorted(map(str, unknown)) for g in difflib.get_close_matches(key, list(known), 1)]
     return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
@@ -408,7 +419,7 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     unknown = set(data) - set(known)
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key(s) {sorted(map(str, unknown))}; known: {sorted(known)}"
-                          f"{_did_you_mean(unknown, known)}")
+                          f"{_in_a_section(unknown) or _did_you_mean(unknown, known)}")
     train_args = build_section(TrainArgs, data.pop("train", None) or {}, "train", source)
     eval_args = build_section(EvalArgs, data.pop("eval", None) or {}, "eval", source)
     missing = [k for k in ("name", "task", "model", "data") if data.get(k) in (None, "", {})]
