@@ -1,6 +1,6 @@
 """Rendering of measured evidence: matplotlib figures (Agg) and Markdown + self-contained HTML reports.
 
-Nothing here measures or decides: `lorakit.compare` and `lorakit.analyze` compute the numbers and verdicts and
+Nothing here measures or decides: `lorakit.evidence` and `lorakit.analyze` compute the numbers and verdicts and
 hand them over as tables and figures. A `Report` is a list of blocks written twice: ``report.md`` (PNGs beside
 it) and ``report.html`` (the same PNGs inlined as base64, so the file stands alone).
 """
@@ -26,7 +26,6 @@ from matplotlib.figure import Figure  # noqa: E402
 COLORS = {"full": "#d62728", "lora": "#1f77b4"}
 CYCLE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
          "#17becf"]
-_CYCLE = CYCLE  # the old name, still imported by lorakit.multitask
 
 
 @dataclass
@@ -97,15 +96,17 @@ class Report:
                 f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
 
     def write(self, folder: str | Path) -> Path:
-        """Write ``report.md``, ``report.html`` and each figure's PNG into ``folder``."""
+        """Write ``report.md``, ``report.html`` and each figure's PNG into ``folder``, each file atomically (a
+        reader sees the old report or the new one)."""
+        from .files import write_bytes
+
         out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
         for block in self.blocks:
             if block.kind == "figure":
                 filename, png, _ = block.content
-                (out / filename).write_bytes(png)
-        (out / "report.md").write_text(self.markdown(), encoding="utf-8")
-        (out / "report.html").write_text(self.html(), encoding="utf-8")
+                write_bytes(out / filename, png)
+        write_bytes(out / "report.md", self.markdown().encode("utf-8"))
+        write_bytes(out / "report.html", self.html().encode("utf-8"))
         return out
 
 
