@@ -198,3 +198,36 @@ def test_continual_one_adapter_per_task_forgets_nothing(tmp_path: Path) -> None:
     assert matrix[n][0]["loss"] != matrix[1][0]["loss"]
     report = (out / "report.md").read_text()
     assert "one adapter per task" in report and (out / "forgetting-per-task.png").is_file()
+
+
+def test_multitask_honours_bf16_and_group_by_length_and_refuses_single_run_settings() -> None:
+    """Settings `lorakit train` honours mean the same here (through its step and data order) or are refused."""
+    common = ["train.batch_size=2", "train.max_length=32", "train.lr=1e-2", "train.progress=false",
+              "lora.dropout=0.0", "tasks=[{name: instruct, data: faq-en}, {name: translate, data: faq-en-sv}]"]
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        recipe = load_multitask_recipe("multitask-smollm2", [*common, f"train.precision={precision}"])
+        tasks = load_tasks(recipe)
+        model, tokenizer = _tiny_llama()
+        model.float()
+        add_task_adapters(model, recipe)
+        losses[precision] = [v for h in train_mixed(model, tasks, 2, tokenizer) for v in h["loss"].values()]
+    assert losses["fp32"] != losses["bf16"]  # the forward really ran under bf16 autocast
+    assert max(abs(a - b) for a, b in zip(losses["fp32"], losses["bf16"])) < 0.1
+
+    grouped = load_multitask_recipe("multitask-smollm2", [*common, "train.group_by_length=true"])
+    tasks = load_tasks(grouped)
+    _, tokenizer = _tiny_llama()
+    order = tasks[0].order(tokenizer)
+    assert order.lengths is not None
+    first = torch.cat([order.micro_batches(step)[0] for step in range(10)])  # one chunk: longest rows first
+    assert order.lengths[first].tolist() == sorted(order.lengths[first].tolist(), reverse=True)
+    plain = load_tasks(load_multitask_recipe("multitask-smollm2", common))[0].order(tokenizer)
+    assert plain.lengths is None
+
+    refused = {"train.checkpoint_every=5": "belong to a single",
+               "train.early_stopping_patience=1": "belong to a single",
+               "train.train_norm_stats=true": "not supported by multi-task"}
+    for override, message in refused.items():
+        with pytest.raises(ConfigError, match=message):
+            load_multitask_recipe("multitask-smollm2", [override])

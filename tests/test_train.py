@@ -58,6 +58,15 @@ def test_every_recipe_runs_on_a_small_slice(name: str, tmp_path: Path) -> None:
     assert metrics["eval"]["loss"] == pytest.approx(saved["eval"]["loss"])
     if recipe.task == "causal-lm":
         assert "chrf" in saved["eval"] and "perplexity" in saved["eval"]
+    # a fresh base with the saved adapter gives the end-of-training metrics (nothing trained is left unsaved)
+    from lorakit.evaluate import evaluate
+    from lorakit.recipes import load_run
+
+    run_recipe, loaded = load_run(tmp_path)
+    again = evaluate(loaded.model, run_recipe.task, lktrain.load_run_data(run_recipe).test, loaded.tokenizer,
+                     batch_size=run_recipe.eval.batch_size, max_length=run_recipe.train.max_length,
+                     image_size=run_recipe.image_size)
+    assert again["loss"] == pytest.approx(metrics["eval"]["loss"], abs=1e-5)
 
 
 def _final_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -280,3 +289,46 @@ def test_tensorboard_event_files_when_installed(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     train(load_recipe("sentiment-minilm", TINY + ["train.max_steps=2"]), tmp_path)
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+# -- the public step and loop (what multitask, recommend's LR range test and FSDP build on) ------------------------
+def test_train_step_micro_batches_groups_learning_rates_and_stopping() -> None:
+    from torch import nn
+
+    from lorakit.train import MicroBatch, NonFiniteLoss, StepSettings, run_training, train_step
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    settings = StepSettings("image-classification", max_grad_norm=None)
+
+    def step(micro: list) -> tuple[nn.Module, object]:
+        copy = nn.Linear(4, 3)
+        copy.load_state_dict(model.state_dict())
+        return copy, train_step(copy, micro, torch.optim.SGD(copy.parameters(), lr=0.1), None, settings)
+
+    def mb(rows: slice, groups=None) -> MicroBatch:
+        return MicroBatch({"pixel_values": x[rows], "labels": y[rows]}, groups=groups)
+
+    whole, one = step([mb(slice(0, 8))])
+    split, two = step([mb(slice(0, 3)), mb(slice(3, 8))])  # grad accumulation: the same step exactly
+    expected = torch.nn.functional.cross_entropy(model(x), y).item()
+    assert one.loss == pytest.approx(expected, abs=1e-6) and two.loss == pytest.approx(expected, abs=1e-6)
+    assert one.terms == two.terms == 8 and one.grad_norm == pytest.approx(two.grad_norm, rel=1e-5)
+    torch.testing.assert_close(whole.weight, split.weight, atol=1e-7, rtol=0)
+    _, grouped = step([mb(slice(0, 8), groups=(("a", 2), ("b", 6)))])  # each group averaged over its own rows
+    assert grouped.losses["a"] == pytest.approx(torch.nn.functional.cross_entropy(model(x[:2]), y[:2]).item(), abs=1e-6)
+    assert grouped.loss == pytest.approx((grouped.losses["a"] + grouped.losses["b"]) / 2)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
+    results = run_training(model, optimizer, None, lambda s: [mb(slice(0, 8))], 10, settings,
+                           lr_at=lambda s: 1e-3 * 2 ** s, on_step=lambda s, r: s == 3)  # an LR range test's shape
+    assert [r.lr for r in results] == [1e-3, 2e-3, 4e-3]
+    poisoned = [MicroBatch({"pixel_values": x * float("nan"), "labels": y})]
+    before = model.weight.detach().clone()
+    seen = []
+    run_training(model, optimizer, None, lambda s: poisoned, 2, settings, stop_on_nonfinite=False,
+                 on_step=lambda s, r: seen.append(r.finite) or True)
+    assert seen == [False] and torch.equal(model.weight, before)  # a non-finite step changes nothing
+    with pytest.raises(NonFiniteLoss, match="loss became nan at step 1"):
+        run_training(model, optimizer, None, lambda s: poisoned, 2, settings)

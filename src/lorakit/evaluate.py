@@ -78,8 +78,9 @@ def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tenso
 def evaluate(model: nn.Module, task: str, rows: Sequence[dict], tokenizer: Any = None, *, batch_size: int = 32,
              max_length: int = 256, image_size: int | None = None, generate_examples: int = 0,
              max_new_tokens: int = 64, device: torch.device | None = None,
-             separator: str = PLAIN_SEPARATOR) -> dict[str, float]:
-    """Held-out metrics of ``model`` on ``rows`` (model put in eval mode, then restored).
+             separator: str = PLAIN_SEPARATOR, progress: str | None = None) -> dict[str, float]:
+    """Held-out metrics of ``model`` on ``rows`` (model put in eval mode, then restored). ``progress``: the title
+    of a progress bar over the batches (stderr), e.g. for a long baseline evaluation.
 
     Raises `DataError` when there is nothing to measure (no rows, or no answer token left after truncation):
     a metric over 0 examples would read as a result.
@@ -94,7 +95,15 @@ def evaluate(model: nn.Module, task: str, rows: Sequence[dict], tokenizer: Any =
     predictions: list[int] = []
     gold: list[int] = []
     try:
-        for chunk in batches(rows, batch_size):
+        chunks: Any = batches(rows, batch_size)
+        if progress is not None:
+            import sys
+
+            from tqdm.auto import tqdm
+
+            chunks = tqdm(chunks, total=-(-len(rows) // batch_size), desc=progress, unit="batch", file=sys.stderr,
+                          leave=False, dynamic_ncols=True)
+        for chunk in chunks:
             batch = to_device(encode(task, chunk, tokenizer, max_length, image_size, separator), device)
             logits = forward(model, task, batch)
             part, n = loss_sum(task, logits, batch["labels"])

@@ -9,8 +9,9 @@ from typing import Any
 
 def register(subparsers: Any) -> None:
     """Add ``lorakit multitask`` and ``lorakit continual``."""
-    p = subparsers.add_parser("multitask", help="train several tasks on one base at once (one adapter per task in "
-                                                "mixed batches, or shared + per task)", description=run_multitask.__doc__)
+    p = subparsers.add_parser("multitask", description=run_multitask.__doc__,
+                              help="train several tasks on one base at once (one adapter per task in mixed batches, "
+                                   "or shared + per task)")
     _recipe_args(p)
     p.add_argument("--benchmark", type=int, default=0, metavar="STEPS",
                    help="first time STEPS steps of mixed batches against the same steps one task after another")
@@ -30,6 +31,14 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", default=None, help="output folder (default: runs/RECIPE or RECIPE-continual)")
 
 
+def _check_runtime(recipe: Any) -> None:
+    """Each task's device and data files, checked before anything loads (`lorakit.recipes.check_runtime`)."""
+    from ..recipes import check_runtime
+
+    for spec in recipe.tasks:
+        check_runtime(recipe.task_recipe(spec))
+
+
 def run_multitask(args: argparse.Namespace) -> int:
     """Train several tasks on one base at once: one adapter per task in mixed batches, or shared + per task;
     writes adapters/TASK, metrics.json and report.md."""
@@ -37,6 +46,7 @@ def run_multitask(args: argparse.Namespace) -> int:
     from ..multitask import load_multitask_recipe, run_multitask as run
 
     recipe = load_multitask_recipe(args.recipe, args.overrides)
+    _check_runtime(recipe)
     if args.benchmark_only and not args.benchmark:
         raise ConfigError("--benchmark-only needs --benchmark STEPS")
     output = Path(args.output or Path("runs") / recipe.name)
@@ -54,6 +64,7 @@ def run_continual(args: argparse.Namespace) -> int:
     from ..multitask import STRATEGY_LABELS, load_multitask_recipe, run_continual as run
 
     recipe = load_multitask_recipe(args.recipe, args.overrides)
+    _check_runtime(recipe)
     output = Path(args.output or Path("runs") / f"{recipe.name}-continual")
     results = run(recipe, output)
     for strategy, res in results["strategies"].items():

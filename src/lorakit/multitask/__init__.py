@@ -18,7 +18,7 @@ Every path trains through `lorakit.train`'s one step and loop (`train_step`, `ru
 the schedule, and each task's rows in the order `lorakit train` draws them (`lorakit.train.DataOrder`: seeded,
 grouped by length with ``group_by_length``, cycled through epochs up to ``max_steps``). Settings of a single
 run that have no meaning here are refused when the recipe is read (``checkpoint_every``,
-``early_stopping_patience``).
+``early_stopping_patience``, ``train_norm_stats``).
 
 Why a mixed batch trains each adapter exactly as training it alone would: adapters share no parameter and the
 loss is ``sum_t L_t / N_t`` (task t's summed loss over its own count of rows or answer tokens), so adapter t's

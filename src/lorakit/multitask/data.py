@@ -10,7 +10,8 @@ import torch
 from .. import distributed
 from ..errors import ConfigError
 from ..recipes import Recipe, load_recipe_model
-from ..train import DataOrder, MicroBatch, encode_rows, load_run_data, row_lengths, run_steps
+from ..batching import DataOrder, MicroBatch, encode_rows, row_lengths, run_steps
+from ..train import load_run_data
 from .recipe import MultitaskRecipe, TaskSpec
 
 
@@ -72,7 +73,9 @@ class Base:
 
 def load_base(recipe: MultitaskRecipe, tasks: Sequence[TaskData]) -> Base:
     """The base model for all tasks (`lorakit.recipes.load_recipe_model`); a classification head gets as many
-    classes as the largest task has. One process: multi-task runs refuse torchrun."""
+    classes as the largest task has; ``train.model_dropout`` and ``train.gradient_checkpointing`` applied (the
+    mixed step routes inside backward, so recomputed forwards are routed too). One process: multi-task runs
+    refuse torchrun."""
     world = distributed.setup(recipe.train.device)
     if world.distributed:
         raise ConfigError("multitask and continual runs use one process; run them without torchrun")
@@ -84,4 +87,7 @@ def load_base(recipe: MultitaskRecipe, tasks: Sequence[TaskData]) -> Base:
         for module in loaded.model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = recipe.train.model_dropout
-    return Base(loaded.model, loaded.tokenizer, loaded.path or loaded.name, world)
+    model = loaded.model
+    if recipe.train.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return Base(model, loaded.tokenizer, loaded.path or loaded.name, world)

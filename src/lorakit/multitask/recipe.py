@@ -14,7 +14,8 @@ from typing import Any, Sequence
 
 from ..config import LoraConfig
 from ..errors import ConfigError
-from ..recipes import EvalArgs, Recipe, TrainArgs, build_section, read_recipe_yaml, recipe_from_dict, recipe_path
+from ..recipes import (EvalArgs, Recipe, TrainArgs, build_section, check_lora, read_recipe_yaml, recipe_from_dict,
+                       recipe_path)
 
 DESIGNS = ("per-task", "shared")
 STRATEGIES = ("full", "lora", "per-task")
@@ -131,7 +132,11 @@ def multitask_recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> 
     if recipe.train.checkpoint_every or recipe.train.early_stopping_patience is not None:
         raise ConfigError(f"{source}: train.checkpoint_every and train.early_stopping_patience belong to a single "
                           "`lorakit train` run; multi-task runs have no checkpoints or validation epochs (remove them)")
+    if recipe.train.train_norm_stats:
+        raise ConfigError(f"{source}: train.train_norm_stats is not supported by multi-task runs: the base's "
+                          "normalisation layers keep their running statistics here (remove it)")
     if recipe.design == "shared":
+        check_lora(recipe.shared_lora, source, "shared_lora")
         shared = recipe.shared_config()
         if shared.modules_to_save or shared.bias != "none":
             raise ConfigError(f"{source}: shared_lora takes no modules_to_save and no bias (heads are per task)")

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..adapters import set_adapter
-from ..train import (MicroBatch, StepResult, StepSettings, build_optimizer, build_scheduler, run_training)
+from ..batching import MicroBatch
+from ..train import StepResult, StepSettings, build_optimizer, build_scheduler, run_training
 from .adapters import adapter_parameters, restore, snapshot
 from .data import TaskData
 
