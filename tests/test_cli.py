@@ -98,6 +98,21 @@ def test_bad_input_elsewhere_exits_2(tmp_path: Path, capsys, nothing_loads) -> N
     assert len(errors) == 4 and all(e.startswith("lorakit: error: ") for e in errors)
 
 
+def test_multitask_recipes_are_checked_before_loading(tmp_path: Path, capsys, nothing_loads,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = ["-o", str(tmp_path / "out")]
+    cases = {("multitask", "design=shared", "shared_lora.rr=4"): "unknown shared_lora key(s) ['rr']",
+             ("multitask", "lora.rr=4"): "unknown lora key(s) ['rr']",
+             ("continual", "train.device=cuda"): "train.device=cuda but",
+             ("multitask", "tasks.0.data=/no/such.csv"): "data=/no/such.csv: no such file or folder"}
+    for (command, *overrides), message in cases.items():
+        assert main([command, "multitask-mobilenet", *overrides, *out]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_recipes_list_show_copy_validate(tmp_path: Path, capsys, nothing_loads) -> None:
     assert main(["recipes"]) == 0 and main(["recipes", "list"]) == 0
     listed = capsys.readouterr().out.strip().splitlines()

@@ -398,14 +398,15 @@ def _check_encoding(encoding: str, source: str) -> None:
                           "cp1252)") from None
 
 
-def _check_lora(lora: Any, source: str) -> None:
-    """``lora`` keys are `LoraConfig`'s (minus what the recipe sets itself); its values are checked by it."""
+def check_lora(lora: Any, source: str, where: str = "lora") -> None:
+    """A recipe's ``lora`` section (or ``where``: e.g. a multi-task recipe's ``shared_lora``): `LoraConfig`'s
+    keys (minus what the recipe sets itself), before `LoraConfig` checks the values."""
     if not isinstance(lora, dict):
-        raise ConfigError(f"{source}: lora must be a mapping (r: 8, target_modules: [...]), got {lora!r}")
+        raise ConfigError(f"{source}: {where} must be a mapping (r: 8, target_modules: [...]), got {lora!r}")
     known = {f.name for f in dataclasses.fields(LoraConfig)} - {"task_type", "base_model_name_or_path"}
     unknown = set(lora) - known
     if unknown:
-        raise ConfigError(f"{source}: unknown lora key(s) {sorted(map(str, unknown))}; known: {sorted(known)}"
+        raise ConfigError(f"{source}: unknown {where} key(s) {sorted(map(str, unknown))}; known: {sorted(known)}"
                           f"{_did_you_mean(unknown, known)}")
 
 
@@ -446,7 +447,7 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
         raise ConfigError(f"{source}: train.schedule must be cosine, linear or constant")
     _check_scale(recipe, source)
     check_values(recipe, source)
-    _check_lora(recipe.lora, source)
+    check_lora(recipe.lora, source)
     if recipe.method == "lora":
         try:
             recipe.lora_config()  # its own checks: rank, alpha, dropout, targets syntax...
