@@ -210,6 +210,95 @@ def test_openai_client(server, reference) -> None:
         api.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
 
 
+def test_vllm_load_and_unload_lora_adapter_with_the_openai_client(server, adapter_dir, reference) -> None:
+    """vLLM's runtime LoRA endpoints and bodies; the admin token is the client's API key (as vLLM's --api-key)."""
+    delta = str(adapter_dir.parent / "outside" / "delta")
+    anonymous = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0, timeout=120)
+    with pytest.raises(openai.AuthenticationError):
+        anonymous.post("/load_lora_adapter", body={"lora_name": "epsilon", "lora_path": delta}, cast_to=httpx.Response)
+    api = openai.OpenAI(base_url=server.url + "/v1", api_key=TOKEN, max_retries=0, timeout=120)
+    loaded = api.post("/load_lora_adapter", body={"lora_name": "epsilon", "lora_path": delta}, cast_to=httpx.Response)
+    assert loaded.status_code == 200 and loaded.text == "Success: LoRA adapter 'epsilon' added successfully."
+    assert "epsilon" in [m.id for m in api.models.list().data]
+    chat = api.chat.completions.create(model="epsilon", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                       max_tokens=TOKENS, temperature=0)
+    assert chat.choices[0].message.content and chat.model == "epsilon"
+    with pytest.raises(openai.ConflictError):
+        api.post("/load_lora_adapter", body={"lora_name": "epsilon", "lora_path": delta}, cast_to=httpx.Response)
+    unloaded = api.post("/unload_lora_adapter", body={"lora_name": "epsilon"}, cast_to=httpx.Response)
+    assert unloaded.text == "Success: LoRA adapter 'epsilon' removed successfully."
+    assert "epsilon" not in [m.id for m in api.models.list().data]
+    with pytest.raises(openai.NotFoundError):
+        api.chat.completions.create(model="epsilon", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        api.post("/unload_lora_adapter", body={"lora_name": "epsilon"}, cast_to=httpx.Response)
+    # the base and the other adapters are still served as before
+    again = api.chat.completions.create(model="beta", messages=[{"role": "user", "content": PROMPTS[1]}],
+                                        max_tokens=TOKENS, temperature=0)
+    assert again.choices[0].message.content == reference("beta", PROMPTS[1])
+
+
+def test_sampling_parameters_are_honoured(client, reference, smollm2_session) -> None:
+    greedy = reference("alpha", PROMPTS[1])
+    for seed in (1, 2, 3):  # top_k=1 samples from the single most likely token: greedy for any seed
+        body = _chat(client, "alpha", PROMPTS[1], temperature=1.0, top_k=1, seed=seed).json()
+        assert body["choices"][0]["message"]["content"] == greedy, seed
+        min_p = _chat(client, "alpha", PROMPTS[1], temperature=1.0, min_p=1.0, seed=seed).json()
+        assert min_p["choices"][0]["message"]["content"] == greedy, seed  # min_p=1 keeps only the top token
+    two = _chat(client, "alpha", PROMPTS[1], n=2).json()
+    assert [c["index"] for c in two["choices"]] == [0, 1]
+    assert [c["message"]["content"] for c in two["choices"]] == [greedy, greedy]
+    sampled = [_chat(client, "alpha", PROMPTS[1], n=2, temperature=1.0, seed=5).json() for _ in range(2)]
+    assert sampled[0]["choices"] == sampled[1]["choices"]  # reproducible with a seed
+    assert sampled[0]["usage"]["prompt_tokens"] == two["usage"]["prompt_tokens"]  # the prompt counts once
+    many = client.post("/v1/completions", json={"model": "smollm2", "prompt": ["The sea is", "The sky is"],
+                                                "n": 2, "max_tokens": 4, "temperature": 0}).json()
+    texts = [c["text"] for c in many["choices"]]
+    assert [c["index"] for c in many["choices"]] == [0, 1, 2, 3] and texts[0] == texts[1] and texts[2] == texts[3]
+
+    # repetition_penalty as transformers applies it (prompt and answer so far), on the base model
+    prompt = "List: apple, apple, apple, apple,"
+    ids = smollm2_session.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = smollm2_session.model.generate(ids, max_new_tokens=TOKENS, do_sample=False, repetition_penalty=1.5)
+    expected = smollm2_session.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    served = client.post("/v1/completions", json={"model": "smollm2", "prompt": prompt, "max_tokens": TOKENS,
+                                                  "temperature": 0, "repetition_penalty": 1.5}).json()
+    plain = client.post("/v1/completions", json={"model": "smollm2", "prompt": prompt, "max_tokens": TOKENS,
+                                                 "temperature": 0}).json()
+    assert served["choices"][0]["text"] == expected != plain["choices"][0]["text"]
+    penalized = client.post("/v1/completions", json={"model": "smollm2", "prompt": prompt, "max_tokens": TOKENS,
+                                                     "temperature": 0, "frequency_penalty": 2.0,
+                                                     "presence_penalty": 2.0}).json()
+    assert penalized["choices"][0]["text"] != plain["choices"][0]["text"]
+
+
+def test_logprobs_whole_and_streamed(client, server, reference) -> None:
+    body = _chat(client, "beta", PROMPTS[0], logprobs=True, top_logprobs=3).json()
+    choice = body["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert len(content) == body["usage"]["completion_tokens"] - (choice["finish_reason"] == "stop")
+    assert "".join(item["token"] for item in content) == choice["message"]["content"] == \
+        reference("beta", PROMPTS[0])
+    for item in content:  # greedy: the chosen token is the most likely one
+        assert len(item["top_logprobs"]) == 3 and item["logprob"] <= 0
+        assert item["logprob"] == pytest.approx(item["top_logprobs"][0]["logprob"], abs=1e-5)
+        assert item["bytes"] == list(item["token"].encode())
+    api = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    chunks = list(api.chat.completions.create(model="beta", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                              max_tokens=TOKENS, temperature=0, stream=True, logprobs=True,
+                                              top_logprobs=3))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t["token"] for t in content]
+    assert [t.logprob for t in streamed] == pytest.approx([t["logprob"] for t in content], abs=1e-3)
+    legacy = client.post("/v1/completions", json={"model": "smollm2", "prompt": "The capital of France is",
+                                                  "max_tokens": 4, "temperature": 0, "logprobs": 2}).json()
+    lp = legacy["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"])
+    assert lp["text_offset"][0] == 0 and "".join(lp["tokens"]) == legacy["choices"][0]["text"]
+    assert all(len(top) <= 2 for top in lp["top_logprobs"])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # limits and bad inputs
 # ---------------------------------------------------------------------------------------------------------
@@ -224,8 +313,12 @@ def test_bad_inputs_get_their_status_and_server_keeps_serving(client, server, re
                                               "max_tokens": 200}, 400),
         "max_tokens zero": ({**chat, "max_tokens": 0}, 400),
         "temperature out of range": ({**chat, "temperature": 5}, 400),
-        "n > 1": ({**chat, "n": 2}, 400),
-        "logprobs": ({**chat, "logprobs": True}, 400),
+        "n over 16": ({**chat, "n": 17}, 400),
+        "logprobs as a number in chat": ({**chat, "logprobs": 2}, 400),
+        "top_logprobs without logprobs": ({**chat, "top_logprobs": 2}, 400),
+        "logit_bias": ({**chat, "logit_bias": {"5": 10}}, 400),
+        "best_of": ({**chat, "best_of": 3}, 400),
+        "unknown parameter": ({**chat, "mirostat": 2}, 400),
         "no messages": ({**chat, "messages": []}, 400),
         "missing model": ({"messages": chat["messages"]}, 400),
     }
@@ -317,6 +410,7 @@ def test_poison_values_fail_alone_and_release_their_adapter(client, server, refe
     _wait_released(server)
     assert not server.engine.adapters.in_use
     assert client.delete("/v1/adapters/alpha", headers=auth).status_code == 200  # not "used by 1 request"
+    assert client.post("/v1/adapters", json={"name": "alpha"}, headers=auth).status_code == 201
     assert client.get("/health").json()["status"] == "ok"
 
 
@@ -473,11 +567,17 @@ def test_adapter_admin_needs_token_and_refuses_paths(client, adapter_dir, refere
     assert client.delete("/v1/adapters/delta", headers=auth).status_code == 200
     assert _chat(client, "delta", PROMPTS[0]).status_code == 404
     assert client.delete("/v1/adapters/delta", headers=auth).status_code == 404
-    # an adapter-folder entry is only unloaded: it loads again on next use
-    assert client.post("/v1/adapters", json={"name": "gamma"}, headers=auth).status_code in (201, 409)
-    assert client.delete("/v1/adapters/gamma", headers=auth).status_code == 200
-    assert _chat(client, "gamma", PROMPTS[0]).json()["choices"][0]["message"]["content"] == \
-        reference("gamma", PROMPTS[0])
+    # an adapter-folder entry, loaded or not, is removed from the listing and from serving until added again
+    for loaded_first in (True, False):
+        if loaded_first:
+            assert _chat(client, "gamma", PROMPTS[0]).status_code == 200
+        assert client.delete("/v1/adapters/gamma", headers=auth).status_code == 200
+        assert "gamma" not in [m["id"] for m in client.get("/v1/models").json()["data"]]
+        assert _chat(client, "gamma", PROMPTS[0]).status_code == 404
+        assert client.get("/v1/models/gamma").status_code == 404
+        assert client.post("/v1/adapters", json={"name": "gamma"}, headers=auth).status_code == 201
+        assert _chat(client, "gamma", PROMPTS[0]).json()["choices"][0]["message"]["content"] == \
+            reference("gamma", PROMPTS[0])
 
 
 def test_admin_disabled_without_token(smollm2_session) -> None:

@@ -29,6 +29,9 @@ from .sampling import SamplingParams, held_back, penalize, sample_token, token_l
 
 log = logging.getLogger(__name__)
 
+#: one generated token with its log-probability and the most likely alternatives: (text, logprob, [(text, logprob)])
+TokenLogprob = tuple[str, float, list[tuple[str, float]]]
+
 
 @dataclass
 class Event:
@@ -43,7 +46,7 @@ class Event:
     error: ServeError | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(eq=False)
@@ -67,8 +70,9 @@ class Generation:
     generator: torch.Generator | None = None
     holds_adapter: bool = False
     finished: bool = False  # ended (answered, failed or cancelled): nothing more is emitted
-    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
-    logprobs_sent: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asked for them
+    logprobs_sent: int = 0  # entries of ``logprobs`` already emitted
+    last_logprob: tuple[float, list[tuple[int, float]]] | None = None  # of the token just chosen
 
     @property
     def position(self) -> int:
@@ -138,6 +142,7 @@ class Engine:
         self.rows: list[Generation] = []  # the running batch, in cache row order
         self.batch = BatchCache()
         self.long: LongPrefill | None = None  # the long prompt being prefilled in chunks
+        self._joining = 0  # generations admitted in this step and not in the running batch yet
         self._lora_modules: list[torch.nn.Module] = []
         self._modules_version = -1
         self._classifications: deque[Classification] = deque()
@@ -204,7 +209,7 @@ class Engine:
 
     def counts(self) -> dict[str, int]:
         with self._wake:
-            return {"active": len(self.rows) + (self.long is not None), "waiting": len(self.waiting)}
+            return {"active": len(self.rows) + (self.long is not None) + self._joining, "waiting": len(self.waiting)}
 
     # -- the loop ----------------------------------------------------------------------------------------
     def _has_work(self) -> bool:
@@ -252,6 +257,9 @@ class Engine:
                 for g in newcomers:
                     if g not in self.rows:
                         self._end(g, error=error)
+            finally:
+                with self._wake:
+                    self._joining = 0
         if self.rows:
             self._decode()
         return bool(newcomers)
@@ -312,7 +320,9 @@ class Engine:
             if not self.adapters.acquire(g.adapter):
                 return False  # every adapter slot is busy: it waits, later requests may go first
             g.holds_adapter = True
-            self._unqueue(g)
+            with self._wake:  # counted as active from the moment it leaves the queue
+                self._unqueue(g)
+                self._joining += len(g.prompt_ids) <= self.config.max_prefill_tokens
             return True
         except Exception as err:  # noqa: BLE001 - this request fails, the others go on
             self._unqueue(g)
@@ -491,7 +501,26 @@ class Engine:
         self.batch.keep_rows(keep)
 
     def _choose(self, logits: Tensor, g: Generation) -> int:
-        return sample_token(penalize(logits, g.params, g.prompt_ids, g.generated), g.params, g.generator)
+        """``g``'s next token from its row of logits (penalties, then sampling); its log-probability under the
+        model's own distribution noted when asked for."""
+        token = sample_token(penalize(logits, g.params, g.prompt_ids, g.generated), g.params, g.generator)
+        if g.params.logprobs is not None:
+            g.last_logprob = token_logprobs(logits, token, g.params.logprobs)
+        return token
+
+    def _note_logprob(self, g: Generation, token: int) -> None:
+        if g.last_logprob is not None:
+            logprob, top = g.last_logprob
+            text = self._detokenizer.decode
+            g.logprobs.append((text([token]), logprob, [(text([t]), lp) for t, lp in top]))
+            g.last_logprob = None
+
+    @staticmethod
+    def _unsent_logprobs(g: Generation) -> list[TokenLogprob] | None:
+        if g.params.logprobs is None:
+            return None
+        unsent, g.logprobs_sent = g.logprobs[g.logprobs_sent:], len(g.logprobs)
+        return unsent
 
     def _advance(self, g: Generation, token: int) -> bool:
         """Record ``token`` for ``g`` and emit what can be shown; True when ``g`` is finished (and ended)."""
@@ -502,6 +531,7 @@ class Engine:
             self._end(g, "stop")
             return True
         g.generated.append(token)
+        self._note_logprob(g, token)
         self.metrics.add(generated_tokens=1)
         text = self._detokenizer.decode(g.generated, skip_special_tokens=True)
         reason = None
@@ -517,7 +547,7 @@ class Engine:
             return True
         shown = len(text) - held_back(text, g.stop)
         if g.stream and shown > g.sent:
-            g.emit(Event(g.index, text[g.sent:shown]))
+            g.emit(Event(g.index, text[g.sent:shown], logprobs=self._unsent_logprobs(g)))
             g.sent = shown
         return False
 
@@ -536,7 +566,7 @@ class Engine:
             g.emit(Event(g.index, error=error))
         else:
             g.emit(Event(g.index, g.text[g.sent:], reason, final_text=g.text, prompt_tokens=len(g.prompt_ids),
-                         completion_tokens=len(g.generated)))
+                         completion_tokens=len(g.generated), logprobs=self._unsent_logprobs(g)))
             g.sent = len(g.text)
 
     # -- classification ----------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ from .engine import Engine, Event, Generation
 from .limits import BodyLimitMiddleware, check_prompt_chars, check_text, longest_token
 from .metrics import MetricsMiddleware
 from .responses import Answer, stream_events
-from .sampling import SamplingParams
-from .schema import UNSUPPORTED, AdapterRequest, ChatRequest, ClassifyRequest, CompletionRequest
+from .schema import (AdapterRequest, ChatRequest, ClassifyRequest, CompletionRequest, LoadLoraRequest,
+                     UnloadLoraRequest, choice_params, sampling_of)
 
 
 @dataclass
@@ -114,24 +114,6 @@ def check_generation_task(engine: Engine) -> None:
         raise ServeError(400, f"the base model is a {engine.task} model: use POST /v1/classify")
 
 
-def sampling_of(body: Any) -> tuple[SamplingParams, tuple[str, ...]]:
-    """The request's sampling parameters and stop strings; parameters lorakit does not implement refused."""
-    extra = body.model_extra or {}
-    for name, defaults in UNSUPPORTED.items():
-        if name in extra and extra[name] not in defaults:
-            raise ServeError(400, f"parameter {name!r} is not supported by lorakit serve", param=name)
-    if body.n not in (None, 1):
-        raise ServeError(400, "only n=1 is supported (send several requests instead)", param="n")
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    if len(stop) > 4 or any(not s for s in stop):
-        raise ServeError(400, "stop must be up to 4 non-empty strings", param="stop")
-    for s in stop:
-        check_text(s, "stop")
-    params = SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
-                            top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed)
-    return params, stop
-
-
 def token_budget(state: ServerState, body: Any, prompt_len: int, default: int, prompt_field: str) -> int:
     """max_tokens checked against the server limit and the context left after the prompt."""
     context, limit = state.engine.context, state.config.max_tokens
@@ -187,6 +169,7 @@ async def generate(request: Request, body: Any, prompts: list[list[int]], adapte
     """Queue one generation per prompt, then answer whole or as a stream."""
     state = state_of(request)
     params, stop = sampling_of(body)
+    n = body.n or 1
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -197,11 +180,11 @@ async def generate(request: Request, body: Any, prompts: list[list[int]], adapte
     prompt_field = "messages" if kind == "chat" else "prompt"
     deadline = time.monotonic() + state.config.request_timeout
     gens = [Generation(adapter, ids, token_budget(state, body, len(ids), default_max, prompt_field), emit,
-                       params=params, stop=stop, index=i, stream=bool(body.stream), deadline=deadline)
-            for i, ids in enumerate(prompts)]
+                       params=choice_params(params, j), stop=stop, index=i * n + j, stream=bool(body.stream),
+                       deadline=deadline) for i, ids in enumerate(prompts) for j in range(n)]
     state.engine.submit(gens)
     answer = Answer(("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24], int(time.time()),
-                    body.model, kind, len(gens))
+                    body.model, kind, len(gens), n, params.logprobs is not None)
     first = await next_event(state, queue, request, gens)
     if first is None:
         return client_closed()
@@ -221,6 +204,7 @@ async def generate(request: Request, body: Any, prompts: list[list[int]], adapte
         if event.error is not None:
             state.engine.cancel(gens)
             raise event.error
+        answer.record(event)
         if event.finish_reason is not None and answer.finish(event):
             return answer.body()
         event = await next_event(state, queue, request, gens)
@@ -362,7 +346,7 @@ def adapter_folder(state: ServerState, name: str, path: str | None) -> Path:
         raise ServeError(400, f"invalid adapter name {name!r}: use letters, digits, '-' and '_' (no paths)",
                          code="invalid_name", param="name")
     if path is None:
-        folder = state.engine.adapters.dir_entry(name)
+        folder = state.engine.adapters.dir_entry(name, removed_too=True)
         if folder is None:
             raise ServeError(404, f"no adapter folder {name!r} in the adapter directory"
                              if state.engine.adapters.adapter_dir else "no --adapter-dir: give a path",
@@ -395,6 +379,29 @@ async def remove_adapter(name: str, request: Request) -> Any:
     return {"id": name, "object": "model", "deleted": True}
 
 
+async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> Any:
+    """vLLM's POST /v1/load_lora_adapter ``{"lora_name", "lora_path"}`` (admin token): as POST /v1/adapters,
+    answered as vLLM answers (plain text)."""
+    state = state_of(request)
+    require_admin(state, request)
+    folder = adapter_folder(state, body.lora_name, body.lora_path)
+    engine = state.engine
+    await asyncio.wrap_future(engine.call(lambda: engine.adapters.register(body.lora_name, folder)))
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+async def unload_lora_adapter(body: UnloadLoraRequest, request: Request) -> Any:
+    """vLLM's POST /v1/unload_lora_adapter ``{"lora_name"}`` (admin token): as DELETE /v1/adapters/{name}."""
+    state = state_of(request)
+    require_admin(state, request)
+    name = body.lora_name
+    if not ADAPTER_NAME.fullmatch(name):
+        raise ServeError(400, f"invalid adapter name {name!r}", code="invalid_name", param="lora_name")
+    engine = state.engine
+    await asyncio.wrap_future(engine.call(lambda: engine.adapters.remove(name)))
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+
 async def health(request: Request) -> Any:
     engine = state_of(request).engine
     body = {"status": "ok" if engine.alive else "engine stopped", "model": engine.base_name, "task": engine.task,
@@ -416,7 +423,8 @@ async def metrics(request: Request) -> Any:
 ROUTES = (("POST", "/v1/completions", completions), ("POST", "/v1/chat/completions", chat_completions),
           ("POST", "/v1/classify", classify), ("GET", "/v1/models", list_models),
           ("GET", "/v1/models/{model_id}", get_model), ("POST", "/v1/adapters", add_adapter),
-          ("DELETE", "/v1/adapters/{name}", remove_adapter), ("GET", "/health", health),
+          ("DELETE", "/v1/adapters/{name}", remove_adapter), ("POST", "/v1/load_lora_adapter", load_lora_adapter),
+          ("POST", "/v1/unload_lora_adapter", unload_lora_adapter), ("GET", "/health", health),
           ("GET", "/metrics", metrics))
 
 

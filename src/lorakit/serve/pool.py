@@ -41,6 +41,7 @@ class AdapterPool:
         self.max_bytes = max_bytes if max_bytes is not None else sum(
             p.numel() * p.element_size() for p in model.parameters())
         self.registered: dict[str, Path] = {}
+        self.removed: set[str] = set()  # adapter-directory entries unloaded by DELETE: hidden until added again
         self.loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self.in_use: Counter[str] = Counter()
         self.version = 0  # bumped whenever the model's LoRA modules change
@@ -61,11 +62,13 @@ class AdapterPool:
                               "adapter" + (", not a folder in the adapter directory" if self.adapter_dir else "")
                          + "; GET /v1/models lists them", code="model_not_found", param="model")
 
-    def dir_entry(self, name: str) -> Path | None:
+    def dir_entry(self, name: str, removed_too: bool = False) -> Path | None:
         """``adapter_dir/name`` when it holds an adapter, else None. Only plain names are looked up: anything
         that could be a path (``/``, ``..``) is refused before the filesystem is touched, and a folder or a file
-        in it that a symlink leads out of the adapter directory is refused too."""
-        if self.adapter_dir is None or not ADAPTER_NAME.fullmatch(name):
+        in it that a symlink leads out of the adapter directory is refused too. Entries removed by DELETE count
+        only with ``removed_too`` (adding one again)."""
+        if self.adapter_dir is None or not ADAPTER_NAME.fullmatch(name) or (name in self.removed
+                                                                            and not removed_too):
             return None
         folder = (self.adapter_dir / name).resolve()
         if folder.parent != self.adapter_dir or not (folder / "adapter_config.json").is_file():
@@ -129,11 +132,15 @@ class AdapterPool:
         self._load(name, path)
         with self._lock:
             self.registered[name] = path
+            self.removed.discard(name)
 
     def remove(self, name: str) -> None:
-        """Unload ``name`` and forget its registration (an adapter-folder entry stays loadable by name)."""
-        if name not in self.registered and name not in self.loaded:
-            raise ServeError(404, f"adapter {name!r} is neither registered nor loaded", code="model_not_found")
+        """Unload ``name`` and forget it: a registered adapter is unregistered, an adapter-directory entry is
+        hidden (from /v1/models and from requests) until it is added again (POST /v1/adapters)."""
+        in_dir = self.dir_entry(name) is not None
+        if name not in self.registered and name not in self.loaded and not in_dir:
+            raise ServeError(404, f"adapter {name!r} is neither registered, loaded nor in the adapter directory",
+                             code="model_not_found")
         if self.in_use[name]:
             raise ServeError(409, f"adapter {name!r} is used by {self.in_use[name]} running request(s); retry when "
                                   "they finish", code="adapter_in_use")
@@ -141,6 +148,8 @@ class AdapterPool:
             self._unload(name)
         with self._lock:
             self.registered.pop(name, None)
+            if in_dir:
+                self.removed.add(name)
 
     def _make_room(self) -> bool:
         while len(self.loaded) >= self.max_loaded:

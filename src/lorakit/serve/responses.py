@@ -2,49 +2,83 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from .engine import Event, Generation
+from .engine import Event, Generation, TokenLogprob
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+    """Chat's ``logprobs``: ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}``."""
+    def item(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "replace"))}
+
+    return {"content": [{**item(text, lp), "top_logprobs": [item(t, l) for t, l in top]}
+                        for text, lp, top in entries]}
+
+
+def completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    """The legacy completions ``logprobs``: parallel lists of tokens, their logprobs, the alternatives and each
+    token's character offset in the answer (``offset``: characters before the first entry)."""
+    offsets = []
+    for text, _, _ in entries:
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": [text for text, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [dict(top) for _, _, top in entries], "text_offset": offsets}
 
 
 @dataclass
 class Answer:
-    """What a handler knows about one generation request: ids, model, kind (``chat`` or ``text``) and, per
-    choice, the text so far, the finish reason and the usage."""
+    """What a handler knows about one generation request: ids, model, kind (``chat`` or ``text``), ``n``
+    choices per prompt and, per choice, the text so far, the finish reason, the logprobs and the usage."""
 
     rid: str
     created: int
     model: str
     kind: str
     choices: int
+    n: int = 1
+    logprobs: bool = False
     texts: list[str] = field(default_factory=list)
     reasons: list[str | None] = field(default_factory=list)
+    tokens: list[list[TokenLogprob]] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)  # characters of each choice streamed so far
     usage: list[int] = field(default_factory=lambda: [0, 0])
 
     def __post_init__(self) -> None:
         self.texts, self.reasons = [""] * self.choices, [None] * self.choices
+        self.tokens, self.offsets = [[] for _ in range(self.choices)], [0] * self.choices
+
+    def record(self, event: Event) -> None:
+        """Keep an event's logprobs (whole responses list them all at the end)."""
+        if event.logprobs:
+            self.tokens[event.index].extend(event.logprobs)
 
     def finish(self, event: Event) -> bool:
-        """Record a final event; True when every choice has finished."""
+        """Record a final event; True when every choice has finished. The prompt counts once per prompt."""
         self.texts[event.index], self.reasons[event.index] = event.final_text or "", event.finish_reason
-        self.usage[0] += event.prompt_tokens
+        self.usage[0] += event.prompt_tokens if event.index % self.n == 0 else 0
         self.usage[1] += event.completion_tokens
         return all(r is not None for r in self.reasons)
 
     def usage_body(self) -> dict[str, int]:
         return {"prompt_tokens": self.usage[0], "completion_tokens": self.usage[1], "total_tokens": sum(self.usage)}
 
+    def _logprobs(self, entries: list[TokenLogprob], offset: int) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        return chat_logprobs(entries) if self.kind == "chat" else completion_logprobs(entries, offset)
+
     def body(self) -> dict[str, Any]:
         """The whole (non-streamed) response."""
-        if self.kind == "chat":
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                        "finish_reason": r} for i, (t, r) in enumerate(zip(self.texts, self.reasons))]
-        else:
-            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                       for i, (t, r) in enumerate(zip(self.texts, self.reasons))]
+        choices = []
+        for i, (text, reason) in enumerate(zip(self.texts, self.reasons)):
+            choice: dict[str, Any] = {"index": i}
+            choice.update({"message": {"role": "assistant", "content": text}} if self.kind == "chat" else
+                          {"text": text})
+            choices.append({**choice, "logprobs": self._logprobs(self.tokens[i], 0), "finish_reason": reason})
         return {"id": self.rid, "object": "chat.completion" if self.kind == "chat" else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices, "usage": self.usage_body()}
 
@@ -56,12 +90,19 @@ class Answer:
             data["usage"] = usage
         return f"data: {json.dumps(data)}\n\n"
 
-    def choice(self, index: int, text: str | None, reason: str | None, role: bool = False) -> dict:
-        """One streamed choice: a chat delta (the first one carries the role) or a completion text."""
+    def choice(self, event: Event) -> dict:
+        """One streamed choice: a chat delta or a completion text, with the logprobs of its tokens."""
+        logprobs = self._logprobs(event.logprobs or [], self.offsets[event.index])
+        self.offsets[event.index] += len(event.text)
         if self.kind == "chat":
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
-        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+            delta = {"content": event.text} if event.text else {}
+            return {"index": event.index, "delta": delta, "logprobs": logprobs, "finish_reason": event.finish_reason}
+        return {"index": event.index, "text": event.text, "logprobs": logprobs, "finish_reason": event.finish_reason}
+
+    def role_choice(self, index: int) -> dict:
+        """The first chat chunk of a choice: its role."""
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None}
 
 
 async def stream_events(answer: Answer, first: Event, next_event: Callable[[], Awaitable[Event | None]],
@@ -73,14 +114,14 @@ async def stream_events(answer: Answer, first: Event, next_event: Callable[[], A
     try:
         if answer.kind == "chat":
             for g in gens:
-                yield answer.chunk([answer.choice(g.index, None, None, role=True)], include_usage)
+                yield answer.chunk([answer.role_choice(g.index)], include_usage)
         event: Event | None = first
         while event is not None:
             if event.error is not None:
                 yield f"data: {json.dumps(event.error.body())}\n\n"
                 break
-            if event.text or event.finish_reason:
-                yield answer.chunk([answer.choice(event.index, event.text, event.finish_reason)], include_usage)
+            if event.text or event.finish_reason or event.logprobs:
+                yield answer.chunk([answer.choice(event)], include_usage)
             if event.finish_reason is not None:
                 finished.add(event.index)
                 answer.finish(event)
@@ -90,8 +131,6 @@ async def stream_events(answer: Answer, first: Event, next_event: Callable[[], A
                     break
             event = await next_event()
         yield "data: [DONE]\n\n"
-    except asyncio.CancelledError:
-        raise
     finally:
         if len(finished) < len(gens):
             cancel()
