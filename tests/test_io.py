@@ -371,35 +371,142 @@ def _mutate(folder: Path, rng: random.Random, kinds: list[str] = MUTATIONS) -> s
     return f"{kind} {raw.get('peft_version') if kind == 'peft_version' else ''}"
 
 
-def test_corrupted_adapters_raise_only_adapter_errors_and_leave_model_unchanged(tiny, tmp_path) -> None:
+# hostile edits (issue 18): each must end in an AdapterError (or load an adapter that computes finite outputs)
+DEEP = 100_000
+
+
+def _rewrite_header(weights: Path, edit) -> None:
+    """Apply ``edit`` to the parsed safetensors header and write the file back with the new header length."""
+    data = weights.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    text = edit(header)
+    raw = (text if isinstance(text, str) else json.dumps(header)).encode()
+    weights.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + size:])
+
+
+def _hostile(folder: Path, rng: random.Random) -> str:
+    """One hostile edit of the kinds issue 18 found uncaught: deep JSON, wrong JSON types, bad regexes, huge or
+    non-finite numbers, path-like stored names, extreme weights."""
+    weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
+    kind = rng.choice(["deep_config", "deep_header", "deep_metadata", "metadata", "dtype", "config", "config",
+                       "huge_r", "weights"])
+    if kind == "deep_config":
+        config.write_text('{"r": 4, "target_modules": ' + "[" * DEEP + "]" * DEEP + "}")
+    elif kind == "deep_header":
+        _rewrite_header(weights, lambda h: json.dumps(h)[:-1] + ', "x": ' + "[" * DEEP + "]" * DEEP + "}")
+    elif kind in ("deep_metadata", "metadata"):
+        tensors = load_file(weights)
+        value = "[" * DEEP + "]" * DEEP if kind == "deep_metadata" else json.dumps(rng.choice([
+            [1, 2], 5, "x", {"adapter_name": "/tmp/x"}, {"adapter_name": "../escape"}, {"adapter_name": "a/b"},
+            {"adapter_name": ""}, {"adapter_name": 5}, {"adapter_name": "a\x00b"}, {"adapter_name": "a" * 500},
+            {"fingerprint": {"sha256": 5}}, {"fingerprint": "abc"}, {"fingerprint": {"sha256": "z" * 64}},
+            {"fingerprint": {"sha256": "0" * 64, "algorithm": "x", "bytes": "many"}}, {"provenance": "x"},
+            {"lorakit_version": ["1"]}, {"tensors_sha256": 7}]))
+        save_file(tensors, weights, metadata={"format": "pt", "lorakit": value})
+        kind += " " + value[:40]
+    elif kind == "dtype":
+        key, value = rng.choice([("dtype", ["F32"]), ("dtype", {"a": 1}), ("dtype", 5), ("shape", "abc"),
+                                 ("shape", [[4]]), ("data_offsets", ["0", "4"]), ("shape", [10 ** 30])])
+
+        def edit(header):
+            entry = header[rng.choice(sorted(k for k in header if k != "__metadata__"))]
+            entry[key] = value
+        _rewrite_header(weights, edit)
+        kind += f" {key}={value!r}"
+    elif kind == "config":
+        raw = json.loads(config.read_text())
+        key, value = rng.choice([
+            ("rank_pattern", {"(": 4}), ("alpha_pattern", {"[": 2.0}), ("rank_pattern", {"q": True}),
+            ("layers_to_transform", "abc"), ("layers_to_transform", [0, "1"]), ("layers_to_transform", -1),
+            ("lora_alpha", float("nan")), ("lora_alpha", float("inf")), ("lora_alpha", -float("inf")),
+            ("lora_alpha", 1e300), ("lora_alpha", 0), ("lora_alpha", -1), ("alpha_pattern", {"q": 0}),
+            ("alpha_pattern", {"q": -1}), ("alpha_pattern", {"q": float("inf")}), ("alpha_pattern", {"q": 1e300}),
+            ("use_rslora", "false"), ("use_dora", "true"), ("use_rslora", 1), ("lora_dropout", float("nan")),
+            ("bias", ["none"]), ("init_lora_weights", [1]), ("init_lora_weights", {"a": 1}), ("task_type", 5),
+            ("base_model_name_or_path", ["/usr"]), ("base_model_name_or_path", "/" * 5000), ("target_modules", [["q"]]),
+            ("modules_to_save", [5]), ("r", 10 ** 12), ("r", 1e300), ("peft_type", ["LORA"]), ("rank_pattern", 5)])
+        raw[key] = value
+        config.write_text(json.dumps(raw))  # NaN/Infinity written as JS literals, as Python reads them back
+        kind += f" {key}={value!r}"[:60]
+    elif kind == "huge_r":
+        text = config.read_text()
+        config.write_text(text.replace('"r": ', '"r": ' + "9" * 5000 + ", \"_r\": ", 1))
+    else:
+        tensors = load_file(weights)
+        key = rng.choice(sorted(k for k in tensors if tensors[k].is_floating_point()))
+        tensors[key] = torch.full_like(tensors[key], rng.choice([3e38, -3e38, 1e20, 1e6]))
+        save_file(tensors, weights, metadata={"format": "pt"})
+        kind += f" {key}"
+    return kind
+
+
+def _flags(model) -> list:
+    return [(m, m.training) for m in model.modules()] + [(p, p.requires_grad) for p in model.parameters()]
+
+
+def _check_model_unchanged(model, before_state, before_flags, names, module_types, what) -> None:
+    _assert_same_state(model, before_state)
+    assert [(m, m.training) for m, _ in before_flags[:len(module_types)]] == before_flags[:len(module_types)], what
+    assert [(p, p.requires_grad) for p, _ in before_flags[len(module_types):]] == before_flags[len(module_types):], \
+        what
+    assert lorakit.adapter_names(model) == names and [type(m) for m in model.modules()] == module_types, what
+
+
+@pytest.mark.parametrize("start", ["clean", "with-adapter"])
+def test_corrupted_adapters_raise_only_adapter_errors_and_leave_model_unchanged(start, tiny, tiny_ids,
+                                                                                tmp_path) -> None:
+    """Seeded fuzz: 250 damaged or hostile adapter folders per start state; each load ends in an AdapterError
+    with the model exactly as before (tensors, train/eval modes, requires_grad, adapters, module types), or
+    loads an adapter whose outputs are finite; `adapter_info` on the same folder raises AdapterError only."""
+    from lorakit.export import format_info
+
     good = _property_adapters(tiny, tmp_path / "good")
     model = copy.deepcopy(tiny)
-    before = _snapshot(model)
-    modules_before = [type(m) for m in model.modules()]
-    rng = random.Random(20240601)
+    if start == "with-adapter":  # a frozen adapter already loaded, base partly trainable, mixed modes
+        load_adapter(model, good[1], adapter_name="keep")
+        model.embed.weight.requires_grad_(True)
+        model.layers[0].train()
+    before, flags = _snapshot(model), _flags(model)
+    names, module_types = lorakit.adapter_names(model), [type(m) for m in model.modules()]
+    rng = random.Random(20240601 if start == "clean" else 20261130)
     outcomes = {"error": 0, "loaded": 0}
-    for i in range(240):
+    for i in range(250):
         source = rng.choice(good)
         folder = tmp_path / f"m{i}"
         shutil.copytree(source, folder)
-        if rng.random() < 0.2:  # two at once: an edited config and damaged weights
+        roll = rng.random()
+        if roll < 0.15:  # two at once: an edited config and damaged weights
             what = _mutate(folder, rng, CONFIG_EDITS) + " + " + _mutate(folder, rng, FILE_DAMAGE)
+        elif roll < 0.55:
+            what = _hostile(folder, rng)
         else:
             what = _mutate(folder, rng)
         try:
-            name = load_adapter(model, folder)
+            name = load_adapter(model, folder, adapter_name=None if start == "clean" else f"new{i}")
         except AdapterError as err:
             assert str(err), what
             outcomes["error"] += 1
+            _check_model_unchanged(model, before, flags, names, module_types, what)
         except Exception as err:  # noqa: BLE001 - the property under test
             pytest.fail(f"mutation {i} ({what}) of {source.name} raised {type(err).__name__}: {err}")
         else:
             outcomes["loaded"] += 1
+            lorakit.set_adapter(model, name)
+            assert torch.isfinite(_out(model, tiny_ids)).all(), what
             delete_adapter(model, name)
-        _assert_same_state(model, before)
-        assert lora_state(model) is None and [type(m) for m in model.modules()] == modules_before, what
+            if names:
+                lorakit.set_adapter(model, names)
+            for param, requires_grad in flags[len(module_types):]:
+                param.requires_grad_(requires_grad)
+        try:
+            format_info(adapter_info(folder))
+        except AdapterError:
+            pass
+        except Exception as err:  # noqa: BLE001 - the property under test
+            pytest.fail(f"adapter_info on mutation {i} ({what}) raised {type(err).__name__}: {err}")
         shutil.rmtree(folder)
-    assert outcomes["error"] >= 150 and outcomes["loaded"] >= 1, outcomes
+    assert outcomes["error"] >= 180 and outcomes["loaded"] >= 1, outcomes
 
 
 def test_clear_messages_for_common_damage(tiny, tmp_path) -> None:
@@ -597,12 +704,13 @@ def test_info_cli_shows_config_size_fingerprint_and_provenance(minilm, tmp_path,
     model, tokenizer = minilm
     inject(model, LoraConfig(r=8, alpha=16, target_modules=["query", "value"]))
     save_adapter(model, tmp_path / "a", provenance={"dataset": "rotten-tomatoes", "steps": 100}, tokenizer=tokenizer)
-    assert main(["info", str(tmp_path / "a")]) == 0
+    base = model.config._name_or_path  # the packaged model folder, given by the user with --base
+    assert main(["info", str(tmp_path / "a"), "--base", base]) == 0
     text = capsys.readouterr().out
     for expected in ("r=8", "query x6", "value x6", "73,728", "fingerprint    sha256", "rotten-tomatoes",
                      "% of it"):
         assert expected in text, expected
-    assert main(["info", str(tmp_path / "a"), "--json"]) == 0
+    assert main(["info", str(tmp_path / "a"), "--json", "--base", base]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["parameters"] == 12 * 8 * (384 + 384) and info["ranks"] == [8]
     assert info["weights_bytes"] < info["base_model_bytes"] / 100
@@ -676,3 +784,125 @@ def test_failed_load_keeps_modes_and_requires_grad(tiny, tmp_path) -> None:
         load_adapter(model, folder)
     assert [(m, m.training) for m, _ in before] == before
     assert [(p, p.requires_grad) for p, _ in grads] == grads
+
+
+# -- hostile files (issue 18): names, numbers, rollback, info -----------------------------------------------------
+def _resave_metadata(folder: Path, **fields) -> None:
+    weights = folder / WEIGHTS_FILE
+    data = weights.read_bytes()
+    meta = json.loads(json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]["lorakit"])
+    meta.update(fields)
+    meta.pop("tensors_sha256", None)
+    save_file(load_file(weights), weights, metadata={"format": "pt", "lorakit": json.dumps(meta)})
+
+
+@pytest.mark.parametrize("stored", ["/tmp/x", "../x", "a/b", "a\\b", "a.b", ""])
+def test_stored_name_is_checked_and_saving_never_leaves_the_folder(stored, tiny, tmp_path) -> None:
+    source = copy.deepcopy(tiny)
+    inject(source, LoraConfig(r=2, target_modules=["q"]))
+    save_adapter(source, tmp_path / "a")
+    _resave_metadata(tmp_path / "a", adapter_name=stored)
+    model = copy.deepcopy(tiny)
+    with pytest.raises(AdapterError, match="stored adapter_name"):
+        load_adapter(model, tmp_path / "a")
+    assert load_adapter(model, tmp_path / "a", adapter_name="mine") == "mine"
+    # a name that got onto the model some other way is still never a path
+    lora_state(model).configs["../escape"] = lora_state(model).configs["mine"]
+    with pytest.raises(AdapterStateError, match="without dots, slashes"):
+        lorakit.save_adapters(model, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    with pytest.raises(AdapterStateError, match="without dots, slashes"):
+        lorakit.add_adapter(tiny, "/tmp/x", LoraConfig(r=2, target_modules=["q"]))
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("use_rslora", "false", "use_rslora must be true or false"),
+    ("lora_alpha", float("nan"), "lora_alpha must be a finite number"),
+    ("lora_alpha", 1e300, "lora_alpha must be a finite number"),
+    ("alpha_pattern", {"q": -1}, "alpha_pattern must be"),
+    ("rank_pattern", {"(": 2}, "rank_pattern must be"),
+    ("layers_to_transform", "abc", "layers_to_transform must be"),
+])
+def test_bad_config_values_are_refused_by_name(key, value, match, tiny, tmp_path) -> None:
+    source = copy.deepcopy(tiny)
+    inject(source, LoraConfig(r=2, target_modules=["q"]))
+    save_adapter(source, tmp_path / "a")
+    raw = json.loads((tmp_path / "a" / CONFIG_FILE).read_text())
+    raw[key] = value
+    (tmp_path / "a" / CONFIG_FILE).write_text(json.dumps(raw))
+    with pytest.raises(AdapterError, match=match):
+        load_adapter(copy.deepcopy(tiny), tmp_path / "a")
+
+
+def test_extreme_finite_weights_are_refused(tiny, tmp_path) -> None:
+    source = copy.deepcopy(tiny)
+    inject(source, LoraConfig(r=2, target_modules=["q"]))
+    save_adapter(source, tmp_path / "a")
+    tensors = load_file(tmp_path / "a" / WEIGHTS_FILE)
+    key = PREFIX + "layers.0.q.lora_A.weight"
+    tensors[key] = torch.full_like(tensors[key], 3e38)  # finite, but every output would be NaN
+    save_file(tensors, tmp_path / "a" / WEIGHTS_FILE, metadata={"format": "pt"})
+    with pytest.raises(AdapterError, match="values up to 3e\\+38"):
+        load_adapter(copy.deepcopy(tiny), tmp_path / "a")
+    tensors[key] = torch.full_like(tensors[key], 1e3)  # each factor sane, their product is not
+    tensors[PREFIX + "layers.0.q.lora_B.weight"] = torch.full((16, 2), 1e3)
+    save_file(tensors, tmp_path / "a" / WEIGHTS_FILE, metadata={"format": "pt"})
+    with pytest.raises(AdapterError, match="update s\\*B\\*A can reach"):
+        load_adapter(copy.deepcopy(tiny), tmp_path / "a")
+
+
+def test_load_adapters_rollback_restores_requires_grad(tiny, tmp_path) -> None:
+    source = copy.deepcopy(tiny)
+    lorakit.add_adapter(source, "default", LoraConfig(r=2, target_modules=["q"]))
+    lorakit.add_adapter(source, "other", LoraConfig(r=3, target_modules=["v"]))
+    save_adapter(source, tmp_path / "multi", adapter_name=["default", "other"])
+    (tmp_path / "multi" / "other" / WEIGHTS_FILE).write_bytes(b"garbage")  # the second sub-folder is corrupt
+    fresh = copy.deepcopy(tiny).train()  # a plain model: everything trainable
+    with pytest.raises(AdapterError):
+        load_adapters(fresh, tmp_path / "multi")
+    assert all(p.requires_grad for p in fresh.parameters()) and all(m.training for m in fresh.modules())
+    frozen = copy.deepcopy(tiny)
+    inject(frozen, LoraConfig(r=2, target_modules=["v"]), adapter_name="mine")
+    for param in frozen.parameters():
+        param.requires_grad_(False)  # a frozen adapter, e.g. loaded for inference
+    with pytest.raises(AdapterError):
+        load_adapters(frozen, tmp_path / "multi")
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert lorakit.adapter_names(frozen) == ["mine"]
+
+
+@pytest.mark.parametrize("base", ["/usr", "/proc", "/", ["/usr"], "x" * 5000])
+def test_info_never_opens_the_base_named_in_the_file(base, tiny, tmp_path, monkeypatch, capsys) -> None:
+    source = copy.deepcopy(tiny)
+    inject(source, LoraConfig(r=2, target_modules=["q"]))
+    save_adapter(source, tmp_path / "a")
+    raw = json.loads((tmp_path / "a" / CONFIG_FILE).read_text())
+    raw["base_model_name_or_path"] = base
+    (tmp_path / "a" / CONFIG_FILE).write_text(json.dumps(raw))
+    walked = []
+    for method in ("rglob", "glob", "iterdir"):
+        real = getattr(Path, method)
+
+        def spy(self, *args, _real=real, **kwargs):
+            walked.append(self)
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(Path, method, spy)
+    if isinstance(base, str) and len(base) < 100:
+        info = adapter_info(tmp_path / "a")
+        assert info["base_model_name_or_path"] == base and "base_model_bytes" not in info
+    else:
+        assert main(["info", str(tmp_path / "a")]) == 2
+        assert "base_model_name_or_path must be" in capsys.readouterr().err
+    assert all(p == tmp_path / "a" or tmp_path / "a" in p.parents for p in walked), walked
+
+
+def test_info_cli_on_malformed_metadata_is_one_line_error(tiny, tmp_path, capsys) -> None:
+    source = copy.deepcopy(tiny)
+    inject(source, LoraConfig(r=2, target_modules=["q"]))
+    save_adapter(source, tmp_path / "a")
+    for metadata in ("[1, 2]", json.dumps({"fingerprint": {"sha256": 5}}), "[" * 10_000 + "]" * 10_000):
+        save_file(load_file(tmp_path / "a" / WEIGHTS_FILE), tmp_path / "a" / WEIGHTS_FILE,
+                  metadata={"format": "pt", "lorakit": metadata})
+        assert main(["info", str(tmp_path / "a")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("lorakit: error:") and err.count("\n") == 1 and "metadata" in err

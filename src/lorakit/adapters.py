@@ -8,7 +8,6 @@ effect of ``.eval()``.
 from __future__ import annotations
 
 import dataclasses
-import dataclasses
 import math
 import re
 from contextlib import contextmanager
@@ -67,6 +66,22 @@ class ModelFlags:
             param.requires_grad_(requires_grad)
 
 
+#: longest adapter name; names are folder names in PEFT's multi-adapter layout and keys in state dicts
+MAX_ADAPTER_NAME = 128
+
+
+def check_adapter_name(name: object, source: str = "adapter name") -> str:
+    """``name`` if it can name an adapter: a non-empty string of at most `MAX_ADAPTER_NAME` characters without
+    dots (state-dict keys are dotted paths), path separators or control characters (it names a sub-folder when
+    saved: ``/tmp/x`` or ``..`` must never make a write leave its folder); `AdapterStateError` otherwise."""
+    if not isinstance(name, str) or not name or len(name) > MAX_ADAPTER_NAME or any(
+            c in "./\\" or not c.isprintable() for c in name):
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
+        raise AdapterStateError(f"{source} must be a non-empty string of at most {MAX_ADAPTER_NAME} characters "
+                                f"without dots, slashes or control characters, got {shown}")
+    return name
+
+
 def _require_state(model: nn.Module) -> LoraState:
     state = lora_state(model)
     if state is None or not state.configs:
@@ -90,6 +105,8 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoraLayer | ModulesToS
         if isinstance(module, (LoraLayer, ModulesToSave)):
             yield prefix, module
             if isinstance(module, LoraLayer):
+                if isinstance(module.base_layer, LoraLayer):  # parameter targets nest (first one innermost)
+                    stack.append((f"{prefix}.base_layer", module.base_layer))
                 continue
         children = [(f"{prefix}.{name}" if prefix else name, child)
                     for name, child in module._modules.items() if child is not None]
@@ -182,7 +199,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     _check_known(state, [adapter_name])
     if any(adapter_name in layer.merged_adapters for _, layer in lora_layers(model)):
         raise AdapterStateError(f"adapter {adapter_name!r} is merged into the weights; unmerge(model) first")
-    for name, module in list(lora_modules(model)):
+    for name, module in reversed(list(lora_modules(model))):  # nested wrappers: the inner one first
         if adapter_name not in module.adapter_names():
             continue
         module.remove(adapter_name)
@@ -295,7 +312,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         _merge(model, todo, safe=True)
     else:
         unmerge(model)
-    for name, module in list(lora_modules(model)):
+    for name, module in reversed(list(lora_modules(model))):  # nested wrappers: the inner one first
         if isinstance(module, LoraLayer):
             _replace(model, name, module.base_layer)
         else:
@@ -360,22 +377,6 @@ def add_weighted_adapter(model: nn.Module, sources: Sequence[str], weights: Sequ
     for _, layer in layers:
         for param in layer.adapter_parameters(name):
             param.requires_grad_(False)
-
-
-def copy_modules_to_save(model: nn.Module, source: str, target: str) -> None:
-    """Give adapter ``target`` frozen copies of adapter ``source``'s ``modules_to_save`` (parameters and buffers,
-    e.g. a classifier head, a trained BatchNorm's running statistics) and list them in ``target``'s config:
-    what a combined adapter (`add_weighted_adapter`, which has none) needs to be used, or saved, for a task."""
-    state = _require_state(model)
-    _check_known(state, [source, target])
-    for _, module in lora_modules(model):
-        if isinstance(module, ModulesToSave) and source in module.modules_to_save:
-            if target not in module.modules_to_save:
-                module.add(target)
-            module.modules_to_save[target].load_state_dict(module.modules_to_save[source].state_dict())
-            module.modules_to_save[target].requires_grad_(False)
-    state.configs[target] = dataclasses.replace(state.configs[target],
-                                                modules_to_save=state.configs[source].modules_to_save)
 
 
 def copy_modules_to_save(model: nn.Module, source: str, target: str) -> None:

@@ -17,10 +17,10 @@ from torch import Tensor, nn
 from .adapters import unload
 from .config import LoraConfig
 from .errors import AdapterError, ConfigError
-from .files import atomic_directory, json_text, read_safetensors, read_safetensors_header, write_file
+from .files import atomic_directory, json_default, json_text, read_safetensors, read_safetensors_header, write_file
 from .io import load_adapter, lorakit_version, write_adapter_folder
-from .peft_format import (CONFIG_FILE, FILE_PARTS, METADATA_KEY, PICKLE_FILE, PISSA_INIT_FILE, PREFIX, WEIGHTS_FILE,
-                          AdapterFiles, read_adapter, read_adapter_config)
+from .peft_format import (CONFIG_FILE, FILE_PARTS, PICKLE_FILE, PISSA_INIT_FILE, PREFIX, WEIGHTS_FILE,
+                          AdapterFiles, parse_metadata, read_adapter, read_adapter_config)
 from .tasks import task_from_peft
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -108,6 +108,11 @@ def export_adapter(directory: str | os.PathLike, target: str, output: str | os.P
             report.reasons.append("DoRA (use_dora=true): vLLM serves plain LoRA only")
         if config.bias != "none":
             report.reasons.append(f"bias={config.bias!r}: trained biases change the base model, vLLM cannot apply them")
+        if config.lora_bias:
+            report.reasons.append("lora_bias=true: vLLM's LoRA has no bias on B")
+        if config.target_parameters:
+            report.reasons.append(f"target_parameters {config.target_parameters}: vLLM serves LoRA on modules, not "
+                                  "on parameters")
         if config.modules_to_save and other_keys:
             report.reasons.append(f"modules_to_save {sorted(set(config.modules_to_save))}: vLLM cannot swap in "
                                   "fully trained modules")
@@ -145,7 +150,7 @@ def export_adapter(directory: str | os.PathLike, target: str, output: str | os.P
     ours = dict(files.lorakit)
     ours.pop("tensors_sha256", None)
     if initial is not None:  # the converted adapter applies to the original base, whose fingerprint was recorded
-        ours["fingerprint"] = json.loads(init_meta.get(METADATA_KEY, "{}")).get("fingerprint")
+        ours["fingerprint"] = parse_metadata(init_meta, PISSA_INIT_FILE).get("fingerprint")
     ours["export"] = {"target": target, "source": str(files.directory), "conversions": report.conversions}
     with atomic_directory(output, replace=None) as staging:
         write_adapter_folder(staging, new_config, tensors, ours)
@@ -295,24 +300,28 @@ def merge_to_folder(base: str, adapter: str | os.PathLike, output: str | os.Path
 # =========================================================================================================
 # Info
 # =========================================================================================================
-def _folder_bytes(folder: Path, suffixes: tuple[str, ...] | None = None) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and (
-        suffixes is None or p.name.endswith(suffixes)))
+def _weights_bytes(folder: Path) -> int:
+    """Bytes of the model weight files at the top of a folder the *user* named (never one named in a file)."""
+    suffixes = (".safetensors", ".bin", ".gguf", ".pth", ".pt")
+    return sum(p.stat().st_size for p in folder.iterdir()
+               if p.name.endswith(suffixes) and p.is_file() and not p.is_symlink())
 
 
-def adapter_info(directory: str | os.PathLike) -> dict[str, Any]:
-    """What an adapter folder holds, from its config and the safetensors header (no tensor is loaded)."""
-    folder = Path(directory)
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise AdapterError(f"{folder} has no {WEIGHTS_FILE}" + (" (only a pickle .bin: lorakit does not open it)"
-                                                                  if (folder / PICKLE_FILE).is_file() else ""))
-    entries, metadata, total = read_safetensors_header(weights)
-    try:
-        ours = json.loads(metadata.get(METADATA_KEY, "{}") or "{}")
-    except json.JSONDecodeError as err:
-        raise AdapterError(f"{weights}: lorakit metadata is not JSON ({err}); the file is corrupted") from None
-    config = read_adapter_config(folder)
+def _folder_bytes(folder: Path) -> int:
+    """Bytes of the regular files in an adapter folder and its sub-adapter folders (symlinks not followed)."""
+    total = 0
+    for entry in folder.iterdir():
+        if entry.is_symlink():
+            continue
+        if entry.is_file():
+            total += entry.stat().st_size
+        elif entry.is_dir() and (entry / CONFIG_FILE).is_file():
+            total += sum(p.stat().st_size for p in entry.iterdir() if p.is_file() and not p.is_symlink())
+    return total
+
+
+def _counts(entries: Mapping[str, tuple[str, list[int], int, int]]) -> tuple[int, int, dict[str, int]]:
+    """LoRA and modules_to_save parameter counts, and the rank of each adapted module, from header entries."""
     lora_params = saved_params = 0
     ranks: dict[str, int] = {}
     for key, (_, shape, _, _) in entries.items():
@@ -323,6 +332,24 @@ def adapter_info(directory: str | os.PathLike) -> dict[str, Any]:
                 ranks[key[len(PREFIX):].rsplit(".lora_", 1)[0]] = shape[0]
         else:
             saved_params += n
+    return lora_params, saved_params, ranks
+
+
+def adapter_info(directory: str | os.PathLike, base: str | os.PathLike | None = None) -> dict[str, Any]:
+    """What an adapter folder holds, from its config and the safetensors header (no tensor is read).
+
+    Only the folder itself is looked at: ``base_model_name_or_path`` inside the file is shown, never opened. Pass
+    ``base`` (a model folder) to compare the adapter's size with that base's weight files.
+    """
+    folder = Path(directory)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise AdapterError(f"{folder} has no {WEIGHTS_FILE}" + (" (only a pickle .bin: lorakit does not open it)"
+                                                                  if (folder / PICKLE_FILE).is_file() else ""))
+    entries, metadata, total = read_safetensors_header(weights)
+    ours = parse_metadata(metadata, str(weights))
+    config = read_adapter_config(folder)
+    lora_params, saved_params, ranks = _counts(entries)
     leaves: dict[str, int] = {}
     for module in ranks:
         leaf = module.rsplit(".", 1)[-1]
@@ -342,9 +369,10 @@ def adapter_info(directory: str | os.PathLike) -> dict[str, Any]:
         "pissa_initial": (folder / PISSA_INIT_FILE).is_file(),
         "sub_adapters": sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file()),
     }
-    base = config.base_model_name_or_path
-    if base and Path(base).is_dir():
-        base_bytes = _folder_bytes(Path(base), (".safetensors", ".bin", ".gguf", ".pth", ".pt"))
+    if base is not None:
+        if not Path(base).is_dir():
+            raise AdapterError(f"--base {base} is not a model folder")
+        base_bytes = _weights_bytes(Path(base))
         if base_bytes:
             info["base_model_bytes"] = base_bytes
             info["adapter_to_base"] = total / base_bytes
@@ -378,8 +406,8 @@ def format_info(info: dict[str, Any]) -> str:
         + (f"; base model {_human(info['base_model_bytes'])} on disk -> adapter is "
            f"{100 * info['adapter_to_base']:.2f}% of it" if info.get("base_model_bytes") else ""),
         "fingerprint    " + (f"sha256 {fp['sha256'][:16]}... over {fp.get('modules')} modules, "
-                             f"{fp.get('bytes', 0):,} bytes, vocab {fp.get('vocab_size')}" if fp else "not recorded"),
-        f"provenance     {json.dumps(info['provenance'], default=str) if info.get('provenance') else 'none'}",
+                             f"{fp.get('bytes') or 0:,} bytes, vocab {fp.get('vocab_size')}" if fp else "not recorded"),
+        f"provenance     {json.dumps(info['provenance'], default=json_default) if info.get('provenance') else 'none'}",
     ]
     if info.get("pissa_initial"):
         lines.append(f"pissa          initial A0/B0 kept ({PISSA_INIT_FILE}): exportable as plain LoRA")

@@ -79,8 +79,8 @@ def loads_json(text: str | bytes, what: str, max_depth: int = MAX_JSON_DEPTH) ->
     except RecursionError:
         raise AdapterError(f"{what} is nested deeper than {max_depth} levels; the file is corrupted or "
                            "hostile") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterError(f"{what} is not valid JSON ({err})") from None
+    except ValueError as err:  # bad JSON, bad UTF-8, or an integer of more than 4,300 digits
+        raise AdapterError(f"{what} is not valid JSON ({str(err)[:200]})") from None
     if json_depth(value) > max_depth:
         raise AdapterError(f"{what} is nested deeper than {max_depth} levels; the file is corrupted or hostile")
     return value

@@ -15,16 +15,19 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .adapters import ModelFlags, delete_adapter, lora_modules, lora_state, set_adapter
+from .adapters import ModelFlags, check_adapter_name, delete_adapter, lora_modules, lora_state, set_adapter
 from .config import LoraConfig
-from .errors import AdapterError, AdapterStateError, ConfigError, LorakitError
-from .files import atomic_directory, json_default, safetensors_bytes, write_file
+from .errors import AdapterError, AdapterStateError, ConfigError, LorakitError, TargetError
+from .files import atomic_directory, inside, json_default, safetensors_bytes, write_file
 from .fingerprint import base_fingerprint, digest, fingerprint_difference
-from .inject import _is_base_param, _is_internal, _suffix_match, add_adapter, targeting_report
-from .layers import LoraLayer, ModulesToSave, wrapper_for
+from .inject import _is_base_param, _is_internal, _suffix_match, add_adapter, parameter_wrappers, targeting_report
+from .layers import LoraLayer, LoraParameter, ModulesToSave, wrapper_for
 from .peft_format import (CONFIG_FILE, FILE_PARTS, METADATA_KEY, PICKLE_FILE, PISSA_INIT_FILE, PREFIX,
                           WEIGHTS_FILE, AdapterFiles, adapter_modules, adapter_state_dict, layer_parts,
                           read_adapter, read_adapter_config, strip_wrappers)
+
+#: largest |value| accepted in an adapter tensor, and bound on the entries of a LoRA update ``s B A``
+MAX_ABS_WEIGHT = 1e5
 
 
 # =========================================================================================================
@@ -37,6 +40,7 @@ class _Plan:
     lora: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # module -> {part: tensor}
     saves: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # modules_to_save module -> {key: tensor}
     biases: dict[str, Tensor] = field(default_factory=dict)  # unwrapped parameter name -> tensor
+    parameters: dict[str, str] = field(default_factory=dict)  # parameter wrapper's module path -> module.parameter
 
 
 def _save_modules(model: nn.Module, entries: Sequence[str] | None) -> list[str]:
@@ -80,8 +84,13 @@ def _plan(model: nn.Module, files: AdapterFiles) -> _Plan:
                                f"entry and no bias of this model{hint}")
     if not plan.lora:
         raise AdapterError(f"{where} has no LoRA tensors (lora_A/lora_B/lora_embedding_A/B)")
+    if config.target_parameters:
+        plan.parameters = {path: key for key, path in _parameter_wrappers(model, config, where).items()}
     for name, parts in plan.lora.items():
-        _check_lora_module(model, modules, config, name, parts, where)
+        if name in plan.parameters:
+            _check_parameter(model, config, plan.parameters[name], parts, where)
+        else:
+            _check_lora_module(model, modules, config, name, parts, where)
     for name, tensors in plan.saves.items():
         module = modules[name]
         original = module.original_module if isinstance(module, ModulesToSave) else module
@@ -92,8 +101,26 @@ def _plan(model: nn.Module, files: AdapterFiles) -> _Plan:
     missing_saves = sorted(save_names - set(plan.saves))
     if missing_saves:
         raise AdapterError(f"{where}: missing tensors for modules_to_save {missing_saves} (listed in {CONFIG_FILE})")
-    _check_config_targets(model, config, set(plan.lora), where)
+    _check_config_targets(model, config, set(plan.lora), where, plan.parameters)
     return plan
+
+
+def _parameter_wrappers(model: nn.Module, config: LoraConfig, where: Path) -> dict[str, str]:
+    try:
+        return parameter_wrappers(model, config)
+    except LorakitError as err:
+        raise AdapterError(f"{where.parent / CONFIG_FILE} does not fit this model: {err}") from None
+
+
+def _check_parameter(model: nn.Module, config: LoraConfig, key: str, parts: dict[str, Tensor], where: Path) -> None:
+    """The tensors for parameter target ``key`` (``module.parameter``) have the shapes PEFT's layout gives it."""
+    owner_name, _, param_name = key.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    while isinstance(owner, LoraParameter):
+        owner = owner.base_layer
+    probe = LoraParameter(owner, param_name)  # not attached to the model
+    probe.add("probe", config.rank_for(key), config.alpha_for(key), 0.0, "default", config.use_rslora, False)
+    _check_tensors(f"parameter {key!r}", layer_parts(probe, "probe"), parts, where)
 
 
 def _check_tensors(what: str, expected: Mapping[str, Tensor], found: Mapping[str, Tensor], where: Path) -> None:
@@ -110,8 +137,27 @@ def _check_tensors(what: str, expected: Mapping[str, Tensor], found: Mapping[str
         if want.dtype.is_floating_point != got.dtype.is_floating_point or (
                 not want.dtype.is_floating_point and got.dtype != want.dtype):
             raise AdapterError(f"{where}: {what}: {key} has dtype {got.dtype}, the model needs {want.dtype}")
-        if got.dtype.is_floating_point and not bool(torch.isfinite(got).all()):
-            raise AdapterError(f"{where}: {what}: {key} contains NaN or inf values")
+        if got.dtype.is_floating_point and got.numel():
+            if not bool(torch.isfinite(got).all()):
+                raise AdapterError(f"{where}: {what}: {key} contains NaN or inf values")
+            peak = float(got.abs().max())
+            if peak > MAX_ABS_WEIGHT or not bool(torch.isfinite(got.to(want.dtype)).all()):
+                raise AdapterError(f"{where}: {what}: {key} holds values up to {peak:.3g}, beyond the "
+                                   f"{MAX_ABS_WEIGHT:g} lorakit accepts or the model's {want.dtype} (outputs would "
+                                   "be inf/NaN); the file is corrupted or was trained into divergence")
+
+
+def _check_update_bound(config: LoraConfig, name: str, r: int, parts: Mapping[str, Tensor], where: Path) -> None:
+    """Every entry of ``s B A`` is at most ``s r max|A| max|B|``: keep it within `MAX_ABS_WEIGHT` so a finite
+    adapter cannot overflow a forward pass (two 1e19 factors are finite, their product is not in fp32)."""
+    pair = [parts[p] for p in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B") if p in parts]
+    if len(pair) != 2 or not all(t.dtype.is_floating_point and t.numel() for t in pair):
+        return
+    bound = abs(config.scaling(r, config.alpha_for(name))) * r * float(pair[0].abs().max()) * float(
+        pair[1].abs().max())
+    if bound > MAX_ABS_WEIGHT:
+        raise AdapterError(f"{where}: module {name!r}: the update s*B*A can reach {bound:.3g}, beyond the "
+                           f"{MAX_ABS_WEIGHT:g} lorakit accepts; the file is corrupted or was trained into divergence")
 
 
 def _check_lora_module(model: nn.Module, modules: dict[str, nn.Module], config: LoraConfig, name: str,
@@ -136,18 +182,23 @@ def _check_lora_module(model: nn.Module, modules: dict[str, nn.Module], config: 
     if r != config.rank_for(name):
         raise AdapterError(f"{where}: module {name!r} has rank {r} in the weights but {config.rank_for(name)} in "
                            f"{CONFIG_FILE} (r / rank_pattern)")
-    if r < 1 or r > wrapper.max_rank(base):
-        raise AdapterError(f"{where}: module {name!r} has rank {r}; its {type(base).__name__} allows 1.."
-                           f"{wrapper.max_rank(base)}")
+    if r < 1:  # a rank above the layer's size is accepted, as PEFT does (inject warns)
+        raise AdapterError(f"{where}: module {name!r} has rank {r}")
+    if (problem := wrapper.config_problem(base, r, config.use_dora)) is not None:
+        raise AdapterError(f"{where}: module {name!r}: {problem}")
     if config.use_dora and not wrapper.supports_dora:
         raise AdapterError(f"{where}: DoRA on {name!r} ({type(base).__name__}) is not supported")
     probe = wrapper(base)  # a throwaway wrapper: the shapes the real one will have (the model is not touched)
-    probe.add("probe", r, config.alpha_for(name), 0.0, "default", config.use_rslora, config.use_dora)
+    probe.add("probe", r, config.alpha_for(name), 0.0, "default", config.use_rslora, config.use_dora,
+              config.lora_bias)
     _check_tensors(f"module {name!r}", layer_parts(probe, "probe"), parts, where)
+    _check_update_bound(config, name, r, parts, where)
 
 
-def _check_config_targets(model: nn.Module, config: LoraConfig, found: set[str], where: Path) -> None:
-    """The modules the config selects on this model must be exactly those the weights hold."""
+def _check_config_targets(model: nn.Module, config: LoraConfig, found: set[str], where: Path,
+                          parameters: Mapping[str, str] | None = None) -> None:
+    """The modules (and parameters: wrapper path -> ``module.parameter``) the config selects on this model must be
+    exactly those the weights hold."""
     entries = [e for e in dict.fromkeys(config.modules_to_save or []) if _save_modules(model, [e])]
     targets = config.target_modules
     if isinstance(targets, list):  # PEFT accepts keys that match nothing as long as one key matches
@@ -158,6 +209,7 @@ def _check_config_targets(model: nn.Module, config: LoraConfig, found: set[str],
     except LorakitError as err:
         raise AdapterError(f"{where.parent / CONFIG_FILE} does not fit this model: {err}") from None
     selected = {row.name for row in report.targeted}
+    found = {(parameters or {}).get(n, n) for n in found}
     missing, extra = sorted(selected - found), sorted(found - selected)
     if missing:
         raise AdapterError(f"{where}: missing tensors: {CONFIG_FILE} targets {len(missing)} module(s) the weights "
@@ -168,11 +220,16 @@ def _check_config_targets(model: nn.Module, config: LoraConfig, found: set[str],
 
 
 def _default_name(files: AdapterFiles) -> str:
+    """The name an adapter was saved under; a stored name is checked like a user's (it may become a folder)."""
     stored = files.lorakit.get("adapter_name")
-    if isinstance(stored, str) and stored and "." not in stored:
-        return stored
+    if stored is not None:
+        try:
+            return check_adapter_name(stored, f"{files.weights_file}: the stored adapter_name")
+        except AdapterStateError as err:
+            raise AdapterError(f"{err}; the file is corrupted (pass adapter_name=... to load it under a name of "
+                               "your own)") from None
     if (files.directory.parent / CONFIG_FILE).is_file():  # a sub-folder of PEFT's multi-adapter layout
-        return files.directory.name
+        return check_adapter_name(files.directory.name, f"sub-folder name {files.directory.name!r}")
     return "default"
 
 
@@ -195,10 +252,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     ``init="pissa"`` applies to the original base: as PEFT, loading recomputes the residual base weights.
     """
     files = read_adapter(directory, allow_pickle=allow_pickle)
-    name = adapter_name or _default_name(files)
+    name = check_adapter_name(adapter_name) if adapter_name is not None else _default_name(files)
     state = lora_state(model)
-    if not isinstance(name, str) or "." in name:
-        raise AdapterStateError(f"adapter name must be a non-empty string without dots, got {name!r}")
     if state is not None and name in state.configs:
         raise AdapterStateError(f"an adapter named {name!r} is already loaded; pass another adapter_name")
     if state is not None and any(m.merged for _, m in lora_modules(model) if isinstance(m, LoraLayer)):
@@ -206,8 +261,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     flags = ModelFlags.of(model)
     try:
         _check_and_apply(model, files, name, trainable, force, tokenizer, flags)
-    except BaseException:
+    except BaseException as err:
         flags.restore()  # a failed load leaves train/eval modes and requires_grad exactly as they were
+        if isinstance(err, (ConfigError, TargetError)):  # settings read from the file: the file's problem
+            raise AdapterError(f"{files.directory}: {err}") from None
         raise
     flags.restore_modes()  # modules that were there keep their mode; new ones follow the layer they wrap
     return name
@@ -223,7 +280,7 @@ def _check_and_apply(model: nn.Module, files: AdapterFiles, name: str, trainable
                            "onto a clean base, or export it as plain LoRA first (lorakit export --target peft)")
     stored = files.fingerprint
     if stored is not None:
-        current = base_fingerprint(model, sorted(plan.lora), tokenizer)
+        current = base_fingerprint(model, sorted(plan.parameters.get(n, n) for n in plan.lora), tokenizer)
         difference = fingerprint_difference(stored, current)
         if difference is not None:
             message = (f"adapter {files.directory} was saved for another base model ({difference}); base model "
@@ -245,7 +302,9 @@ def _apply(model: nn.Module, files: AdapterFiles, plan: _Plan, name: str, traina
             backups[n + ".weight"] = modules[n].weight.detach().clone()
     added = False
     try:
-        injected = config.replace(target_modules=sorted(plan.lora), exclude_modules=None, layers_to_transform=None,
+        injected = config.replace(target_modules=sorted(n for n in plan.lora if n not in plan.parameters),
+                                  target_parameters=sorted(plan.parameters.values()) or None,
+                                  exclude_modules=None, layers_to_transform=None,
                                   layers_pattern=None, modules_to_save=sorted(plan.saves) or None,
                                   init="pissa" if config.init == "pissa" else "default")
         add_adapter(model, name, injected)
@@ -358,7 +417,8 @@ def lorakit_version() -> str:
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | Sequence[str] = "default",
                  provenance: dict[str, Any] | None = None, *, tokenizer: Any = None,
                  fingerprint: dict[str, Any] | None = None,
-                 pissa_initial: Mapping[str, Tensor] | str | os.PathLike | None = None) -> Path:
+                 pissa_initial: Mapping[str, Tensor] | str | os.PathLike | None = None,
+                 tensors: Mapping[str, Tensor] | None = None) -> Path:
     """Write adapter(s) in PEFT's format, atomically; returns the folder.
 
     Args:
@@ -372,8 +432,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             (whose base weights are a residual by now; without it no fingerprint is recorded).
         pissa_initial: the PiSSA adapter's initial A0/B0 — `adapter_state_dict` taken right after `inject`, or a
             folder saved then — kept beside it so `export_adapter` can turn it into plain LoRA of rank 2r.
+        tensors: the adapter's whole tensors under PEFT keys when the model's own are sharded (FSDP: gathered by
+            `lorakit.sharding.gather_adapter` and checked by `lorakit.sharding.check_adapter`); one adapter only.
+            Refused unless the keys and shapes are exactly the model's.
     """
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    given = tensors
+    if given is not None and len(names) != 1:
+        raise AdapterStateError("tensors= holds one adapter's tensors; save one adapter at a time")
     state = lora_state(model)
     for name in names:
         if state is None or name not in state.configs:
@@ -390,7 +456,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         if peft_config.get("base_model_name_or_path") is None:
             peft_config["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) \
                 or getattr(model, "name_or_path", None) or None
-        tensors = adapter_state_dict(model, name)
+        tensors = adapter_state_dict(model, name) if given is None else _given_tensors(model, name, given)
         if fingerprint is not None:
             recorded = dict(fingerprint)
         elif config.init == "pissa":
@@ -412,10 +478,23 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         set() if single else {n for n in names if n != "default"})
     with atomic_directory(directory, replace=replace) as staging:
         for name, peft_config, tensors, ours, initial in payloads:
-            folder = staging if single or name == "default" else staging / name
+            folder = staging if single or name == "default" else inside(staging, staging / check_adapter_name(name))
             write_adapter_folder(folder, peft_config, tensors, ours, initial,
                            {"format": 1, "fingerprint": ours["fingerprint"], "role": "pissa-initial"})
     return Path(directory)
+
+
+def _given_tensors(model: nn.Module, name: str, given: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``given`` checked against the model's adapter (keys, whole shapes; sharded tensors report theirs)."""
+    own = {key: tuple(value.shape) for key, value in adapter_state_dict(model, name).items()}
+    if not given or set(given) != set(own):
+        raise AdapterError(f"tensors= has {len(given)} tensors, adapter {name!r} has {len(own)} "
+                           f"(missing {sorted(set(own) - set(given))[:3]}); nothing written")
+    wrong = [key for key, shape in own.items() if tuple(given[key].shape) != shape]
+    if wrong:
+        raise AdapterError(f"tensors= {wrong[0]} has shape {tuple(given[wrong[0]].shape)}, the model's is "
+                           f"{own[wrong[0]]}; nothing written")
+    return {key: value.detach().cpu().contiguous() for key, value in given.items()}
 
 
 def save_adapters(model: nn.Module, directory: str | os.PathLike, adapter_names: Sequence[str] | None = None,

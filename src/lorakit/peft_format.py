@@ -19,7 +19,9 @@ header's ``__metadata__["lorakit"]`` (a JSON string): PEFT ignores that header, 
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,8 @@ METADATA_KEY = "lorakit"
 #: the parts a LoRA layer holds in a ``Module`` (tensor in ``.weight``) rather than directly as a parameter
 _MODULE_PARTS = ("lora_A", "lora_B")
 #: LoRA part name -> the ending of its file key (after the module name)
-PART_SUFFIX = {part: f".{part}.weight" if part in _MODULE_PARTS else f".{part}" for part in LORA_PARTS}
+PART_SUFFIX = {part: f".{part}.weight" if part in _MODULE_PARTS else f".{part}" for part in LORA_PARTS} | {
+    "lora_bias": ".lora_B.bias"}  # PEFT's lora_bias=True: B's bias
 #: file-key ending -> LoRA part name (PEFT also writes DoRA's magnitude as ``.lora_magnitude_vector.weight``)
 FILE_PARTS = {suffix: part for part, suffix in PART_SUFFIX.items()} | {
     ".lora_magnitude_vector.weight": "lora_magnitude_vector"}
@@ -61,6 +64,8 @@ def layer_parts(layer: LoraLayer, name: str) -> dict[str, Tensor]:
         container = getattr(layer, part, None)
         if container is not None and name in container:
             parts[part] = container[name].weight if part in _MODULE_PARTS else container[name]
+    if (bias := layer.lora_bias(name)) is not None:
+        parts["lora_bias"] = bias
     return parts
 
 
@@ -135,32 +140,142 @@ def _read_pickle(path: Path) -> dict[str, Tensor]:
     return state
 
 
-_LIST_OF_STR = ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern")
+#: largest rank and |alpha| an adapter file may declare (a rank above a layer's size is refused later, per layer)
+MAX_RANK = 1 << 16
+MAX_ALPHA = 1e6
+#: longest string field (module patterns, names) and largest module-pattern list in ``adapter_config.json``
+MAX_STRING = 4096
+MAX_ENTRIES = 100_000
+
+
+def _show(value: Any) -> str:
+    """``repr`` of a value read from a file, cut short (a hostile file can hold megabytes in one field)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _rank_ok(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_RANK
+
+
+def _alpha_ok(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value) and 0 < value <= MAX_ALPHA
+
+
+def _strings_ok(value: Any) -> bool:
+    """A string, or a list of strings (PEFT's module selectors), each of sane length."""
+    if isinstance(value, str):
+        return len(value) <= MAX_STRING
+    return isinstance(value, list) and len(value) <= MAX_ENTRIES and all(
+        isinstance(v, str) and len(v) <= MAX_STRING for v in value)
+
+
+def _pattern_ok(value: Any, check: Any) -> bool:
+    """A dict of module patterns (regexes, as PEFT reads them) to values that pass ``check``."""
+    if not isinstance(value, dict) or len(value) > MAX_ENTRIES:
+        return False
+    for key, item in value.items():
+        if len(key) > MAX_STRING or not check(item):
+            return False
+        try:
+            re.compile(rf"(.*\.)?({key})$")
+        except (re.error, RecursionError, OverflowError):
+            return False
+    return True
+
+
+#: ``adapter_config.json`` key -> (check of a non-null value, what it must be); strict JSON types: ``"false"``
+#: is not a bool, ``"8"`` is not a rank
+_CONFIG_CHECKS: dict[str, tuple[Any, str]] = {
+    "peft_type": (lambda v: isinstance(v, str), "a string"),
+    "r": (_rank_ok, f"an integer rank in 1..{MAX_RANK}"),
+    "lora_alpha": (_alpha_ok, f"a finite number in (0, {MAX_ALPHA:g}]"),
+    "lora_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "target_modules": (_strings_ok, "a string (regex or 'all-linear') or a list of module names"),
+    "exclude_modules": (_strings_ok, "a string (regex) or a list of module names"),
+    "modules_to_save": (_strings_ok, "a list of module names"),
+    "layers_pattern": (_strings_ok, "a string or a list of strings"),
+    "layers_to_transform": (lambda v: (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or (
+        isinstance(v, list) and len(v) <= MAX_ENTRIES
+        and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)),
+        "a layer index or a list of layer indices (integers >= 0)"),
+    "rank_pattern": (lambda v: _pattern_ok(v, _rank_ok), f"a map of module regexes to ranks in 1..{MAX_RANK}"),
+    "alpha_pattern": (lambda v: _pattern_ok(v, _alpha_ok),
+                      f"a map of module regexes to finite numbers in (0, {MAX_ALPHA:g}]"),
+    "bias": (lambda v: v in ("none", "lora_only", "all") if isinstance(v, str) else False,
+             "'none', 'lora_only' or 'all'"),
+    "init_lora_weights": (lambda v: isinstance(v, (bool, str)) and (not isinstance(v, str) or len(v) <= 64),
+                          "true/false or an init name"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "lora_bias": (lambda v: isinstance(v, bool), "true or false"),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+    "inference_mode": (lambda v: isinstance(v, bool), "true or false"),
+    "task_type": (lambda v: isinstance(v, str) and len(v) <= 64, "a PEFT task type such as 'CAUSAL_LM'"),
+    "base_model_name_or_path": (lambda v: isinstance(v, str) and len(v) <= MAX_STRING, "a model id or path"),
+    "revision": (lambda v: isinstance(v, str) and len(v) <= MAX_STRING, "a string"),
+    "peft_version": (lambda v: isinstance(v, str) and len(v) <= 64, "a version string"),
+}
+
+
+def check_config_dict(raw: Any, where: str) -> dict[str, Any]:
+    """``raw`` (a parsed ``adapter_config.json``) with every known key of the right JSON type and in range;
+    `AdapterError` naming the key otherwise. Unknown keys are left to `LoraConfig.from_peft_dict`."""
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{where} must hold a JSON object, got {type(raw).__name__}")
+    for key, (check, wanted) in _CONFIG_CHECKS.items():
+        value = raw.get(key)
+        if value is not None and not check(value):
+            raise AdapterError(f"{where}: {key} must be {wanted}, got {_show(value)}")
+    return raw
 
 
 def _config_from_dict(raw: Any, path: Path) -> LoraConfig:
-    if not isinstance(raw, dict):
-        raise AdapterError(f"{path} must hold a JSON object, got {type(raw).__name__}")
-    for key in _LIST_OF_STR:
-        value = raw.get(key)
-        if value is not None and not isinstance(value, str) and not (
-                isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            raise AdapterError(f"{path}: {key} must be a string or a list of strings, got {value!r}")
-    for key, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
-        value = raw.get(key)
-        if value is not None and not (isinstance(value, dict) and all(
-                isinstance(k, str) and isinstance(v, kind) and not isinstance(v, bool) for k, v in value.items())):
-            raise AdapterError(f"{path}: {key} must map module patterns to numbers, got {value!r}")
-    for key in ("r", "lora_alpha", "lora_dropout"):
-        value = raw.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise AdapterError(f"{path}: {key} must be a number, got {value!r}")
-    if isinstance(raw.get("r"), float):
-        raise AdapterError(f"{path}: r must be an integer, got {raw['r']!r}")
+    check_config_dict(raw, str(path))
     try:
         return LoraConfig.from_peft_dict(raw)
-    except (ConfigError, TypeError, ValueError) as err:
+    except (ConfigError, TypeError, ValueError, OverflowError, re.error, RecursionError) as err:
         raise AdapterError(f"{path}: {err}") from None
+
+
+def _fingerprint_ok(value: Any) -> bool:
+    if not isinstance(value, dict):
+        return False
+    counts = [value.get(k) for k in ("modules", "bytes", "vocab_size")]
+    return (isinstance(value.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", value["sha256"]) is not None
+            and isinstance(value.get("algorithm"), str) and len(value["algorithm"]) <= 64
+            and all(c is None or (isinstance(c, int) and not isinstance(c, bool) and c >= 0) for c in counts))
+
+
+#: lorakit's metadata key -> (check of a non-null value, what it must be)
+_METADATA_CHECKS: dict[str, tuple[Any, str]] = {
+    "adapter_name": (lambda v: isinstance(v, str), "a string"),
+    "fingerprint": (_fingerprint_ok, "a fingerprint (algorithm, 64 hex digits sha256, counts)"),
+    "provenance": (lambda v: isinstance(v, dict), "a JSON object"),
+    "lorakit_version": (lambda v: isinstance(v, str) and len(v) <= 64, "a version string"),
+    "tensors_sha256": (lambda v: isinstance(v, str) and len(v) <= 128, "a hex digest"),
+    "format": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+}
+
+
+def parse_metadata(metadata: dict[str, str], where: str) -> dict[str, Any]:
+    """lorakit's facts from a safetensors ``__metadata__`` (``{}`` for files other tools wrote), each field
+    type-checked; `AdapterError` naming the field otherwise."""
+    if METADATA_KEY not in metadata:
+        return {}
+    ours = loads_json(metadata[METADATA_KEY], f"{where}: the lorakit metadata")
+    if not isinstance(ours, dict):
+        raise AdapterError(f"{where}: the lorakit metadata is not a JSON object; the file is corrupted")
+    for key, (check, wanted) in _METADATA_CHECKS.items():
+        value = ours.get(key)
+        if value is not None and not check(value):
+            raise AdapterError(f"{where}: lorakit metadata {key} must be {wanted}, got {_show(value)}; the file is "
+                               "corrupted")
+    return ours
 
 
 def _config_json(directory: str | os.PathLike) -> tuple[Any, Path]:
@@ -206,22 +321,14 @@ def read_adapter(directory: str | os.PathLike, allow_pickle: bool = False) -> Ad
         raise AdapterError(f"{folder} has no {WEIGHTS_FILE} (files: {sorted(p.name for p in folder.iterdir())})")
     if not tensors:
         raise AdapterError(f"{weights} holds no tensors")
-    ours: dict[str, Any] = {}
-    if METADATA_KEY in metadata:
-        ours = loads_json(metadata[METADATA_KEY], f"{weights}: the lorakit metadata")
-        if not isinstance(ours, dict):
-            raise AdapterError(f"{weights}: lorakit metadata is not a JSON object; the file is corrupted")
-        expected = ours.get("tensors_sha256")
-        if expected is not None and digest(sorted(tensors.items()))[0] != expected:
-            raise AdapterError(f"{weights}: tensor data does not match its checksum; the file is corrupted "
-                               "(save or download it again)")
-        fingerprint = ours.get("fingerprint")
-        if fingerprint is not None and not (isinstance(fingerprint, dict)
-                                            and isinstance(fingerprint.get("sha256"), str)):
-            raise AdapterError(f"{weights}: the stored base-model fingerprint is malformed")
+    ours = parse_metadata(metadata, str(weights))
+    expected = ours.get("tensors_sha256")
+    if expected is not None and digest(sorted(tensors.items()))[0] != expected:
+        raise AdapterError(f"{weights}: tensor data does not match its checksum; the file is corrupted "
+                           "(save or download it again)")
     return AdapterFiles(folder, raw, config, tensors, ours, weights)
 
 
-__all__ = ["CONFIG_FILE", "FILE_PARTS", "METADATA_KEY", "PART_SUFFIX", "PICKLE_FILE", "PISSA_INIT_FILE", "PREFIX",
+__all__ = ["CONFIG_FILE", "FILE_PARTS", "MAX_ALPHA", "MAX_ENTRIES", "MAX_RANK", "MAX_STRING", "METADATA_KEY", "PART_SUFFIX", "PICKLE_FILE", "PISSA_INIT_FILE", "PREFIX",
            "WEIGHTS_FILE", "AdapterFiles", "adapter_modules", "adapter_state_dict", "layer_parts", "read_adapter",
-           "read_adapter_config", "strip_wrappers"]
+           "read_adapter_config", "strip_wrappers", "check_config_dict", "parse_metadata"]

@@ -15,6 +15,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("info", help="show an adapter's config, ranks, targets, size, fingerprint and "
                                            "provenance", description=info.__doc__)
     p.add_argument("adapter", help="adapter folder")
+    p.add_argument("--base", default=None, help="a base model folder to compare the adapter's size with (the base "
+                                                "named inside the adapter is shown, never opened)")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(_run=info)
 
@@ -42,7 +44,7 @@ def info(args: argparse.Namespace) -> int:
     safetensors header (no tensor is read; nothing outside the folder is looked at)."""
     from ..export import adapter_info, format_info
 
-    result = adapter_info(args.adapter)
+    result = adapter_info(args.adapter, base=args.base)
     print(json.dumps(result, indent=2, default=json_default) if args.json else format_info(result))
     return 0
 
