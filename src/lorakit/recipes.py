@@ -382,10 +382,14 @@ def _check_data(recipe: Recipe, source: str) -> None:
 
 
 def _example(key: str) -> str:
-    field_name = key.split(".")[-1]
-    section = TrainArgs if key.startswith("train.") else EvalArgs if key.startswith("eval.") else None
-    default = next((f.default for f in dataclasses.fields(section) if f.name == field_name), None) if section else 224
-    return str(default if default not in (None, dataclasses.MISSING, 0) else 1)
+    """A valid value for ``key`` to show in an error: its default when that is allowed, else the lowest allowed."""
+    low, inclusive, _ = _RANGES[key]
+    section, _, name = key.rpartition(".")
+    cls = {"train": TrainArgs, "eval": EvalArgs}.get(section)
+    default = next((f.default for f in dataclasses.fields(cls) if f.name == name), None) if cls else None
+    if isinstance(default, (int, float)) and (default > low or (inclusive and default == low)):
+        return f"{default:g}"
+    return "224" if key == "image_size" else f"{low:g}" if inclusive else "1"
 
 
 def _check_encoding(encoding: str, source: str) -> None:
