@@ -99,3 +99,11 @@ def test_compare_end_to_end(tmp_path: Path) -> None:
                     log=logs.append)
     assert sum("reusing" in line for line in logs) == 4
     assert again["claims"] == result["claims"]
+
+
+def test_compare_checks_every_run_before_the_first(tmp_path: Path) -> None:
+    """quantize is valid for the LoRA runs but not for full fine-tuning: refused before any run starts."""
+    with pytest.raises(ConfigError, match="quantize needs method=lora"):
+        compare("sentiment-minilm", [*TINY, "quantize=int8"], fractions=[1.0], output=tmp_path, isolate=False,
+                log=lambda line: None)
+    assert not any(tmp_path.iterdir())

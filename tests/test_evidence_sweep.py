@@ -25,3 +25,11 @@ def test_sweep_sensitivity_verdicts() -> None:
 def test_sweep_rejects_full_recipes() -> None:
     with pytest.raises(ConfigError, match="method=full"):
         sweep("sentiment-minilm", [1], overrides=["method=full"])
+
+
+def test_sweep_refuses_bad_ranks_before_loading(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="positive integers"):
+        sweep("sentiment-minilm", [0, 4], output=tmp_path, isolate=False, log=lambda line: None)
+    with pytest.raises(ConfigError, match="train.lr must be > 0"):  # every run's recipe is checked first
+        sweep("sentiment-minilm", [1], lrs=[-1.0], output=tmp_path, isolate=False, log=lambda line: None)
+    assert not any(tmp_path.iterdir())

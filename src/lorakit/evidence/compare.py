@@ -15,7 +15,7 @@ from ..tasks import Metric, primary_metric
 from .claims import COST_MARGIN, TOLERANCE, ClaimRow, format_bytes, format_mb, verdict
 from .probes import PROBES, probe_for
 from .reports import write_compare_report
-from .runs import Log, RunSpec, launch, machine
+from .runs import Log, RunSpec, check_specs, launch, machine
 
 #: full fine-tuning's default learning rate = LoRA's x this (LoRA usually wants ~10-20x larger steps)
 FULL_LR_RATIO = 0.05
@@ -49,9 +49,10 @@ def compare(recipe_name: str, overrides: Sequence[str] = (), fractions: Sequence
 
     ``probe=False`` skips the knowledge probe; ``isolate=False`` trains in this process (quick checks only:
     peak memory is then shared by every run)."""
-    from ..recipes import load_recipe
+    from ..recipes import check_runtime, load_recipe
 
     base = load_recipe(recipe_name, list(overrides))
+    check_runtime(base)  # before the dataset is read for the budget
     fractions = sorted(set(float(f) for f in fractions))
     out = Path(output or Path("runs") / f"compare-{base.name}")
     lora_lr = lora_lr or base.train.lr
@@ -63,19 +64,22 @@ def compare(recipe_name: str, overrides: Sequence[str] = (), fractions: Sequence
     started = time.perf_counter()
     log(f"compare {base.name}: fractions {fractions} of {budget} examples, lr full {full_lr:g} / LoRA {lora_lr:g}")
 
-    probe_before = None
-    if probe_name:
-        spec = RunSpec(recipe_name, list(overrides), out / "probe-base", probe_name, mode="probe")
-        probe_before = launch(spec, log, isolate=isolate)["probe"]
-    runs: dict[str, dict[float, dict[str, Any]]] = {"full": {}, "lora": {}}
+    specs: dict[tuple[str, float], RunSpec] = {}
     for fraction, size in zip(fractions, sizes):
         for method, lr in (("full", full_lr), ("lora", lora_lr)):
             extra = [f"method={method}", f"train.lr={lr}", f"train.max_train_examples={size}",
                      "train.progress=false"]
             # the probe is scored on the full-budget runs only (that is where the claim is judged)
-            spec = RunSpec(recipe_name, [*overrides, *extra], out / f"{method}-f{fraction:g}",
-                           probe_name if fraction == fractions[-1] else None)
-            runs[method][fraction] = launch(spec, log, keep_weights, isolate)
+            specs[method, fraction] = RunSpec(recipe_name, [*overrides, *extra], out / f"{method}-f{fraction:g}",
+                                              probe_name if fraction == fractions[-1] else None)
+    check_specs(list(specs.values()))
+    probe_before = None
+    if probe_name:
+        spec = RunSpec(recipe_name, list(overrides), out / "probe-base", probe_name, mode="probe")
+        probe_before = launch(spec, log, isolate=isolate)["probe"]
+    runs: dict[str, dict[float, dict[str, Any]]] = {"full": {}, "lora": {}}
+    for (method, fraction), spec in specs.items():
+        runs[method][fraction] = launch(spec, log, keep_weights, isolate)
     comparison = summarize(base.name, base.task, metric, fractions, sizes, runs, probe_name, probe_before)
     comparison.update({"recipe": base.name, "overrides": list(overrides), "model": base.model, "data": base.data,
                        "lr": {"full": full_lr, "lora": lora_lr}, "budget_examples": budget,

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -145,6 +145,16 @@ class RunSpec:
     def payload(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "overrides": list(self.overrides), "output": str(self.output),
                 "probe": self.probe, "mode": self.mode, "format": RUN_FORMAT}
+
+
+def check_specs(specs: Sequence[RunSpec]) -> None:
+    """Read and check every run's recipe (keys, values, this machine's devices and data files) before the first
+    run starts: a setting one run cannot take fails at once with its fix, not in a child process minutes later
+    (e.g. ``quantize`` with the full fine-tuning runs of `compare`)."""
+    from ..recipes import check_runtime, load_recipe
+
+    for spec in specs:
+        check_runtime(load_recipe(spec.recipe, spec.overrides))
 
 
 def launch(spec: RunSpec, log: Log = print, keep_weights: bool = False, isolate: bool = True) -> dict[str, Any]:
