@@ -4,6 +4,7 @@ after it, and the CLI/library boundary."""
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
@@ -140,6 +141,31 @@ def test_recipes_list_show_copy_validate(tmp_path: Path, capsys, nothing_loads) 
     assert main(["recipes", "validate", "multitask-mobilenet", "train.lr=0"]) == 2
     assert main(["train", "multitask-smollm2"]) == 2
     assert "is a multi-task recipe (fix: `lorakit multitask`" in capsys.readouterr().err
+
+
+def test_library_modules_never_import_the_cli() -> None:
+    offenders = []
+    for path in SRC.rglob("*.py"):
+        if path.parent.name == "cli" and path.parent.parent == SRC:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [f"{'.' * node.level}{node.module or ''}"] + [f"{'.' * node.level}{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if any(n.split(".")[-1] == "cli" or n.startswith("lorakit.cli") or ".cli." in n for n in names):
+                offenders.append(str(path.relative_to(SRC)))
+    assert offenders == []
+
+
+def test_every_command_module_is_registered() -> None:
+    from lorakit.cli import COMMAND_MODULES
+
+    modules = {p.stem for p in (SRC / "cli").glob("*.py")} - {"__init__", "__main__"}
+    assert {m.__name__.rsplit(".", 1)[-1] for m in COMMAND_MODULES} == modules
+    assert all(callable(m.register) for m in COMMAND_MODULES)
 
 
 @pytest.mark.slow

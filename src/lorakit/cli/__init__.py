@@ -10,33 +10,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
 
 from ..errors import LorakitError
-from . import evidence, files, generate, multitask, plan, recipes, runs, targets, train
+from . import evidence, files, generate, multitask, plan, recipes, runs, serve, targets, train
 
 #: command modules of this package, in the order ``lorakit --help`` lists them
-COMMAND_MODULES = (train, runs, generate, targets, recipes, files, evidence, plan, multitask)
-
-# -- transition: commands still registered by their library module ------------------------------------------
-#: sub-command name -> (configure parser, run), filled by `command` when such a module is imported
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
-
-
-def command(name: str, configure: Callable[[argparse.ArgumentParser], None]):
-    """Decorator registering ``run(args) -> exit code`` as ``lorakit NAME`` (transitional: new commands live in
-    a ``lorakit.cli`` module with ``register``)."""
-
-    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        COMMANDS[name] = (configure, run)
-        return run
-
-    return register
-
-
-def _import_legacy_commands() -> None:
-    """Import the library modules that still register their sub-commands through `command`."""
-    from .. import serve  # noqa: F401 - imported for its registrations
+COMMAND_MODULES = (train, runs, generate, targets, recipes, files, evidence, plan, multitask, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,13 +27,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(sub)
-    _import_legacy_commands()
-    for name, (configure, run) in COMMANDS.items():
-        if name in sub.choices:
-            continue
-        p = sub.add_parser(name, help=(run.__doc__ or "").strip().splitlines()[0] if run.__doc__ else None)
-        configure(p)
-        p.set_defaults(_run=run)  # not `run`: a sub-command may have a positional named run
     return parser
 
 
