@@ -166,7 +166,8 @@ dist.destroy_process_group()
 def test_recipe_trains_on_gpu_under_bf16_autocast(tmp_path: Path) -> None:
     """A real recipe (MobileNetV2 on MNIST digits) on the GPU with train.precision=bf16: the loss falls and the
     held-out accuracy rises far above chance; metrics record CUDA memory."""
-    from lorakit.train import load_recipe, train
+    from lorakit.recipes import load_recipe
+    from lorakit.train import train
 
     recipe = load_recipe("vision-mobilenet-mnist", ["train.device=cuda", "train.precision=bf16",
                                                     "train.max_train_examples=1024", "train.epochs=2",
@@ -177,3 +178,41 @@ def test_recipe_trains_on_gpu_under_bf16_autocast(tmp_path: Path) -> None:
     assert losses[-1] < losses[0]
     assert saved["eval"]["accuracy"] > 0.5 > saved["base_eval"]["accuracy"]
     assert saved["peak_memory_mb"] > 0 and metrics["eval"]["accuracy"] == saved["eval"]["accuracy"]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_serve_engine_runs_on_cuda(tmp_path: Path, dtype: str) -> None:
+    """lorakit serve --device cuda --dtype ...: model, adapters, KV cache, routing index and sampling on the GPU;
+    concurrent requests for an adapter and the base; fp32 greedy equals generate() on the same GPU model."""
+    import httpx
+
+    from lorakit.evaluate import generate
+    from lorakit.models import load_model
+    from lorakit.serve import Engine, ServeConfig, ServerThread, create_app
+
+    loaded = load_model("smollm2", task="causal-lm")
+    trained = lorakit.inject(copy.deepcopy(loaded.model), lorakit.LoraConfig(r=4, alpha=8,
+                                                                             target_modules=["q_proj", "v_proj"]))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    lorakit.save_adapter(trained, tmp_path / "ada", tokenizer=loaded.tokenizer)
+    engine = Engine(loaded.model, loaded.tokenizer, "causal-lm", "smollm2",
+                    ServeConfig(device="cuda", dtype=dtype, max_context=256, max_tokens=16), adapter_dir=tmp_path)
+    expected_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+    assert {(p.device.type, p.dtype) for p in engine.model.parameters()} == {("cuda", expected_dtype)}
+    chat = lambda http, model, **kw: http.post("/v1/chat/completions", json={  # noqa: E731
+        "model": model, "messages": [{"role": "user", "content": "Name three colors."}], "max_tokens": 8,
+        "temperature": 0, **kw})
+    with ServerThread(create_app(engine)) as running, httpx.Client(base_url=running.url, timeout=120) as http:
+        answers = [chat(http, m) for m in ("ada", "smollm2")]
+        assert [a.status_code for a in answers] == [200, 200], answers[0].text
+        sampled = [chat(http, "ada", temperature=0.8, top_k=20, seed=4).json() for _ in range(2)]
+        assert sampled[0]["choices"] == sampled[1]["choices"]  # a CUDA generator, seeded per request
+        assert {p.device.type for n, p in engine.model.named_parameters() if "lora_" in n} == {"cuda"}
+        if dtype == "fp32":
+            lorakit.set_adapter(engine.model, "ada")
+            alone = generate(engine.model, loaded.tokenizer, ["Name three colors."], 8)[0]
+            assert answers[0].json()["choices"][0]["message"]["content"] == alone

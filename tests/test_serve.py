@@ -80,7 +80,7 @@ def reference(adapter_dir, smollm2_session):
 def server(adapter_dir, smollm2_session):
     # two adapter slots for three adapters: requests also exercise LRU unloading and waiting for a slot
     config = ServeConfig(max_batch=8, max_tokens=200, max_context=512, max_adapters=2, admin_token=TOKEN,
-                         request_timeout=120)
+                         request_timeout=120, device="cpu")
     engine = Engine(copy.deepcopy(smollm2_session.model), smollm2_session.tokenizer, "causal-lm", "smollm2",
                     config, adapter_dir=adapter_dir)
     with ServerThread(create_app(engine)) as running:
@@ -580,8 +580,33 @@ def test_adapter_admin_needs_token_and_refuses_paths(client, adapter_dir, refere
             reference("gamma", PROMPTS[0])
 
 
+def test_bf16_engine_on_cpu_verifies_adapters_before_converting(adapter_dir, smollm2_session) -> None:
+    """--dtype bf16: adapters of --adapter-dir are checked against the fp32 base (fingerprints), then the whole
+    engine runs in bf16; an adapter that was not checked before the conversion is refused with the reason."""
+    from lorakit.evaluate import generate
+
+    config = ServeConfig(max_context=256, max_tokens=16, device="cpu", dtype="bf16", admin_token=TOKEN)
+    engine = Engine(copy.deepcopy(smollm2_session.model), smollm2_session.tokenizer, "causal-lm", "smollm2", config,
+                    adapter_dir=adapter_dir)
+    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16} and engine.device.type == "cpu"
+    with ServerThread(create_app(engine)) as running, httpx.Client(base_url=running.url, timeout=120) as http:
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda m: _chat(http, m, PROMPTS[0], max_tokens=6), ["alpha", "smollm2"]))
+        assert [a.status_code for a in answers] == [200, 200], answers[0].text
+        lora = {p.dtype for n, p in engine.model.named_parameters() if "lora_" in n}
+        assert lora == {torch.bfloat16}
+        lorakit.set_adapter(engine.model, "alpha")  # the engine is idle: its own model answers one prompt alone
+        alone = generate(engine.model, smollm2_session.tokenizer, [PROMPTS[0]], 6)[0]
+        assert answers[0].json()["choices"][0]["message"]["content"] == alone
+        outside = str(adapter_dir.parent / "outside" / "delta")
+        refused = http.post("/v1/adapters", json={"name": "delta", "path": outside},
+                            headers={"Authorization": f"Bearer {TOKEN}"})
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "adapter_unverified"
+
+
 def test_admin_disabled_without_token(smollm2_session) -> None:
-    engine = Engine(smollm2_session.model, smollm2_session.tokenizer, "causal-lm", "smollm2")
+    engine = Engine(smollm2_session.model, smollm2_session.tokenizer, "causal-lm", "smollm2",
+                    ServeConfig(device="cpu"))  # the session's model stays where it is
     with ServerThread(create_app(engine)) as running:
         response = httpx.post(running.url + "/v1/adapters", json={"name": "x"},
                               headers={"Authorization": "Bearer anything"})
@@ -631,16 +656,19 @@ def test_serve_command_builds_its_config_and_engine_from_arguments(monkeypatch, 
     import uvicorn
 
     from lorakit.cli import build_parser, main
-    from lorakit.serve.command import config_from_args
+    from lorakit.cli.serve import config_from_args
 
     monkeypatch.delenv("LORAKIT_ADMIN_TOKEN", raising=False)
     assert config_from_args(build_parser().parse_args(["serve"])) == ServeConfig()
     argv = ["serve", "--base", "smollm2", "--max-batch", "3", "--max-queue", "5", "--max-tokens", "64",
             "--max-context", "300", "--max-prefill-tokens", "100", "--request-timeout", "7.5", "--max-adapters", "2",
-            "--prefix-cache-tokens", "0", "--prefix-block", "4", "--admin-token", "tok", "--port", "0"]
+            "--prefix-cache-tokens", "0", "--prefix-block", "4", "--admin-token", "tok", "--port", "0",
+            "--max-prompt-tokens", "200", "--max-body-bytes", "5000", "--max-adapter-bytes", "1000000",
+            "--device", "cpu", "--dtype", "bf16"]
     expected = ServeConfig(max_batch=3, max_queue=5, max_tokens=64, max_context=300, max_prefill_tokens=100,
                            request_timeout=7.5, max_adapters=2, prefix_cache_tokens=0, prefix_block=4,
-                           admin_token="tok")
+                           admin_token="tok", max_prompt_tokens=200, max_body_bytes=5000, max_adapter_bytes=1000000,
+                           device="cpu", dtype="bf16")
     assert config_from_args(build_parser().parse_args(argv)) == expected
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
@@ -648,6 +676,10 @@ def test_serve_command_builds_its_config_and_engine_from_arguments(monkeypatch, 
     engine = served["app"].state.serve.engine
     assert engine.config == expected and engine.context == 300 and engine.adapters.max_loaded == 2
     assert engine.prefix.max_blocks == 0 and served["port"] == 0
+    assert engine.max_prompt_tokens == 200 and engine.adapters.max_bytes == 1000000
+    assert {(p.device.type, p.dtype) for p in engine.model.parameters()} == {("cpu", torch.bfloat16)}
+    assert main(["serve", "--device", "cuda" if not torch.cuda.is_available() else "tpu"]) == 2  # before loading
+    assert "--device" in capsys.readouterr().err
     monkeypatch.setenv("LORAKIT_ADMIN_TOKEN", "from-env")
     assert config_from_args(build_parser().parse_args(["serve"])).admin_token == "from-env"
     with pytest.raises(SystemExit):

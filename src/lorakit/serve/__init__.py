@@ -26,7 +26,7 @@ adapter (up to floating-point ties: batched matmuls round differently from singl
 
 Modules: `config` (ServeConfig, ServeError), `metrics`, `pool` (adapter LRU), `kv_cache` (prefix cache, batch
 cache join/trim), `sampling`, `engine` (admission, prefill, decode), `schema` (request bodies), `responses`
-(OpenAI answers and streams), `http` (the FastAPI app), `launch` (build_engine, ServerThread).
+(OpenAI answers and streams), `http` (the FastAPI app), `launch` (build_engine, ServerThread). The command is `lorakit.cli.serve`.
 The HTTP parts import FastAPI, so they load on first use.
 """
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import command as _command  # registers ``lorakit serve`` (until the cli package imports it itself)
 from .config import ADAPTER_NAME, ServeConfig, ServeError
 from .engine import Classification, Engine, Event, Generation
 from .kv_cache import PrefixCache

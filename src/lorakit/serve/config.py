@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from ..errors import LorakitError
 
 #: adapter names: letters, digits, ``-`` and ``_`` (no dots, no slashes: never a path)
@@ -57,3 +59,39 @@ class ServeConfig:
                                              "the same way (0: no prefix cache)")
     prefix_block: int = _option(8, "prompts share cached keys/values in blocks of this many tokens")
     admin_token: str | None = _option(None, "bearer token of the adapter admin endpoints (None: they answer 403)")
+    device: str = _option("auto", "where the whole engine runs: cpu, cuda, cuda:N, or auto (cuda when available)")
+    dtype: str = _option("auto", "parameter dtype of the served model: fp32, bf16, fp16, or auto (as loaded)")
+
+
+#: --dtype names -> torch dtypes
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device ``--device`` names; CUDA asked for where there is none is refused (one line, with the fix)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ServeError(400, f"unknown device {name!r} (fix: cpu, cuda, cuda:N or auto)", param="device") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ServeError(400, f"lorakit serve runs on cpu or cuda, not {name!r} (fix: --device cpu|cuda|auto)",
+                         param="device")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ServeError(400, f"--device {name}: CUDA is not available on this machine (fix: --device cpu or "
+                                  "auto)", param="device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ServeError(400, f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                                  "(fix: cuda:0 ... or cuda)", param="device")
+    return device
+
+
+def resolve_dtype(name: str) -> torch.dtype | None:
+    """The dtype ``--dtype`` names (None for ``auto``: the model's own)."""
+    if name == "auto":
+        return None
+    if name not in DTYPES:
+        raise ServeError(400, f"unknown dtype {name!r} (fix: one of {', '.join(DTYPES)} or auto)", param="dtype")
+    return DTYPES[name]

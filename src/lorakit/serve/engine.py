@@ -15,13 +15,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from ..adapters import lora_modules, route
-from .config import ServeConfig, ServeError
+from .config import ADAPTER_NAME, ServeConfig, ServeError, resolve_device, resolve_dtype
 from .kv_cache import BatchCache, PrefixCache, check_cache_layout, new_cache, stack_prefixes
 from .metrics import Metrics
 from .pool import AdapterPool
@@ -108,17 +109,23 @@ class Engine:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, task: str, base_name: str,
-                 config: ServeConfig | None = None, adapter_dir: str | os.PathLike | None = None) -> None:
+                 config: ServeConfig | None = None, adapter_dir: str | os.PathLike | None = None,
+                 adapters: dict[str, str | os.PathLike] | None = None) -> None:
+        """Serve ``model`` (moved to ``config.device`` and converted to ``config.dtype``: the engine owns it).
+
+        ``adapters``: name -> folder, loaded now and validated against the base (its fingerprint) before any
+        dtype conversion; ``adapter_dir``: adapters loaded by name on first use.
+        """
         if task not in ("causal-lm", "sequence-classification"):
             raise ServeError(400, f"lorakit serve serves causal-lm and sequence-classification models, not {task!r}")
         if tokenizer is None:
             raise ServeError(400, "the base model has no tokenizer; text serving needs one")
+        self.config = config or ServeConfig()
+        self.device, dtype = resolve_device(self.config.device), resolve_dtype(self.config.dtype)
         self.model = model.eval()
-        self.device = next(model.parameters()).device
         self.tokenizer = tokenizer  # used by HTTP handlers (one tokenizing thread)
         self._detokenizer = copy.deepcopy(tokenizer)  # used by the engine thread: HF tokenizers are not re-entrant
         self.task, self.base_name = task, base_name
-        self.config = config or ServeConfig()
         self.metrics = Metrics()
         self.adapters = AdapterPool(model, tokenizer, base_name, adapter_dir, self.config.max_adapters, self.metrics,
                                     self.config.max_adapter_bytes)
@@ -151,6 +158,13 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.started = time.time()
+        for name, path in (adapters or {}).items():
+            if not ADAPTER_NAME.fullmatch(name):
+                raise ServeError(400, f"invalid adapter name {name!r}: use letters, digits, '-' and '_'")
+            self.adapters.register(name, Path(path).expanduser().resolve())
+        if dtype is not None and dtype != next(model.parameters()).dtype:
+            self.adapters.cast(dtype)  # adapters verified against the base as loaded, then everything converted
+        self.model.to(self.device)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> Engine:

@@ -6,26 +6,27 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-from .config import ADAPTER_NAME, ServeConfig, ServeError
+from .config import ADAPTER_NAME, ServeConfig, ServeError, resolve_device, resolve_dtype
 from .engine import Engine
 
 
 def build_engine(base: str, task: str = "causal-lm", adapters: dict[str, str] | None = None,
                  adapter_dir: str | None = None, name: str | None = None, num_labels: int | None = None,
                  config: ServeConfig | None = None) -> Engine:
-    """Load ``base``, then the named adapters (validated against the base), into an engine (not started)."""
+    """Load ``base``, then the named adapters (validated against the base), into an engine (not started) on
+    ``config.device`` in ``config.dtype``. Device, dtype and adapter names are checked before anything loads."""
     from ..models import load_model
 
-    loaded = load_model(base, task=task, num_labels=num_labels)
-    engine = Engine(loaded.model, loaded.tokenizer, task, name or base, config, adapter_dir)
-    for adapter_name, path in (adapters or {}).items():
+    config = config or ServeConfig()
+    resolve_device(config.device)
+    resolve_dtype(config.dtype)
+    for adapter_name in adapters or {}:
         if not ADAPTER_NAME.fullmatch(adapter_name):
             raise ServeError(400, f"invalid adapter name {adapter_name!r}: use letters, digits, '-' and '_'")
-        engine.adapters.register(adapter_name, Path(path).expanduser().resolve())
-    return engine
+    loaded = load_model(base, task=task, num_labels=num_labels)
+    return Engine(loaded.model, loaded.tokenizer, task, name or base, config, adapter_dir, adapters)
 
 
 class ServerThread:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any, Callable
@@ -42,6 +43,10 @@ class AdapterPool:
             p.numel() * p.element_size() for p in model.parameters())
         self.registered: dict[str, Path] = {}
         self.removed: set[str] = set()  # adapter-directory entries unloaded by DELETE: hidden until added again
+        #: set by `cast`: the base was converted from the dtype adapters were checked against; only adapters
+        #: verified before (folder -> file signature) load from then on
+        self.cast_from: torch.dtype | None = None
+        self.verified: dict[Path, tuple] = {}
         self.loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self.in_use: Counter[str] = Counter()
         self.version = 0  # bumped whenever the model's LoRA modules change
@@ -168,7 +173,11 @@ class AdapterPool:
                 raise ServeError(422, f"adapter {name!r} is a PiSSA adapter, which rewrites the base weights every "
                                       "other adapter shares; export it as plain LoRA first (lorakit export --target "
                                       "peft)", code="adapter_load_failed")
-            load_adapter(self.model, path, adapter_name=name, tokenizer=self.tokenizer)
+            verified = self._verified_before(name, path)
+            with warnings.catch_warnings():  # a verified adapter on the converted base: not "another base"
+                if verified:
+                    warnings.filterwarnings("ignore", message=r".*loading anyway \(force=True\)")
+                load_adapter(self.model, path, adapter_name=name, tokenizer=self.tokenizer, force=verified)
         except LorakitError as err:  # unreadable files, another base (fingerprint), no matching modules...
             if isinstance(err, ServeError):
                 raise
@@ -179,6 +188,39 @@ class AdapterPool:
             self.loaded[name] = None
         self.metrics.add(adapter_loads=1)
         log.info("loaded adapter %s from %s", name, path)
+
+    def cast(self, dtype: torch.dtype) -> None:
+        """Verify every adapter known now against the base as loaded (its fingerprint is taken in the dtype the
+        adapters were saved against), then convert the model — loaded adapters included — to ``dtype``. From then
+        on an adapter loads only if it was verified here and its files are unchanged: a base converted to
+        another dtype no longer matches any stored fingerprint, and loading unchecked would risk serving an
+        adapter on the wrong base."""
+        loaded = set(self.loaded)
+        for name, _ in self.listing():
+            path = self.source(name)
+            if name not in loaded:
+                try:
+                    self._load(name, path)
+                except ServeError as err:
+                    log.warning("adapter %s is not served: %s", name, err.message)
+                    continue
+                self._unload(name)
+            self.verified[path] = _signature(path)
+        self.cast_from = next(self.model.parameters()).dtype
+        self.model.to(dtype)
+        self.version += 1
+
+    def _verified_before(self, name: str, path: Path) -> bool:
+        """False while the base is as loaded (the fingerprint is checked); once it is cast, True for an adapter
+        verified by `cast` whose files did not change, else a 422."""
+        if self.cast_from is None:
+            return False
+        if self.verified.get(path) != _signature(path):
+            raise ServeError(422, f"adapter {name!r} was not verified against the base: this server converted the "
+                                  f"base from {self.cast_from} (--dtype), after which fingerprints cannot be "
+                                  "checked; put the adapter in --adapter-dir (or --adapter) and restart the server",
+                             code="adapter_unverified")
+        return True
 
     def _check_size(self, name: str, path: Path) -> None:
         """Refuse a folder whose files add up to more than ``max_bytes`` before anything in it is read."""
@@ -198,3 +240,9 @@ class AdapterPool:
             del self.loaded[name]
         self.metrics.add(adapter_unloads=1)
         log.info("unloaded adapter %s", name)
+
+
+def _signature(folder: Path) -> tuple:
+    """(name, size, mtime) of every file in ``folder``: an adapter verified once is trusted while it holds."""
+    return tuple(sorted((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
+                        for entry in folder.iterdir() if entry.is_file()))

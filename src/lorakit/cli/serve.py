@@ -1,5 +1,5 @@
 """``lorakit serve``: its options (one per `ServeConfig` field, defaults and help taken from the dataclass)
-and its handler. Moves to ``lorakit.cli.serve`` once the ``cli`` package exists."""
+and its handler."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import types
 import typing
 from pathlib import Path
 
-from .config import ServeConfig
+from ..serve.config import ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from .http import create_app
-    from .launch import build_engine
+    from ..serve.http import create_app
+    from ..serve.launch import build_engine
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -100,12 +100,3 @@ def register(subparsers: typing.Any) -> None:
     configure(p)
     p.set_defaults(_run=run)
 
-
-# transitional: the single-module CLI (lorakit/cli.py) collects commands registered when their module is
-# imported; the cli package calls `register` instead
-try:
-    from ..cli import command as _legacy_command
-except ImportError:
-    _legacy_command = None
-if _legacy_command is not None:
-    _legacy_command("serve", configure)(run)
