@@ -55,6 +55,8 @@ def test_evaluate_refuses_a_split_whose_answers_were_all_cut(smollm2) -> None:
     ({"temperature": float("inf")}, "temperature"), ({"temperature": "0.5"}, "temperature"),
     ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"), ({"top_k": 2.5}, "top_k"),
     ({"seed": 2 ** 64}, "seed"), ({"seed": -1}, "seed"), ({"seed": True}, "seed"),
+    ({"min_p": 1.5}, "min_p"), ({"min_p": float("nan")}, "min_p"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"),
 ])
 def test_check_sampling_refuses_bad_values(kwargs: dict, words: str) -> None:
     with pytest.raises(ConfigError, match=words):

@@ -179,11 +179,13 @@ def stop_token_ids(tokenizer: Any, model: nn.Module | None = None) -> list[int]:
     return list(dict.fromkeys(int(i) for i in ids))
 
 
-def check_sampling(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> None:
+def check_sampling(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                   min_p: float = 0.0, repetition_penalty: float = 1.0) -> None:
     """Refuse sampling settings that would fail or silently misbehave in `generate` (`ConfigError`).
 
     ``temperature`` 0 is greedy, else a finite value in [1e-3, 100]; ``top_p`` in (0, 1]; ``top_k`` >= 0
-    (0: off); ``seed`` None or an integer in [0, 2**63).
+    (0: off); ``seed`` None or an integer in [0, 2**63); ``min_p`` in [0, 1] (0: off); ``repetition_penalty``
+    in (0, 10] (1: off).
     """
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
             temperature == 0 or 1e-3 <= temperature <= 100):
@@ -194,6 +196,11 @@ def check_sampling(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
         raise ConfigError(f"top_k must be an integer >= 0 (0: off), not {top_k!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
         raise ConfigError(f"seed must be an integer in [0, 2**63), not {seed!r}")
+    if isinstance(min_p, bool) or not isinstance(min_p, (int, float)) or not 0 <= min_p <= 1:
+        raise ConfigError(f"min_p must be a number in [0, 1] (0: off), not {min_p!r}")
+    if isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, (int, float)) or not (
+            0 < repetition_penalty <= 10):
+        raise ConfigError(f"repetition_penalty must be a number in (0, 10] (1: off), not {repetition_penalty!r}")
 
 
 def _prompt_ids(tokenizer: Any, prompts: Sequence[str], separator: str) -> list[list[int]]:
@@ -209,15 +216,17 @@ def _prompt_ids(tokenizer: Any, prompts: Sequence[str], separator: str) -> list[
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 64,
              streamer: Any = None, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             seed: int | None = None, separator: str = PLAIN_SEPARATOR) -> list[str]:
+             seed: int | None = None, separator: str = PLAIN_SEPARATOR, min_p: float = 0.0,
+             repetition_penalty: float = 1.0) -> list[str]:
     """Answers to user prompts, decoded without special tokens.
 
     Prompts go through the model's chat template, or the plain ``prompt + separator`` format when the
     tokenizer has none. Decoding stops at any of `stop_token_ids` (EOS and the template's end-of-turn). Greedy
-    when ``temperature`` is 0; otherwise sampled with ``top_p`` / ``top_k`` (0: off), seeded by ``seed`` (the
-    global RNG is restored afterwards). Settings are checked by `check_sampling`.
+    when ``temperature`` is 0; otherwise sampled with ``top_p`` / ``top_k`` / ``min_p`` (0: off), seeded by
+    ``seed`` (the global RNG is restored afterwards). ``repetition_penalty`` (CTRL, as transformers and the
+    server apply it; 1: off) applies greedy or sampled. Settings are checked by `check_sampling`.
     """
-    check_sampling(temperature, top_p, top_k, seed)
+    check_sampling(temperature, top_p, top_k, seed, min_p, repetition_penalty)
     device = next(model.parameters()).device
     encoded = _prompt_ids(tokenizer, prompts, separator)
     width = max(len(ids) for ids in encoded)
@@ -227,9 +236,11 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_t
     attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
     sampling: dict[str, Any] = {"do_sample": False}
     if temperature > 0:
-        sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": top_k}
+        sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": top_k,
+                    "min_p": float(min_p) or None}
     else:  # greedy: clear the sampling defaults a model's generation_config may carry (they would warn)
-        sampling.update(temperature=None, top_p=None, top_k=None)
+        sampling.update(temperature=None, top_p=None, top_k=None, min_p=None)
+    sampling["repetition_penalty"] = float(repetition_penalty) if repetition_penalty != 1 else None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if seed is not None:
             torch.manual_seed(seed)

@@ -131,7 +131,7 @@ def check_splits(splits: Splits, origin: str, split: SplitOptions) -> None:
     for name in ("validation", "test"):
         if len(splits[name]) < SMALL_SPLIT:
             log.warning("%s: the %s split has only %d row(s): its metrics move in steps of %.0f%% (more rows, or "
-                        "a larger %s_fraction, give a steadier measure)", splits[name].source, name,
+                        "a larger data.%s_fraction, give a steadier measure)", splits[name].source, name,
                         len(splits[name]), 100 / len(splits[name]), name)
     if splits.train.labels is None:
         return
