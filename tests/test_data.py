@@ -516,3 +516,11 @@ def test_packaged_datasets_refuse_user_data_options() -> None:
         load_dataset("humaneval", validation_fraction=0.2)
     with pytest.raises(DataError, match="packaged dataset with fixed splits"):
         load_dataset("humaneval", encoding="latin-1")
+
+
+def test_sparse_class_indices_are_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rows = [{"text": f"row {i}", "label": 0 if i % 2 else 99} for i in range(20)]
+    with caplog.at_level(logging.WARNING, logger="lorakit.data"):
+        splits = load_dataset(write_jsonl(tmp_path / "sparse.jsonl", rows))
+    assert len(splits.train.labels) == 100
+    assert "sparse.jsonl: 98 of the 100 class indices have no rows" in caplog.text

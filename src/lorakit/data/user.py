@@ -140,10 +140,16 @@ def check_splits(splits: Splits, origin: str, split: SplitOptions) -> None:
         only = splits.train.labels[next(iter(counts))]
         raise DataError(f"{splits.train.source}: every training row has label {only!r}: a classifier needs at "
                         "least 2 classes to learn anything (fix: add rows of the other classes)")
-    unseen = {row["label"] for name in ("validation", "test") for row in splits[name]} - set(counts)
+    held_out = {row["label"] for name in ("validation", "test") for row in splits[name]}
+    unseen = held_out - set(counts)
     if unseen:
         names = ", ".join(repr(splits.train.labels[i]) for i in sorted(unseen)[:5])
         log.warning("%s: class(es) %s appear in validation/test but never in train", origin, names)
+    unused = len(splits.train.labels) - len(held_out | set(counts))
+    if unused:  # integer labels name themselves: index 99 makes a 100-way head even if 2 classes are used
+        log.warning("%s: %d of the %d class indices have no rows (the head still gets %d outputs; fix: number the "
+                    "classes 0..N-1, or use class names)", origin, unused, len(splits.train.labels),
+                    len(splits.train.labels))
 
 
 def load_user(path: Path, seed: int, read: ReadOptions, split: SplitOptions) -> Splits:
