@@ -1,7 +1,9 @@
 """``lorakit generate``: text from a causal LM with zero, one or more adapters, streamed to the terminal.
 
-Sampling takes the server's settings (``temperature``, ``top_p``, ``top_k``, ``seed``, ``max_new_tokens``;
-checked by `lorakit.evaluate.check_sampling` before the model loads); temperature 0 (the default) is greedy.
+Sampling takes the server's settings (``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``,
+``seed``, ``max_new_tokens``; checked by `lorakit.evaluate.check_sampling` before the model loads); temperature 0
+(the default) is greedy. The server's OpenAI-only ``presence_penalty``/``frequency_penalty``, ``n`` and
+``logprobs`` have no command-line form.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sample at this temperature")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the top tokens of this mass")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below this share of the most likely one's probability (0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="CTRL penalty on tokens already in the prompt or answer (1: off)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling (same seed, same text)")
     p.set_defaults(_run=run)
 
@@ -36,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
     from ..io import load_adapter
     from ..models import load_model
 
-    check_sampling(args.temperature, args.top_p, args.top_k, args.seed)
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                    min_p=args.min_p, repetition_penalty=args.repetition_penalty)
+    check_sampling(**sampling)
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     loaded = load_model(args.base, task="causal-lm")
@@ -46,6 +54,5 @@ def run(args: argparse.Namespace) -> int:
         set_adapter(loaded.model, names)
     for prompt in args.prompt:
         streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        generate(loaded.model, loaded.tokenizer, [prompt], args.max_new_tokens, streamer=streamer,
-                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        generate(loaded.model, loaded.tokenizer, [prompt], args.max_new_tokens, streamer=streamer, **sampling)
     return 0
