@@ -147,7 +147,8 @@ def run_server_side(args: argparse.Namespace, adapter_dir: Path, adapters: list[
     command = [sys.executable, "-c", "import sys; from lorakit.cli import main; sys.exit(main())", "serve",
                "--base", "smollm2", "--adapter-dir", str(adapter_dir),
                "--max-adapters", str(max(len(adapters), 1)), "--max-batch", str(args.max_batch), "--port", str(port),
-               "--max-tokens", str(max(args.max_tokens, 64)), "--log-level", "warning"]
+               "--max-tokens", str(max(args.max_tokens, 64)), "--log-level", "warning", "--device", args.device,
+               "--dtype", args.dtype]
     if args.threads:
         command += ["--threads", str(args.threads)]
     server = subprocess.Popen(command, cwd=ROOT)
@@ -209,9 +210,13 @@ def run_baseline(args: argparse.Namespace, adapter_dir: Path, adapters: list[str
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from lorakit.serve.config import resolve_device, resolve_dtype
+
     loaded = load_model("smollm2", task="causal-lm")
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)  # the server's, on the same terms
     tokenizer = loaded.tokenizer
-    model = PeftModel.from_pretrained(loaded.model, adapter_dir / adapters[0], adapter_name=adapters[0])
+    model = PeftModel.from_pretrained(loaded.model.to(device=device, dtype=dtype or torch.float32),
+                                      adapter_dir / adapters[0], adapter_name=adapters[0])
     for name in adapters[1:]:
         model.load_adapter(adapter_dir / name, adapter_name=name)
     model.eval()
@@ -221,7 +226,7 @@ def run_baseline(args: argparse.Namespace, adapter_dir: Path, adapters: list[str
         model.set_adapter(adapter)
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
-        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
         timer = _FirstToken()
         started = time.perf_counter()
         with torch.no_grad():
@@ -304,6 +309,8 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch threads, both sides (default: torch's)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto, both sides (default: auto)")
+    parser.add_argument("--dtype", default="auto", help="fp32, bf16, fp16 or auto (as loaded), both sides")
     parser.add_argument("--adapter-dir", type=Path, default=None, help="default: a temporary folder")
     parser.add_argument("--baseline-seconds", type=float, default=None, help="default: --seconds")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "serve_load.json")
