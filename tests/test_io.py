@@ -906,3 +906,39 @@ def test_info_cli_on_malformed_metadata_is_one_line_error(tiny, tmp_path, capsys
         assert main(["info", str(tmp_path / "a")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("lorakit: error:") and err.count("\n") == 1 and "metadata" in err
+
+
+# -- what a saved adapter says about its base (issue 17) -----------------------------------------------------------
+def test_python_api_records_task_type_and_hub_id(minilm, minilm_classifier, smollm2, tmp_path) -> None:
+    from lorakit.hf import base_model_id
+
+    model, _ = _minilm_for("head", minilm, minilm_classifier)
+    inject(model, LoraConfig(r=2, target_modules=["query"]))  # no task_type given
+    save_adapter(model, tmp_path / "cls")
+    raw = json.loads((tmp_path / "cls" / CONFIG_FILE).read_text())
+    assert raw["task_type"] == "SEQ_CLS"  # was null
+    assert raw["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"  # was a site-packages path
+    lm, _ = smollm2
+    inject(lm, LoraConfig(r=2, target_modules=["q_proj"]))
+    save_adapter(lm, tmp_path / "lm")
+    raw = json.loads((tmp_path / "lm" / CONFIG_FILE).read_text())
+    assert raw["task_type"] == "CAUSAL_LM" and raw["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    base, _ = minilm
+    base.config._name_or_path = "/home/u/.cache/huggingface/hub/models--org--my-model/snapshots/0123abcd"
+    assert base_model_id(base) == "org/my-model"
+    base.config._name_or_path = "org/other"
+    assert base_model_id(base) == "org/other"
+
+
+def test_saved_adapter_folders_follow_the_umask(tiny, tmp_path) -> None:
+    import os
+    import stat
+
+    inject(tiny, LoraConfig(r=2, target_modules=["q"]))
+    old = os.umask(0o022)
+    try:
+        save_adapter(tiny, tmp_path / "a")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o755  # was 0o700 whatever the umask
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "a").iterdir()} == {0o644}

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+import weakref
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -17,10 +20,16 @@ from torch import Tensor, nn
 from .config import LoraConfig
 from .errors import AdapterError, AdapterStateError
 from .inject import targeting_report
-from .layers import LoraLayer
+from .layers import LoraLayer, LoraParameter
+
+_UNWRAPPED = re.compile(r"(\.base_layer)+$")  # nested parameter wrappers -> the owning module
 
 FINGERPRINT_ALGORITHM = "sha256-16MiB-chunks-v1"
 _CHUNK = 16 << 20
+
+
+#: evenly spaced elements of a weight kept with its cached hash and compared before the hash is reused
+SAMPLE = 64
 
 
 def _tensor_bytes(tensor: Tensor) -> memoryview:
@@ -29,25 +38,97 @@ def _tensor_bytes(tensor: Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
-def digest(items: Sequence[tuple[str, Tensor]]) -> tuple[str, int]:
-    """sha256 over ``(name, shape, dtype, sha256 of the bytes)`` per tensor, in order; also the byte count.
+def _signature(tensor: Tensor) -> tuple:
+    """What identifies a tensor's current content without reading it all: its storage, layout and autograd's
+    version counter (bumped by every in-place write through the tensor), plus a few evenly spaced elements —
+    ``param.data.copy_(...)`` writes through an alias with a counter of its own, and ``param.data = t`` swaps
+    the storage, so both are caught too."""
+    flat = tensor.detach().reshape(-1)
+    n = flat.numel()
+    sample = flat[torch.linspace(0, n - 1, min(n, SAMPLE), device=flat.device).long()] if n else flat
+    return (tensor.data_ptr(), tensor._version, tuple(tensor.shape), tuple(tensor.stride()),
+            tensor.storage_offset(), tensor.dtype, str(tensor.device), sample.cpu().view(torch.uint8).numpy().tobytes())
 
-    Bytes are hashed in 16 MiB chunks on a thread pool (hashlib releases the GIL), so the result does not
-    depend on the thread count and large models hash at several GB/s.
-    """
-    views = [_tensor_bytes(t) for _, t in items]
+
+class _HashCache:
+    """sha256 of each base weight's bytes, reused while the weight is unchanged (see `_signature`): saving and
+    loading adapters of one base hash its weights once, not on every call (SmolLM2 all-linear: 425 MB)."""
+
+    def __init__(self) -> None:
+        # by id (tensors compare elementwise, so no WeakKeyDictionary); an entry leaves with its tensor
+        self._entries: dict[int, tuple[weakref.ref, tuple, bytes, int]] = {}
+        self._lock = threading.RLock()  # a weakref callback may run inside a locked section (GC)
+
+    def get(self, tensor: Tensor, signature: tuple) -> tuple[bytes, int] | None:
+        with self._lock:
+            entry = self._entries.get(id(tensor))
+        if entry is None or entry[0]() is not tensor or entry[1] != signature:
+            return None
+        return entry[2], entry[3]
+
+    def put(self, tensor: Tensor, signature: tuple, sha: bytes, nbytes: int) -> None:
+        key = id(tensor)
+        ref = weakref.ref(tensor, lambda _, key=key: self._drop(key))
+        with self._lock:
+            self._entries[key] = (ref, signature, sha, nbytes)
+
+    def _drop(self, key: int) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0]() is None:
+                del self._entries[key]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+#: the process-wide cache `base_fingerprint` uses (`clear_cache` empties it)
+_CACHE = _HashCache()
+
+
+def clear_cache() -> None:
+    """Forget every cached weight hash (the next fingerprint reads all bytes again)."""
+    _CACHE.clear()
+
+
+def _hash_all(tensors: Sequence[Tensor]) -> list[tuple[bytes, int]]:
+    """``(sha256 of the bytes, byte count)`` per tensor, hashed in 16 MiB chunks on a thread pool (hashlib
+    releases the GIL), so the result does not depend on the thread count."""
+    views = [_tensor_bytes(t) for t in tensors]
     chunks = [(i, view[start:start + _CHUNK]) for i, view in enumerate(views)
               for start in range(0, max(len(view), 1), _CHUNK)]
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
         digests = list(pool.map(lambda job: hashlib.sha256(job[1]).digest(), chunks))
-    per_item: list[list[bytes]] = [[] for _ in items]
+    per_item: list[list[bytes]] = [[] for _ in tensors]
     for (i, _), d in zip(chunks, digests):
         per_item[i].append(d)
+    return [(hashlib.sha256(b"".join(parts)).digest(), len(view)) for parts, view in zip(per_item, views)]
+
+
+def digest(items: Sequence[tuple[str, Tensor]], cache: bool = False) -> tuple[str, int]:
+    """sha256 over ``(name, shape, dtype, sha256 of the bytes)`` per tensor, in order; also the byte count.
+
+    With ``cache`` each tensor's hash is reused while its `_signature` is unchanged (base weights); without it
+    every byte is read (adapter tensors, fresh copies each time).
+    """
+    hashes: list[tuple[bytes, int] | None] = [None] * len(items)
+    signatures = [_signature(t) for _, t in items] if cache else []
+    if cache:
+        hashes = [_CACHE.get(t, sig) for (_, t), sig in zip(items, signatures)]
+    todo = [i for i, h in enumerate(hashes) if h is None]
+    for i, result in zip(todo, _hash_all([items[i][1] for i in todo])):
+        hashes[i] = result
+        if cache:
+            _CACHE.put(items[i][1], signatures[i], *result)
     total = hashlib.sha256()
-    for (name, tensor), parts in zip(items, per_item):
+    for (name, tensor), (sha, _) in zip(items, hashes):
         total.update(f"{name}\0{tuple(tensor.shape)}\0{str(tensor.dtype)}\0".encode())
-        total.update(hashlib.sha256(b"".join(parts)).digest())
-    return total.hexdigest(), sum(len(v) for v in views)
+        total.update(sha)
+    return total.hexdigest(), sum(n for _, n in hashes)
 
 
 def _base_weights(model: nn.Module, names: Iterable[str]) -> list[tuple[str, Tensor]]:
@@ -56,20 +137,39 @@ def _base_weights(model: nn.Module, names: Iterable[str]) -> list[tuple[str, Ten
     items = []
     for name in sorted(set(names)):
         module = modules.get(name)
+        if isinstance(module, LoraParameter):  # recorded under its target's name (module.parameter), as unwrapped
+            name = _UNWRAPPED.sub("", name) + "." + module.parameter_name
+        elif module is None:
+            module = _parameter_owner(modules, name)
         if module is None:
             raise AdapterError(f"cannot fingerprint module {name!r}: the model has no such module")
         if isinstance(module, LoraLayer):
             if module.merged_adapters:
                 raise AdapterStateError(f"adapters {module.merged_adapters} are merged into {name}; its weight is not "
                                         "the base weight any more: unmerge(model) first")
-            module = module.base_layer
-        weight = getattr(module, "weight", None)
+            weight = module.weight  # the base weight (for a parameter target: that parameter)
+        else:
+            weight = getattr(module, "weight", None)
         if not isinstance(weight, Tensor):
             raise AdapterError(f"cannot fingerprint module {name!r}: it has no weight tensor")
         if weight.device.type == "meta":
             raise AdapterError(f"cannot fingerprint module {name!r}: its weight is on the meta device (not loaded)")
         items.append((name, weight))
-    return items
+    return sorted(items, key=lambda item: item[0])
+
+
+def _parameter_owner(modules: dict[str, nn.Module], name: str) -> nn.Module | None:
+    """For ``module.parameter`` (a ``target_parameters`` entry): the `LoraParameter` wrapping it, or a stand-in
+    reading it from the unwrapped module; None when there is no such parameter."""
+    owner_name, _, param_name = name.rpartition(".")
+    module = modules.get(owner_name)
+    while isinstance(module, LoraParameter):
+        if module.parameter_name == param_name:
+            return module
+        module = module.base_layer
+    if module is None or not isinstance(getattr(module, param_name, None), Tensor):
+        return None
+    return LoraParameter(module, param_name)  # not attached to the model: reads the parameter, changes nothing
 
 
 def base_fingerprint(model: nn.Module, targets: LoraConfig | Iterable[str], tokenizer: Any = None) -> dict[str, Any]:
@@ -79,7 +179,9 @@ def base_fingerprint(model: nn.Module, targets: LoraConfig | Iterable[str], toke
     a LoRA tensor), plus the tokenizer's vocabulary size when given. ``targets`` is a `LoraConfig` (the modules
     it selects) or module names. A base loaded in another dtype counts as another base.
 
-    Compute it *before* `inject` for ``init="pissa"``: PiSSA replaces the base weights by a residual.
+    Each weight's hash is cached while the weight is unchanged (storage, version counter, layout and a sample of
+    its elements), so saving or loading adapters of one base reads its bytes once. Compute it *before*
+    `inject` for ``init="pissa"``: PiSSA replaces the base weights by a residual.
     Raises `AdapterStateError` when an adapter is merged into a targeted weight (unmerge first).
     """
     if isinstance(targets, LoraConfig):
@@ -87,7 +189,7 @@ def base_fingerprint(model: nn.Module, targets: LoraConfig | Iterable[str], toke
     else:
         names = list(targets)
     items = _base_weights(model, names)
-    sha, nbytes = digest(items)
+    sha, nbytes = digest(items, cache=True)
     return {"algorithm": FINGERPRINT_ALGORITHM, "sha256": sha, "modules": len(items), "bytes": nbytes,
             "vocab_size": None if tokenizer is None else len(tokenizer)}
 
@@ -109,4 +211,4 @@ def fingerprint_difference(stored: Mapping[str, Any], current: Mapping[str, Any]
     return "; ".join(reasons) or None
 
 
-__all__ = ["FINGERPRINT_ALGORITHM", "base_fingerprint", "digest", "fingerprint_difference"]
+__all__ = ["FINGERPRINT_ALGORITHM", "base_fingerprint", "clear_cache", "digest", "fingerprint_difference"]

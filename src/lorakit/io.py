@@ -20,6 +20,7 @@ from .config import LoraConfig
 from .errors import AdapterError, AdapterStateError, ConfigError, LorakitError, TargetError
 from .files import atomic_directory, inside, json_default, safetensors_bytes, write_file
 from .fingerprint import base_fingerprint, digest, fingerprint_difference
+from .hf import base_model_id, peft_task_type
 from .inject import _is_base_param, _is_internal, _suffix_match, add_adapter, parameter_wrappers, targeting_report
 from .layers import LoraLayer, LoraParameter, ModulesToSave, wrapper_for
 from .peft_format import (CONFIG_FILE, FILE_PARTS, METADATA_KEY, PICKLE_FILE, PISSA_INIT_FILE, PREFIX,
@@ -453,9 +454,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     for name in names:
         config = state.configs[name]
         peft_config = config.to_peft_dict()
+        if peft_config.get("task_type") is None:  # PEFT's AutoPeftModel picks the model class from it
+            peft_config["task_type"] = peft_task_type(model)
         if peft_config.get("base_model_name_or_path") is None:
-            peft_config["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) \
-                or getattr(model, "name_or_path", None) or None
+            peft_config["base_model_name_or_path"] = base_model_id(model)
         tensors = adapter_state_dict(model, name) if given is None else _given_tensors(model, name, given)
         if fingerprint is not None:
             recorded = dict(fingerprint)

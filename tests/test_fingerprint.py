@@ -1,0 +1,92 @@
+"""Base-model fingerprints (`lorakit.fingerprint`): computed once per base and reused while the weights are
+unchanged; any change — in place, through ``.data``, a new tensor, another dtype — recomputes it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lorakit.fingerprint as fingerprint
+from lorakit import LoraConfig, inject, load_adapter, save_adapter
+from lorakit.fingerprint import base_fingerprint, clear_cache
+
+TARGETS = ["layers.0.q", "layers.0.v", "layers.1.q", "layers.1.v", "embed"]
+
+
+@pytest.fixture
+def hashed(monkeypatch):
+    """Counts the tensors whose bytes are read (hashed) by each fingerprint."""
+    calls: list[int] = []
+    real = fingerprint._hash_all
+
+    def counting(tensors):
+        calls.append(len(tensors))
+        return real(tensors)
+    monkeypatch.setattr(fingerprint, "_hash_all", counting)
+    clear_cache()
+    yield calls
+    clear_cache()
+
+
+def test_fingerprint_is_computed_once_and_reused(tiny, hashed) -> None:
+    first = base_fingerprint(tiny, TARGETS)
+    again = base_fingerprint(tiny, TARGETS)
+    assert again == first and hashed == [5, 0]  # the second call read no weight bytes
+    clear_cache()
+    assert base_fingerprint(tiny, TARGETS) == first  # the cache changes nothing but the time
+
+
+@pytest.mark.parametrize("change", ["in-place", "data-copy", "data-add", "data-assign", "load-state-dict", "dtype"])
+def test_any_change_to_a_weight_recomputes_it(change, tiny, hashed) -> None:
+    first = base_fingerprint(tiny, TARGETS)
+    weight = tiny.layers[1]["v"].weight
+    with torch.no_grad():
+        if change == "in-place":
+            weight.mul_(1.5)
+        elif change == "data-copy":  # through an alias whose version counter is not the parameter's
+            weight.data.copy_(torch.randn_like(weight))
+        elif change == "data-add":
+            weight.data.add_(0.25)
+        elif change == "data-assign":  # a new storage
+            weight.data = weight.data + 1.0
+        elif change == "load-state-dict":
+            tiny.layers[1]["v"].load_state_dict({"weight": torch.zeros_like(weight), "bias": tiny.layers[1]["v"].bias})
+        else:
+            tiny.layers[1]["v"].to(torch.float64)
+    second = base_fingerprint(tiny, TARGETS)
+    assert second["sha256"] != first["sha256"]
+    assert hashed == [5, 1]  # only the changed weight was read again
+    clear_cache()
+    assert base_fingerprint(tiny, TARGETS) == second  # and the result is what a fresh computation gives
+
+
+def test_copies_of_a_model_hash_their_own_weights(tiny, hashed) -> None:
+    first = base_fingerprint(tiny, TARGETS)
+    twin = copy.deepcopy(tiny)
+    assert base_fingerprint(twin, TARGETS) == first and hashed == [5, 5]
+    with torch.no_grad():
+        twin.embed.weight[0, 0] += 1
+    assert base_fingerprint(twin, TARGETS) != first and base_fingerprint(tiny, TARGETS) == first
+
+
+def test_save_then_load_reads_the_base_once(tiny, tmp_path, hashed) -> None:
+    inject(tiny, LoraConfig(r=2, target_modules=["q", "v"]))
+    save_adapter(tiny, tmp_path / "a")
+    save_adapter(tiny, tmp_path / "b")
+    lorakit_loaded = load_adapter(tiny, tmp_path / "a", adapter_name="again")
+    assert lorakit_loaded == "again"
+    base_reads = [n for n in hashed if n == 4]  # the 4 targeted base weights (adapter tensors are hashed too)
+    assert len(base_reads) == 1, hashed
+
+
+def test_entries_leave_with_their_tensors(tiny, hashed) -> None:
+    model = copy.deepcopy(tiny)
+    base_fingerprint(model, TARGETS)
+    held = len(fingerprint._CACHE)
+    del model
+    import gc
+
+    gc.collect()
+    assert len(fingerprint._CACHE) == held - 5
