@@ -69,6 +69,8 @@ BAD_TRAIN = {  # the issue's cases, and one per kind of check
     "eval.max_new_tokens=-1": "eval.max_new_tokens must be >= 1",
     "data=/no/such/reviews.csv": "data=/no/such/reviews.csv: no such file or folder (fix:",
     "data.path=/no/such.csv": "data=/no/such.csv: no such file or folder",
+    "model=/no/such/model.gguf": "model=/no/such/model.gguf: no such file or folder (fix:",
+    "model=mobilenet-v2": "model=mobilenet-v2: the packaged mobilenet-v2 supports image-classification, base, not task",
 }
 
 

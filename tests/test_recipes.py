@@ -240,3 +240,17 @@ def test_wheel_ships_the_recipes_and_trains_outside_the_checkout(tmp_path: Path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "held-out accuracy" in done.stdout and (elsewhere / "run" / "adapter" / "adapter_config.json").is_file()
     assert yaml.safe_load((elsewhere / "run" / "recipe.yaml").read_text())["name"] == "sentiment-minilm"
+
+
+def test_model_checked_before_loading(tmp_path: Path) -> None:
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    for model, message in ((tmp_path, "the folder has no config.json"),
+                           (tmp_path / "weights.bin", "a model is a folder or a .gguf file"),
+                           ("./no-such-folder", "no such file or folder"),
+                           ("smollm2", None), ("SmolLM2-135M-Instruct", None), ("org/some-model", None)):
+        recipe = load_recipe("sentiment-minilm", [f"model={model}"])
+        if message is None:
+            check_runtime(recipe)  # packaged (any alias, any case) or a hub id: the loader takes it from here
+        else:
+            with pytest.raises(ConfigError, match=message):
+                check_runtime(recipe)

@@ -464,7 +464,8 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
 
 def check_runtime(recipe: Recipe) -> None:
     """What this machine must offer the recipe, checked before anything loads: the CUDA device it names, the
-    user's data files, and data options the installed dataset loader takes (`ConfigError` with the fix)."""
+    user's data files and model path, and data options the installed dataset loader takes (`ConfigError` with
+    the fix)."""
     import torch
 
     device = recipe.train.device
@@ -479,6 +480,29 @@ def check_runtime(recipe: Recipe) -> None:
                               f"(fix: cuda:0 ... cuda:{torch.cuda.device_count() - 1})")
     _check_loader_options(recipe.data_options)
     _check_data_files(recipe)
+    _check_model(recipe)
+
+
+def _check_model(recipe: Recipe) -> None:
+    """The model: a packaged one that supports the task, an existing folder or ``.gguf`` file, or a hub id (the
+    loader reports what a hub id lacks)."""
+    from .models import PACKAGED_MODELS
+
+    name = recipe.model
+    packaged = {key.lower(): spec for key, spec in PACKAGED_MODELS.items()}.get(name.lower())
+    if packaged is not None:
+        if recipe.task not in packaged.tasks:
+            raise ConfigError(f"model={name}: the packaged {packaged.name} supports {', '.join(packaged.tasks)}, "
+                              f"not task {recipe.task} (fix: another model, or a recipe of one of those tasks)")
+        return
+    path = Path(name).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ConfigError(f"model={name}: the folder has no config.json (fix: a Hugging Face model folder)")
+    if path.is_file() and path.suffix.lower() != ".gguf":
+        raise ConfigError(f"model={name}: a model is a folder or a .gguf file (fix: the folder that holds it)")
+    if not path.exists() and (name.startswith(("/", ".", "~")) or path.suffix.lower() == ".gguf"):
+        raise ConfigError(f"model={name}: no such file or folder (fix: a path that exists, a packaged model "
+                          f"({', '.join(sorted({s.name for s in PACKAGED_MODELS.values()}))}) or a hub id)")
 
 
 def _check_data_files(recipe: Recipe) -> None:
