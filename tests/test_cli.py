@@ -43,6 +43,18 @@ def test_no_arguments_prints_help_and_starts_nothing(tmp_path: Path, monkeypatch
     assert list(tmp_path.iterdir()) == []  # no ./runs
 
 
+def test_train_help_lists_every_override_key(capsys) -> None:
+    import dataclasses
+
+    from lorakit.recipes import TrainArgs
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(f"train.{f.name}" in out for f in dataclasses.fields(TrainArgs))
+    assert "data.skip_bad_rows" in out and "lora.target_modules" in out and "data_options" not in out
+
+
 def test_version(capsys) -> None:
     with pytest.raises(SystemExit) as done:
         main(["--version"])

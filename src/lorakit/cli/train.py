@@ -12,7 +12,7 @@ from ..recipes import DEFAULT_RECIPE
 def register(subparsers: Any) -> None:
     """Add ``lorakit train``."""
     p = subparsers.add_parser("train", help="train a recipe (default: sentiment-minilm) into a run folder",
-                              description=run.__doc__)
+                              description=run.__doc__, epilog=override_keys())
     p.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE,
                    help=f"a shipped recipe's name (`lorakit recipes`) or a YAML file (default: {DEFAULT_RECIPE})")
     p.add_argument("overrides", nargs="*",
@@ -20,6 +20,22 @@ def register(subparsers: Any) -> None:
     p.add_argument("--output", "-o", default=None, help="output folder (default: runs/RECIPE)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.safetensors (the exact state of the interrupted run)")
     p.set_defaults(_run=run)
+
+
+def override_keys() -> str:
+    """The keys ``key=value`` overrides can set, section by section (for ``--help``)."""
+    import dataclasses
+
+    from ..config import LoraConfig
+    from ..recipes import DataOptions, EvalArgs, Recipe, TrainArgs
+
+    top = [f.name for f in dataclasses.fields(Recipe) if f.name not in ("data_options", "train", "eval", "lora")]
+    lora = [f.name for f in dataclasses.fields(LoraConfig) if f.name not in ("task_type", "base_model_name_or_path")]
+    sections = {"": top, "data.": ["path", *(f.name for f in dataclasses.fields(DataOptions))],
+                "train.": [f.name for f in dataclasses.fields(TrainArgs)],
+                "eval.": [f.name for f in dataclasses.fields(EvalArgs)], "lora.": lora}
+    lines = [", ".join(prefix + key for key in keys) for prefix, keys in sections.items()]
+    return "override keys (`lorakit recipes show NAME` shows a recipe's values): " + "; ".join(lines)
 
 
 def recipe_and_overrides(recipe: str, overrides: list[str]) -> tuple[str, list[str]]:
