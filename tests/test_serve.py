@@ -749,21 +749,3 @@ def test_error_bodies_have_openai_types() -> None:
                      404: "not_found_error", 408: "invalid_request_error", 413: "invalid_request_error",
                      500: "server_error", 503: "server_error"}
     assert json.loads(json.dumps(ServeError(400, "bad", param="p").body()))["error"]["param"] == "p"
-
-
-def test_prefix_cache_lookup_store_evict_forget() -> None:
-    from lorakit.serve import PrefixCache
-
-    cache = PrefixCache(block=2, max_tokens=6)  # three blocks
-    kv = lambda b: [(torch.full((1, 2, 3), float(b)), torch.full((1, 2, 3), -float(b)))]  # noqa: E731
-    assert cache.lookup("a", [1, 2, 3, 4, 5]) == (0, None) and cache.hits == 0
-    cache.store("a", [1, 2, 3, 4, 5], kv)  # blocks (1, 2), (3, 4)
-    length, found = cache.lookup("a", [1, 2, 3, 4, 9])
-    assert length == 4 and cache.hits == 1
-    assert found[0][0][0, :, 0].tolist() == [0.0, 0.0, 1.0, 1.0]  # block 0 then block 1, along tokens
-    assert cache.lookup("a", [1, 2, 3, 4])[0] == 2  # the last prompt token is always computed
-    assert cache.lookup("b", [1, 2, 3, 4, 5]) == (0, None)  # per adapter
-    cache.store("b", [7, 7, 8, 8], kv)  # 4 blocks held > 3: the least recently used (a's (3, 4)) goes
-    assert cache.tokens == 6 and cache.lookup("a", [1, 2, 3, 4, 9])[0] == 2
-    cache.forget("b")
-    assert cache.lookup("b", [7, 7, 8, 8, 1]) == (0, None) and cache.tokens == 2
