@@ -95,8 +95,9 @@ def test_recommend_refuses_a_quantized_base_before_loading(tmp_path: Path) -> No
 def test_range_test_takes_training_steps_and_keeps_frozen_norm_statistics() -> None:
     """The range test is `lorakit.train.train_step` on the recipe's setup: MobileNet's frozen BatchNorms keep the
     base's running statistics, as in training (a plain ``model.train()`` loop moved them)."""
-    recipe = load_recipe("vision-mobilenet-mnist", ["train.max_train_examples=64", "train.batch_size=8",
-                                                    "train.grad_accum=2", "train.num_threads=1"])
+    recipe = load_recipe("vision-mobilenet-mnist", ["train.max_train_examples=64", "train.batch_size=4",
+                                                    "train.grad_accum=2", "train.num_threads=1", "image_size=32",
+                                                    "lora.target_modules=[features.18.0]"])
     probe = BaseProbe.load(recipe)
     before = {n: b.clone() for n, b in probe.model.named_buffers() if n.endswith("running_mean")}
     lrs, losses = lr_range_test(probe, recipe_from(recipe, 4, FixedScale.of(recipe), {}), 3, 1e-4, 1e-2, 0)

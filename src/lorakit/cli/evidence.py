@@ -26,15 +26,19 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("sweep", help=_first_line(run_sweep), description=run_sweep.__doc__)
     _recipe_args(p)
-    p.add_argument("--ranks", type=_ints, default=[1, 2, 4, 8, 16, 32, 64], help="LoRA ranks, comma-separated (default: 1,2,4,8,16,32,64)")
+    p.add_argument("--ranks", type=_ints, default=[1, 2, 4, 8, 16, 32, 64],
+                   help="LoRA ranks, comma-separated (default: 1,2,4,8,16,32,64)")
     p.add_argument("--lrs", type=_floats, default=None, help="learning rates (default: the recipe's train.lr)")
     p.set_defaults(_run=run_sweep)
 
     p = subparsers.add_parser("recommend", help=_first_line(run_recommend), description=run_recommend.__doc__)
     _recipe_args(p)
-    p.add_argument("--grad-batches", type=int, default=32, help="batches whose gradients give the rank (default: %(default)s)")
-    p.add_argument("--energy", type=float, default=0.9, help="share of gradient energy a layer's rank must hold (default: %(default)s)")
-    p.add_argument("--lr-steps", type=int, default=40, help="steps of the learning-rate range test (default: %(default)s)")
+    p.add_argument("--grad-batches", type=int, default=32,
+                   help="batches whose gradients give the rank (default: %(default)s)")
+    p.add_argument("--energy", type=float, default=0.9,
+                   help="share of gradient energy a layer's rank must hold (default: %(default)s)")
+    p.add_argument("--lr-steps", type=int, default=40,
+                   help="steps of the learning-rate range test (default: %(default)s)")
     p.add_argument("--max-rank", type=int, default=64, help="largest rank suggested (default: %(default)s)")
     p.add_argument("--sweep", default=None, help="a sweep folder: train the suggestion and compare with its best")
     p.add_argument("--race", action="store_true",

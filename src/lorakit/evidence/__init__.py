@@ -2,10 +2,11 @@
 learning rates, `recommend` a rank and learning rate cheaply.
 
 Modules, one job each: `runs` (one training run = one process, reused when its spec matches), `probes` (the
-knowledge probes), `claims` (tolerances, verdict rows; the metric comes from `lorakit.tasks`), `compare` (the comparison and its verdicts),
-`ranks` (a recipe at another rank: the alpha rule and per-layer caps), `sweep`, `recommend`, `reports` (the three
-reports). Verdicts are computed from the numbers by the rule written beside each claim; the reports render them
-and never edit them. The commands (``lorakit compare / sweep / recommend / inspect``) are in `lorakit.cli.evidence`.
+knowledge probes), `claims` (tolerances, verdict rows; the metric comes from `lorakit.tasks`), `compare` (the
+comparison and its verdicts), `ranks` (a recipe at another rank: the alpha rule and per-layer caps), `sweep`,
+`recommend`, `reports` (the three reports). Verdicts are computed from the numbers by the rule written beside
+each claim; the reports render them and never edit them. The commands (``lorakit compare / sweep / recommend /
+inspect``) are in `lorakit.cli.evidence`.
 """
 
 from .claims import COST_MARGIN, TOLERANCE, ClaimRow

@@ -179,32 +179,45 @@ def judge(comparison: dict[str, Any]) -> list[ClaimRow]:
                  verdict(lora["generalization_gap"] < full["generalization_gap"]),
                  "holds if LoRA's generalization gap is smaller"),
     ]
+    rows += [_data_claim(comparison, metric, full, lora), _probe_claim(comparison, full, lora),
+             _serving_claim(comparison)]
+    return rows
+
+
+def _data_claim(comparison: dict[str, Any], metric: Metric, full: dict[str, Any], lora: dict[str, Any]) -> ClaimRow:
     reduced = [i for i, f in enumerate(comparison["fractions"]) if f < 1.0] or list(range(len(comparison["fractions"])))
     # mean advantage over the reduced fractions (area between the learning curves): a tie where neither method
     # has learned anything yet is no evidence either way, so no counting of wins
     advantage = sum(metric.worse_by(full["curve"][i], lora["curve"][i]) for i in reduced) / len(reduced)
-    curve = lambda entry: ", ".join(f"{comparison['fractions'][i]:g}: {entry['curve'][i]:.4f}" for i in reduced)  # noqa: E731
-    rows.append(ClaimRow("LoRA needs less data", f"held-out {name} at reduced data fractions (LoRA's mean "
-                         f"advantage {advantage:+.4f})", curve(full), curve(lora), verdict(advantage > 0),
-                         "holds if, averaged over the fractions below 1, LoRA's held-out metric is better than "
-                         "full fine-tuning's"))
-    if comparison.get("probe") and "probe_drop" in full and "probe_drop" in lora:
-        before = comparison["probe_before"]
-        rows.append(ClaimRow("LoRA preserves pretrained knowledge (less forgetting)",
-                             f"{comparison['probe']}: before {before:.4f}, drop after training",
-                             f"{full['probe_after']:.4f} (drop {full['probe_drop']:+.4f})",
-                             f"{lora['probe_after']:.4f} (drop {lora['probe_drop']:+.4f})",
-                             # when neither method lost any of the capability there is nothing to compare
-                             "not judged" if max(full["probe_drop"], lora["probe_drop"]) <= 0
-                             else verdict(lora["probe_drop"] < full["probe_drop"]),
-                             "holds if LoRA's drop of the original capability is smaller; not judged when "
-                             "neither method lost any of it (negative drop: it improved)"))
-    else:
-        rows.append(ClaimRow("LoRA preserves pretrained knowledge (less forgetting)", "no probe for this task",
-                             "-", "-", verdict(None), "needs a knowledge probe (text tasks)"))
+
+    def curve(entry: dict[str, Any]) -> str:
+        return ", ".join(f"{comparison['fractions'][i]:g}: {entry['curve'][i]:.4f}" for i in reduced)
+
+    return ClaimRow("LoRA needs less data", f"held-out {metric.name} at reduced data fractions (LoRA's mean "
+                    f"advantage {advantage:+.4f})", curve(full), curve(lora), verdict(advantage > 0),
+                    "holds if, averaged over the fractions below 1, LoRA's held-out metric is better than "
+                    "full fine-tuning's")
+
+
+def _probe_claim(comparison: dict[str, Any], full: dict[str, Any], lora: dict[str, Any]) -> ClaimRow:
+    if not (comparison.get("probe") and "probe_drop" in full and "probe_drop" in lora):
+        return ClaimRow("LoRA preserves pretrained knowledge (less forgetting)", "no probe for this task",
+                        "-", "-", verdict(None), "needs a knowledge probe (text tasks)")
+    before = comparison["probe_before"]
+    return ClaimRow("LoRA preserves pretrained knowledge (less forgetting)",
+                    f"{comparison['probe']}: before {before:.4f}, drop after training",
+                    f"{full['probe_after']:.4f} (drop {full['probe_drop']:+.4f})",
+                    f"{lora['probe_after']:.4f} (drop {lora['probe_drop']:+.4f})",
+                    # when neither method lost any of the capability there is nothing to compare
+                    "not judged" if max(full["probe_drop"], lora["probe_drop"]) <= 0
+                    else verdict(lora["probe_drop"] < full["probe_drop"]),
+                    "holds if LoRA's drop of the original capability is smaller; not judged when "
+                    "neither method lost any of it (negative drop: it improved)")
+
+
+def _serving_claim(comparison: dict[str, Any]) -> ClaimRow:
     ten = next(s for s in comparison["serving"] if s["tasks"] == 10)
-    rows.append(ClaimRow("One base serves many tasks cheaply", "bytes for 10 tasks: 10 adapters + 1 base vs 10 "
-                         "full copies", format_bytes(ten["full_bytes"]), format_bytes(ten["lora_bytes"]),
-                         verdict(ten["lora_bytes"] < 0.5 * ten["full_bytes"]),
-                         "holds if 10 adapters + one base take less than half the bytes of 10 full copies"))
-    return rows
+    return ClaimRow("One base serves many tasks cheaply", "bytes for 10 tasks: 10 adapters + 1 base vs 10 "
+                    "full copies", format_bytes(ten["full_bytes"]), format_bytes(ten["lora_bytes"]),
+                    verdict(ten["lora_bytes"] < 0.5 * ten["full_bytes"]),
+                    "holds if 10 adapters + one base take less than half the bytes of 10 full copies")

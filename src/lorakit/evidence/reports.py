@@ -45,7 +45,8 @@ def write_compare_report(comparison: dict[str, Any], out: Path) -> Path:
                               "Training loss at the full budget"), "loss.png", "Per-step loss; thick: 10-step mean.")
     doc.heading("Serving N tasks")
     doc.table(["tasks", "N adapters + 1 base", "N full copies", "ratio"],
-              [[s["tasks"], format_bytes(s["lora_bytes"]), format_bytes(s["full_bytes"]), f"{s['lora_bytes'] / s['full_bytes']:.3f}"]
+              [[s["tasks"], format_bytes(s["lora_bytes"]), format_bytes(s["full_bytes"]),
+                f"{s['lora_bytes'] / s['full_bytes']:.3f}"]
                for s in comparison["serving"]])
     doc.figure(rp.grouped_bars([str(s["tasks"]) for s in comparison["serving"]],
                                {"full": [s["full_bytes"] / 1e6 for s in comparison["serving"]],
@@ -147,7 +148,8 @@ def write_recommend_report(result: dict[str, Any], out: Path) -> Path:
                  "Held-out (test) numbers are shown, not used.")
         doc.table(["arm", "r", "lr", "validation", "held-out", "train time: wall (CPU)"],
                   [["chosen" if a["rank"] == result["rank"] else "", a["rank"], f"{a['lr']:.3g}",
-                    f"{a['validation']:.4f}", f"{a['held_out']:.4f}", f"{a['train_time_s']:.0f} s ({a['cpu_time_s']:.0f} s)"]
+                    f"{a['validation']:.4f}", f"{a['held_out']:.4f}",
+                    f"{a['train_time_s']:.0f} s ({a['cpu_time_s']:.0f} s)"]
                    for a in result["race"]])
     check = result.get("check")
     if check:

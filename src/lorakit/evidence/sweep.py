@@ -83,7 +83,8 @@ def sweep_summary(rows: list[dict[str, Any]], metric: Metric) -> dict[str, Any]:
                         verdict(max(at_lr) - min(at_lr) > TOLERANCE),
                         f"holds if best and worst rank differ by more than {TOLERANCE}")),
         asdict(ClaimRow("LoRA is sensitive to the learning rate", f"spread of held-out {metric.name} over learning "
-                        f"rates at r={best['r']}", "-", f"{max(at_rank) - min(at_rank):.4f}" if len(at_rank) > 1 else "-",
+                        f"rates at r={best['r']}", "-",
+                        f"{max(at_rank) - min(at_rank):.4f}" if len(at_rank) > 1 else "-",
                         verdict(max(at_rank) - min(at_rank) > TOLERANCE if len(at_rank) > 1 else None),
                         f"holds if best and worst learning rate differ by more than {TOLERANCE}")),
     ]
