@@ -216,6 +216,8 @@ def test_wheel_ships_the_recipes_and_trains_outside_the_checkout(tmp_path: Path)
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         metadata = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        scripts = z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+    assert "lorakit = lorakit.cli:main" in scripts
     assert {f"lorakit/recipe_files/{n}.yaml" for n in recipe_names()} <= names
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist: torch")]
     assert requires and "==" not in requires[0] and "<3" in requires[0]  # a range, never an exact pin
