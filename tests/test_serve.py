@@ -580,14 +580,19 @@ def test_adapter_admin_needs_token_and_refuses_paths(client, adapter_dir, refere
             reference("gamma", PROMPTS[0])
 
 
-def test_bf16_engine_on_cpu_verifies_adapters_before_converting(adapter_dir, smollm2_session) -> None:
+def test_bf16_engine_on_cpu_verifies_adapters_before_converting(adapter_dir, smollm2_session, tmp_path) -> None:
     """--dtype bf16: adapters of --adapter-dir are checked against the fp32 base (fingerprints), then the whole
-    engine runs in bf16; an adapter that was not checked before the conversion is refused with the reason."""
+    engine runs in bf16; an adapter saved for another base, or not checked before the conversion, is refused
+    with the reason."""
+    import shutil
+
     from lorakit.evaluate import generate
 
+    shutil.copytree(adapter_dir / "alpha", tmp_path / "alpha")
+    shutil.copytree(adapter_dir.parent / "outside" / "foreign", tmp_path / "foreign")
     config = ServeConfig(max_context=256, max_tokens=16, device="cpu", dtype="bf16", admin_token=TOKEN)
     engine = Engine(copy.deepcopy(smollm2_session.model), smollm2_session.tokenizer, "causal-lm", "smollm2", config,
-                    adapter_dir=adapter_dir)
+                    adapter_dir=tmp_path)
     assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16} and engine.device.type == "cpu"
     with ServerThread(create_app(engine)) as running, httpx.Client(base_url=running.url, timeout=120) as http:
         with ThreadPoolExecutor(2) as pool:
@@ -602,6 +607,8 @@ def test_bf16_engine_on_cpu_verifies_adapters_before_converting(adapter_dir, smo
         refused = http.post("/v1/adapters", json={"name": "delta", "path": outside},
                             headers={"Authorization": f"Bearer {TOKEN}"})
         assert refused.status_code == 422 and refused.json()["error"]["code"] == "adapter_unverified"
+        foreign = _chat(http, "foreign", PROMPTS[0])
+        assert foreign.status_code == 422 and "another base" in foreign.json()["error"]["message"]
 
 
 def test_admin_disabled_without_token(smollm2_session) -> None:

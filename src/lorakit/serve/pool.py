@@ -47,6 +47,7 @@ class AdapterPool:
         #: verified before (folder -> file signature) load from then on
         self.cast_from: torch.dtype | None = None
         self.verified: dict[Path, tuple] = {}
+        self.failed: dict[Path, str] = {}  # folders that did not pass that check, with the reason
         self.loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self.in_use: Counter[str] = Counter()
         self.version = 0  # bumped whenever the model's LoRA modules change
@@ -203,6 +204,7 @@ class AdapterPool:
                     self._load(name, path)
                 except ServeError as err:
                     log.warning("adapter %s is not served: %s", name, err.message)
+                    self.failed[path] = err.message
                     continue
                 self._unload(name)
             self.verified[path] = _signature(path)
@@ -215,6 +217,8 @@ class AdapterPool:
         verified by `cast` whose files did not change, else a 422."""
         if self.cast_from is None:
             return False
+        if path in self.failed:
+            raise ServeError(422, self.failed[path], code="adapter_load_failed")
         if self.verified.get(path) != _signature(path):
             raise ServeError(422, f"adapter {name!r} was not verified against the base: this server converted the "
                                   f"base from {self.cast_from} (--dtype), after which fingerprints cannot be "
