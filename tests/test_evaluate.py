@@ -140,3 +140,23 @@ def test_chat_rows_without_chat_template_are_refused(smollm2) -> None:
 def test_encode_reads_the_task_table() -> None:
     with pytest.raises(ConfigError, match="unknown task 'translation'.*causal-lm"):
         encode("translation", [{"text": "x", "label": 0}], None, 8, None)
+
+
+def test_the_plain_format_starts_with_bos_when_the_tokenizer_adds_one(smollm2) -> None:
+    from tokenizers import processors
+
+    from lorakit.data import plain_prompt_ids
+
+    _, tokenizer = smollm2
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = None
+    tokenizer.bos_token = "<|endoftext|>"
+    bos = tokenizer.bos_token_id
+    # a Llama-style base tokenizer: every text starts with BOS
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    assert tokenizer("a")["input_ids"][0] == bos
+    ids = plain_prompt_ids(tokenizer, "Question?", "\n")
+    assert ids[0] == bos and bos not in ids[1:]
+    batch = encode("causal-lm", [{"prompt": "Question?", "completion": "Answer."}], tokenizer, 64, None)
+    assert batch["input_ids"][0, :len(ids)].tolist() == ids  # training sees what generation sees

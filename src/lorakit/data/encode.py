@@ -84,10 +84,16 @@ def has_chat_template(tokenizer: Any) -> bool:
 
 
 def _bos(tokenizer: Any) -> list[int]:
-    """The BOS id when the tokenizer starts every text with it (Llama-style base models), else nothing."""
-    if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
-        return [tokenizer.bos_token_id]
-    return []
+    """The BOS id when the tokenizer starts every text with it (Llama-style base models), else nothing.
+
+    Read from what the tokenizer does (its post-processor), not from a flag some tokenizer classes lack.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    with_special = tokenizer("a")["input_ids"]
+    return [bos] if with_special[:1] == [bos] and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos] \
+        else []
 
 
 def plain_prompt_ids(tokenizer: Any, prompt: str, separator: str = PLAIN_SEPARATOR) -> list[int]:
