@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -34,7 +35,8 @@ def setup(device: str | None = None) -> World:
     """Join the process group when launched by torchrun; otherwise a world of one."""
     want_cuda = torch.cuda.is_available() if device in (None, "auto") else device.startswith("cuda")
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return World(device=torch.device("cuda" if want_cuda else "cpu"))
+        chosen = device if want_cuda and device and device.startswith("cuda:") else "cuda" if want_cuda else "cpu"
+        return World(device=torch.device(chosen))  # train.device=cuda:N is honoured, not run on cuda:0
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
@@ -65,10 +67,18 @@ def teardown(world: World) -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, world: World) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, world: World, sharding: str = "ddp", blocks: Sequence[str] | None = None,
+         precision: str = "fp32") -> torch.nn.Module:
     """The module a training step runs: ``DistributedDataParallel`` over the processes of ``world`` (gradients
-    averaged in backward), the model itself in a world of one. The one place a model is wrapped for training,
-    so every loop (`lorakit.train.run_training`) shards or replicates it the same way."""
+    averaged in backward), or with ``sharding="fsdp"`` the model itself sharded in place by FSDP2 per block
+    (`lorakit.sharding.shard`; ``blocks``: class names of the units, default the model's ``_no_split_modules``);
+    the model itself in a world of one. The one place a model is wrapped for training, so every loop
+    (`lorakit.train.run_training`) shards or replicates it the same way. Call it before building the optimizer:
+    FSDP replaces the parameters."""
     if not world.distributed:
         return model
+    if sharding == "fsdp":
+        from .sharding import shard
+
+        return shard(model, world.device.type, world.size, blocks, precision)
     return torch.nn.parallel.DistributedDataParallel(model)

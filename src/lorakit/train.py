@@ -397,6 +397,8 @@ def _prepare_model(recipe: Recipe, model: nn.Module, config: LoraConfig | None, 
         inject(model, config)
         if config.init == "pissa":
             extras["pissa_initial"] = adapter_state_dict(model)
+        if args.sharding == "fsdp" and "fingerprint" not in extras:  # of the whole base, before it is sharded
+            extras["fingerprint"] = base_fingerprint(model, config, tokenizer)
         if args.dtype != "fp32":  # a bf16/fp16 base: the adapters, heads and AdamW state stay fp32
             from .precision import keep_trainable_fp32
 
@@ -519,6 +521,8 @@ class RecipeLoop:
     def _validate(self, epoch: int) -> bool:
         """Validation at the end of ``epoch``; keeps the best trainable tensors; True when early stopping stops."""
         r, s = self.recipe, self.state
+        if len(self.data.validation) == 0:  # nothing to validate on: no metric, no early stopping
+            return False
         val = evaluate(self.model, r.task, self.data.validation, **self.eval_kwargs)
         s.history.append({"epoch": epoch, "step": s.global_step, "validation": val})
         if self.log is not None:
@@ -555,6 +559,11 @@ class RecipeLoop:
                    **metrics, "eval": final_eval, "train_eval": train_eval, "steps": self.state.global_step,
                    "examples_seen": self.state.examples_seen, "peak_memory_mb": _peak_memory_mb(world),
                    "world_size": world.size, "history": self.state.history}
+        if self.sharded:  # every process gathers the adapter (only it), checked against the shards before writing
+            from .sharding import check_adapter, gather_adapter
+
+            extras = {**extras, "tensors": gather_adapter(model)}
+            check_adapter(model, extras["tensors"])
         if world.is_main:
             metrics["adapter_bytes"] = save_result(model, loaded.tokenizer, r, self.out, metrics, self.data.full_train,
                                                    extras)

@@ -1,0 +1,101 @@
+"""Storage dtype of the frozen base (``train.dtype``): fp32, bf16 or fp16, with what trains kept in fp32.
+
+A bf16 base takes 2 bytes a parameter instead of 4. The base is loaded in that dtype (`lorakit.models.load_model`
+``dtype=``), so the fp32 model never exists whole; after the adapters are added, `keep_trainable_fp32` casts
+every trained tensor (LoRA A/B, DoRA magnitudes, ``modules_to_save`` copies, trained biases) back to fp32, so
+AdamW's moments and the updates are fp32 as before ("mixed precision" in the sense of Micikevicius et al. 2018:
+low-precision frozen weights and activations, fp32 trained weights). LoRA layers already compute their branch in
+the adapter's dtype and add it in the base's (``x.to(A.dtype)``, result cast back). A trained module that is not
+a LoRA layer (a classifier head kept whole) gets a pair of hooks: its floating inputs are cast to fp32 and its
+output back to the dtype it was given, so it sits between bf16 layers unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``fp32`` | ``bf16`` | ``fp16`` -> the torch dtype."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}") from None
+
+
+def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast_floats(v, dtype) for k, v in value.items()}
+    return value
+
+
+def _bridge(module: nn.Module) -> None:
+    """Run ``module`` (fp32 weights) between layers of another dtype: inputs to fp32, output back."""
+    given: list[torch.dtype] = []
+
+    def before(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        floats = [a.dtype for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+        given.append(floats[0] if floats else torch.float32)
+        return _cast_floats(args, torch.float32), _cast_floats(kwargs, torch.float32)
+
+    def after(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        return _cast_floats(output, given.pop())
+
+    module.register_forward_pre_hook(before, with_kwargs=True)
+    module.register_forward_hook(after, with_kwargs=True)
+
+
+def keep_trainable_fp32(model: nn.Module) -> int:
+    """Cast every parameter that requires grad to fp32 (the frozen base keeps its dtype); trained modules that
+    are not LoRA layers get input/output casts (`_bridge`). Returns how many tensors were cast; 0 when the
+    model is fp32 already (then nothing else changes either)."""
+    from .layers import LoraLayer
+
+    cast = 0
+    bridged: set[int] = set()
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad and p.dtype != torch.float32]
+        for param in own:
+            param.data = param.data.float()
+            cast += 1
+        if own and not _inside_lora_layer(model, module, LoraLayer):
+            top = _outermost_trained(model, module)
+            if id(top) not in bridged:
+                bridged.add(id(top))
+                _bridge(top)
+    return cast
+
+
+def _inside_lora_layer(model: nn.Module, module: nn.Module, lora_type: type) -> bool:
+    """Whether ``module`` is a LoRA layer or one of its parts (lora_A, lora_B, ...)."""
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            parts = name.split(".")
+            return any(isinstance(model.get_submodule(".".join(parts[:i])), lora_type) for i in range(1, len(parts) + 1))
+    return False
+
+
+def _outermost_trained(model: nn.Module, module: nn.Module) -> nn.Module:
+    """The largest module around ``module`` whose parameters all train (e.g. a whole classifier copy), so its
+    internals run in fp32 and only its boundary is cast."""
+    names = {id(m): n for n, m in model.named_modules()}
+    parts = names[id(module)].split(".")
+    for i in range(1, len(parts) + 1):
+        candidate = model.get_submodule(".".join(parts[:i]))
+        params = list(candidate.parameters())
+        if isinstance(candidate, (nn.ModuleDict, nn.ModuleList)):  # containers are never called
+            continue
+        if params and all(p.requires_grad for p in params):
+            return candidate
+    return module
