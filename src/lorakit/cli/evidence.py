@@ -10,6 +10,7 @@ from typing import Any
 
 from ..evidence.compare import FULL_LR_RATIO
 from ..evidence.ranks import RACE_FACTOR
+from ..tasks import MODEL_TASKS
 
 
 def register(subparsers: Any) -> None:
@@ -53,7 +54,7 @@ def _register_inspect(subparsers: Any) -> None:
     p.add_argument("adapter", help="adapter folder (or a training output folder holding adapter/)")
     p.add_argument("--against", default=None, help="a second adapter on the same base: subspace similarity")
     p.add_argument("--base", default=None, help="base model (default: from the adapter's provenance/config)")
-    p.add_argument("--task", default=None, help="default: from the adapter")
+    p.add_argument("--task", default=None, choices=MODEL_TASKS, help="default: from the adapter")
     p.add_argument("--side", default="right", choices=("right", "left"),
                    help="singular vectors compared: right = input side, as the paper's A (default: right)")
     p.add_argument("--output", "-o", default=None, help="report folder (default: runs/inspect-NAME)")
