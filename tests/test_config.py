@@ -38,6 +38,8 @@ def test_rank_and_alpha_pattern_use_peft_suffix_rule() -> None:
                task_type="SEQ_CLS", init="gaussian"),
     LoraConfig(r=2, target_modules=["q_proj"], rank_pattern={"q_proj": 4}, alpha_pattern={"q_proj": 2},
                layers_to_transform=[0, 1], layers_pattern="layers", bias="lora_only", init="pissa"),
+    LoraConfig(r=4, target_modules=["fc"], lora_bias=True),
+    LoraConfig(r=2, target_parameters=["experts.gate_up_proj", "experts.down_proj"]),
 ])
 def test_round_trip_through_peft(cfg: LoraConfig) -> None:
     data = cfg.to_peft_dict()
@@ -53,9 +55,19 @@ def test_from_peft_refuses_what_it_cannot_apply() -> None:
                              ("trainable_token_indices", [1, 2], "trainable tokens"), ("use_qalora", True, "QA-LoRA")]:
         with pytest.raises(ConfigError, match=f"{key}=.*{name}"):
             LoraConfig.from_peft_dict({**data, key: value})
+    with pytest.raises(ConfigError, match="lora_bias cannot be combined with use_dora"):
+        LoraConfig.from_peft_dict({**data, "lora_bias": True, "use_dora": True})
     with pytest.raises(ConfigError, match="VeRA, IA3"):
         LoraConfig.from_peft_dict({**data, "peft_type": "VERA"})
     with pytest.raises(ConfigError, match="unknown key, possibly from a newer PEFT"):
         LoraConfig.from_peft_dict({**data, "brand_new_option": 3})
     with pytest.raises(ConfigError, match="not LoRA"):
         LoraConfig.from_peft_dict({**data, "peft_type": "IA3"})
+
+
+def test_one_scaling_formula_and_alpha_default() -> None:
+    from lorakit.config import lora_scaling
+
+    assert LoraConfig(target_modules=["q"]).alpha == 8  # PEFT's lora_alpha default, whatever r
+    assert LoraConfig(r=16, target_modules=["q"]).scaling(16, 8) == lora_scaling(16, 8) == 0.5
+    assert LoraConfig(r=16, target_modules=["q"], use_rslora=True).scaling(16, 8) == lora_scaling(16, 8, True) == 2.0

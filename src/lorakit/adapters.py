@@ -105,8 +105,8 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoraLayer | ModulesToS
         if isinstance(module, (LoraLayer, ModulesToSave)):
             yield prefix, module
             if isinstance(module, LoraLayer):
-                if isinstance(module.base_layer, LoraLayer):  # parameter targets nest (first one innermost)
-                    stack.append((f"{prefix}.base_layer", module.base_layer))
+                # nested wrappers: parameter targets (first one innermost), MultiheadAttention's out_proj
+                stack.extend((f"{prefix}.{path}", inner) for path, inner in reversed(module.nested_layers()))
                 continue
         children = [(f"{prefix}.{name}" if prefix else name, child)
                     for name, child in module._modules.items() if child is not None]
@@ -204,7 +204,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             continue
         module.remove(adapter_name)
         if not module.adapter_names():
-            _replace(model, name, module.base_layer if isinstance(module, LoraLayer) else module.original_module)
+            replace_module(model, name, module.base_layer if isinstance(module, LoraLayer) else module.original_module)
     del state.configs[adapter_name]
     state.active = [n for n in state.active if n != adapter_name]
     if state.configs:
@@ -314,9 +314,9 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         unmerge(model)
     for name, module in reversed(list(lora_modules(model))):  # nested wrappers: the inner one first
         if isinstance(module, LoraLayer):
-            _replace(model, name, module.base_layer)
+            replace_module(model, name, module.base_layer)
         else:
-            _replace(model, name, module.active_module() if merge else module.original_module)
+            replace_module(model, name, module.active_module() if merge else module.original_module)
     del model.__dict__[_STATE_ATTR]
     for param in model.parameters():
         param.requires_grad_(True)
@@ -406,7 +406,9 @@ def _svd_combine(parts: list, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return A.to(a0.dtype), B.to(b0.dtype)
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of the sub-module called ``name`` (a dotted path; the wrapping and unwrapping of
+    layers by `lorakit.inject.add_adapter`, `delete_adapter` and `unload`)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)

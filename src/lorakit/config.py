@@ -29,13 +29,13 @@ _PEFT_KNOWN_KEYS = {
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
     "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
     "layers_pattern", "bias", "init_lora_weights", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
-    "modules_to_save", "fan_in_fan_out", "peft_version", "lora_bias",
+    "modules_to_save", "fan_in_fan_out", "peft_version", "lora_bias", "target_parameters",
 }
 # PEFT features we do not implement: accepted only at their neutral value.
 _PEFT_NEUTRAL = {
     "use_qalora": False, "megatron_config": None, "loftq_config": {}, "layer_replication": None,
     "runtime_config": {"ephemeral_gpu_offload": False}, "eva_config": None, "corda_config": None,
-    "trainable_token_indices": None, "target_parameters": None, "alora_invocation_tokens": None,
+    "trainable_token_indices": None, "alora_invocation_tokens": None,
     "arrow_config": None, "qalora_group_size": 16, "ensure_weight_tying": False, "megatron_core": "megatron.core",
     "lora_ga_config": None, "use_bdlora": None, "use_mica": False, "monteclora_config": None,
     "velora_config": None, "bdlora_config": None, "kasa_config": None,
@@ -44,7 +44,7 @@ _PEFT_NEUTRAL = {
 _PEFT_FEATURE_NAMES = {
     "use_qalora": "QA-LoRA", "megatron_config": "Megatron parallel layers", "loftq_config": "LoftQ initialisation",
     "layer_replication": "layer replication", "eva_config": "EVA initialisation", "corda_config": "CorDA",
-    "trainable_token_indices": "trainable tokens", "target_parameters": "LoRA on parameters (target_parameters)",
+    "trainable_token_indices": "trainable tokens",
     "alora_invocation_tokens": "aLoRA", "arrow_config": "Arrow routing", "lora_ga_config": "LoRA-GA",
     "use_bdlora": "BD-LoRA", "bdlora_config": "BD-LoRA", "use_mica": "MiCA", "monteclora_config": "MonteCLoRA",
     "velora_config": "VeLoRA", "kasa_config": "KaSA",
@@ -76,6 +76,10 @@ class LoraConfig:
         use_dora: weight-decomposed LoRA (Liu et al. 2024, "DoRA", section 4.1): a trained magnitude per output.
         rank_pattern / alpha_pattern: ``{module-name regex suffix: value}`` overriding ``r`` / ``alpha``.
         modules_to_save: extra modules trained in full and saved with the adapter (e.g. a classifier head).
+        target_parameters: parameters adapted directly (PEFT's ``target_parameters``), named as
+            ``module.parameter`` suffixes, e.g. ``["experts.gate_up_proj", "experts.down_proj"]`` for mixture-of-experts
+            blocks that hold every expert in one 3-D parameter; 2-D ``(out, in)`` parameters work too. No dropout,
+            DoRA or lora_bias there; ``target_modules`` may then be empty.
         lora_bias: B gets a trained bias (PEFT's ``lora_bias``; Linear, Conv1D and convolutions), folded into the
             base bias on merge (a layer without a bias cannot be merged then).
     """
@@ -97,6 +101,7 @@ class LoraConfig:
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     lora_bias: bool = False
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
@@ -118,11 +123,24 @@ class LoraConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.lora_bias, bool):
             raise ConfigError(f"lora_bias must be true or false, got {self.lora_bias!r}")
+        if self.lora_bias and self.use_dora:
+            raise ConfigError("lora_bias cannot be combined with use_dora (PEFT refuses it too): turn one off")
         if self.bias not in ("none", "lora_only", "all"):
             raise ConfigError(f"bias must be 'none', 'lora_only' or 'all', got {self.bias!r}")
         if self.init not in ("default", "gaussian", "pissa"):
             raise ConfigError(f"init must be 'default', 'gaussian' or 'pissa', got {self.init!r}")
-        if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
+        if isinstance(self.target_parameters, (set, tuple)):
+            self.target_parameters = sorted(self.target_parameters)
+        if self.target_parameters is not None and (not isinstance(self.target_parameters, list) or not all(
+                isinstance(t, str) and t for t in self.target_parameters)):
+            raise ConfigError(f"target_parameters must be a list of parameter names such as "
+                              f"['experts.gate_up_proj'], got {self.target_parameters!r}")
+        if self.target_parameters and (self.dropout or self.use_dora or self.lora_bias or self.init == "pissa"):
+            raise ConfigError("target_parameters takes no dropout, use_dora, lora_bias or init='pissa' (PEFT refuses "
+                              "them too): set them off, or adapt those parameters' modules with target_modules")
+        if self.target_parameters and not self.target_modules:
+            self.target_modules = []
+        elif self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
             raise ConfigError(
                 "target_modules is empty: name the modules to adapt, e.g. target_modules=['query', 'value'], "
                 "a regex such as r'.*attn\\.(q|v)_proj', or 'all-linear'"
@@ -179,6 +197,7 @@ class LoraConfig:
             "modules_to_save": self.modules_to_save,
             "fan_in_fan_out": False,
             "lora_bias": self.lora_bias,
+            "target_parameters": self.target_parameters,
         }
 
     @classmethod
@@ -221,6 +240,7 @@ class LoraConfig:
             task_type=data.get("task_type"),
             base_model_name_or_path=data.get("base_model_name_or_path"),
             lora_bias=bool(data.get("lora_bias", False)),
+            target_parameters=data.get("target_parameters") or None,
         )
 
     def replace(self, **changes: Any) -> "LoraConfig":

@@ -11,14 +11,15 @@ import difflib
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from torch import nn
 
-from .adapters import _replace, lora_layers, lora_state, set_adapter, update_trainable
+from .adapters import check_adapter_name, replace_module, lora_layers, lora_state, set_adapter, update_trainable
 from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterStateError, ConfigError, TargetError
-from .layers import LAYER_REGISTRY, LORA_PARTS, LoraLayer, ModulesToSave, wrapper_for
+from .layers import (LAYER_REGISTRY, LORA_PARTS, LoraLayer, LoraParameter, ModulesToSave, parameter_added_params,
+                     wrapper_for)
 
 # Names of the repeated-block lists in common architectures (for ``layers_to_transform``), as PEFT.
 COMMON_LAYER_LISTS = ("layers", "h", "block", "blocks", "layer")
@@ -35,6 +36,8 @@ class TargetRow:
     alpha: float
     added_params: int
     skipped: str | None = None
+    #: a parameter target (``target_parameters``): ``name`` is ``module.parameter``
+    parameter: bool = False
 
 
 @dataclass
@@ -101,8 +104,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
 def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> None:
     """Add adapter ``adapter_name`` (inactive and frozen until `set_adapter`), wrapping new layers as needed."""
     state = lora_state(model, create=False)
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise AdapterStateError(f"adapter name must be a non-empty string without dots, got {adapter_name!r}")
+    check_adapter_name(adapter_name)
     if state is not None and adapter_name in state.configs:
         raise AdapterStateError(f"an adapter named {adapter_name!r} already exists on this model "
                                 f"(adapters: {list(state.configs)}); pick another name or delete_adapter() it first")
@@ -112,17 +114,21 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> None
     state = lora_state(model, create=True)
     modules = dict(model.named_modules())
     for row in report.targeted:
+        if row.parameter:
+            _wrap_parameter(model, row, adapter_name, config)
+            continue
         module = modules[row.name]
         if not isinstance(module, LoraLayer):
             module = wrapper_for(module)(module).train(module.training)
-            _replace(model, row.name, module)
+            replace_module(model, row.name, module)
         module.add(adapter_name, row.r, row.alpha, config.dropout, config.init, config.use_rslora, config.use_dora,
                    config.lora_bias)
+        module.attach()
     for name, _ in report.modules_to_save:
         module = modules[name]
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module).train(module.training)
-            _replace(model, name, module)
+            replace_module(model, name, module)
         module.add(adapter_name)
     state.configs[adapter_name] = config
     update_trainable(model)
@@ -136,8 +142,10 @@ def targeting_report(model: nn.Module, config: LoraConfig) -> TargetingReport:
     among its matches (so ``r"features\..*"`` means "every adaptable layer under features")."""
     candidates = list(_candidates(model))
     save_names = _match_modules_to_save(model, config)
-    matched = _match_targets(model, config, candidates, save_names)
+    targets = config.target_modules
+    matched = _match_targets(model, config, candidates, save_names) if targets or isinstance(targets, str) else []
     rows = []
+    owned = _owned_sub_layers(candidates)
     for name, module in matched:
         wrapper = wrapper_for(module)
         layer_type = type(module).__name__
@@ -149,12 +157,13 @@ def targeting_report(model: nn.Module, config: LoraConfig) -> TargetingReport:
                               f"a wrapper for {layer_type}")
         r, alpha = config.rank_for(name), config.alpha_for(name)
         # a layer type it cannot take, or a rank/DoRA it cannot take (a grouped conv), is skipped with the reason
-        reason = wrapper.skip_reason(module) or wrapper.config_problem(module, r, config.use_dora)
+        reason = owned.get(name) or wrapper.skip_reason(module) or wrapper.config_problem(module, r, config.use_dora)
         if reason is not None:
             rows.append(TargetRow(name, layer_type, shape, r, alpha, 0, skipped=reason))
             continue
         _check_options(config, name, module, wrapper, r)
         rows.append(TargetRow(name, layer_type, shape, r, alpha, wrapper.added_params(module, r, config.use_dora)))
+    rows += _parameter_rows(model, config, candidates, {name for name, _ in matched})
     if not any(row.skipped is None for row in rows):
         raise TargetError("the config adapts no module: every match was skipped ("
                           + "; ".join(f"{row.name}: {row.skipped}" for row in rows) + ")")
@@ -171,6 +180,9 @@ def _check_options(config: LoraConfig, name: str, module: nn.Module, wrapper: ty
     if config.use_dora and not wrapper.supports_dora:
         raise ConfigError(f"use_dora is supported on {', '.join(supported)} layers; {name!r} is a {layer_type}: "
                           "exclude it (exclude_modules) or turn DoRA off")
+    if config.dropout and not wrapper.supports_dropout:
+        raise ConfigError(f"dropout is not supported on {layer_type} layers ({name!r}; their LoRA is a weight update "
+                          "with no input of its own, PEFT ignores it there): set dropout=0 or exclude it")
     if config.lora_bias and not wrapper.supports_lora_bias:
         raise ConfigError(f"lora_bias is not supported on {layer_type} layers ({name!r}; PEFT has it on Linear, "
                           "Conv1D and convolutions): exclude it or set lora_bias=False")
@@ -200,6 +212,105 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def _owned_sub_layers(candidates: list[tuple[str, nn.Module]]) -> dict[str, str]:
+    """Sub-layers whose weight their parent reads without calling them (MultiheadAttention's ``out_proj``): LoRA
+    there would never run, so they are skipped with the reason; the parent's wrapper adapts them."""
+    owned = {}
+    for name, module in candidates:
+        wrapper = wrapper_for(module)
+        for param in getattr(wrapper, "nested_parameters", {}):
+            child = f"{name}.{param.rpartition('.')[0]}"
+            owned[child] = (f"{type(module).__name__} {name!r} reads its weight without calling it, so LoRA here "
+                            f"would never run: target {name!r} instead (it adapts this layer too)")
+    return owned
+
+
+# -- parameter targets (target_parameters) ----------------------------------------------------------------------
+def _parameter_rows(model: nn.Module, config: LoraConfig, candidates: list[tuple[str, nn.Module]],
+                    module_targets: set[str]) -> list[TargetRow]:
+    """A row per parameter ``target_parameters`` selects (PEFT's rule: ``module.parameter`` equal to a key or
+    ending in ``.key``), in module order and each module's parameter registration order (PEFT's nesting order)."""
+    keys = config.target_parameters or []
+    rows, hit = [], set()
+    owners = [("", model), *candidates]
+    for name, module in owners:
+        for param_name, param in module.named_parameters(recurse=False):
+            key = f"{name}.{param_name}" if name else param_name
+            found = [k for k in keys if key == k or key.endswith("." + k)]
+            if not found:
+                continue
+            hit.update(found)
+            if not name:
+                raise ConfigError(f"target_parameters: {key!r} belongs to the top-level model; LoRA on parameters "
+                                  "needs a sub-module that owns them (PEFT refuses it too)")
+            if name in module_targets:
+                raise ConfigError(f"{name!r} is selected by target_modules and its parameter {param_name!r} by "
+                                  "target_parameters; choose one")
+            if param.dim() not in (2, 3):
+                raise ConfigError(f"target_parameters: {key!r} has shape {tuple(param.shape)}; LoRA on parameters "
+                                  "takes 2-D (out, in) or 3-D (experts, d1, d2) parameters")
+            r, alpha = config.rank_for(key), config.alpha_for(key)
+            rows.append(TargetRow(key, "Parameter", tuple(param.shape), r, alpha,
+                                  parameter_added_params(tuple(param.shape), r), parameter=True))
+    missing = [k for k in keys if k not in hit]
+    if missing:
+        names = [f"{n}.{p}" for n, m in owners if n for p, _ in m.named_parameters(recurse=False)]
+        close = difflib.get_close_matches(missing[0], names, n=5, cutoff=0.3)
+        raise TargetError(f"target_parameters entry {missing[0]!r} matches no parameter of this model"
+                          + (f"; closest: {', '.join(close)}" if close else ""))
+    return rows
+
+
+class WrapperSlot(NamedTuple):
+    """A parameter LoRA wrapper `add_adapter` would create: its parameter (``module.parameter``), rank, alpha and
+    the targeting-report row it belongs to (the parameter itself, or a module that adapts a sub-layer too)."""
+
+    key: str
+    r: int
+    alpha: float
+    target: str
+
+
+def parameter_wrappers(model: nn.Module, config: LoraConfig) -> dict[str, WrapperSlot]:
+    """``{module path of the wrapper: slot}`` for the parameters ``config`` adapts, as `add_adapter` nests them (new
+    wrappers around existing ones, first parameter innermost; MultiheadAttention's ``out_proj`` under it): the
+    module names of PEFT's file keys (``experts.base_layer`` for the inner of two)."""
+    modules = dict(model.named_modules())
+    chains: dict[str, list[str]] = {}  # owner path -> parameter names, outermost wrapper first
+    rows, out = targeting_report(model, config).targeted, {}
+    for row in (row for row in rows if not row.parameter):
+        base = modules[row.name].base_layer if isinstance(modules[row.name], LoraLayer) else modules[row.name]
+        for param, path in getattr(wrapper_for(base), "nested_parameters", {}).items():
+            out[f"{row.name}.{path}"] = WrapperSlot(f"{row.name}.{param}", row.r, row.alpha, row.name)
+    for row in (row for row in rows if row.parameter):
+        path, _, param_name = row.name.rpartition(".")
+        if path not in chains:
+            chain, module = [], modules[path]
+            while isinstance(module, LoraParameter):
+                chain.append(module.parameter_name)
+                module = module.base_layer
+            chains[path] = chain
+        if param_name not in chains[path]:
+            chains[path].insert(0, param_name)
+    for row in (row for row in rows if row.parameter):
+        path, _, param_name = row.name.rpartition(".")
+        out[path + ".base_layer" * chains[path].index(param_name)] = WrapperSlot(row.name, row.r, row.alpha, row.name)
+    return out
+
+
+def _wrap_parameter(model: nn.Module, row: TargetRow, adapter_name: str, config: LoraConfig) -> None:
+    """Add adapter ``adapter_name`` on parameter ``row.name``, reusing its wrapper or nesting a new one outside."""
+    path, _, param_name = row.name.rpartition(".")
+    outer = model.get_submodule(path)
+    module = outer
+    while isinstance(module, LoraParameter) and module.parameter_name != param_name:
+        module = module.base_layer
+    if not isinstance(module, LoraParameter):
+        module = LoraParameter(outer, param_name).train(outer.training)
+        replace_module(model, path, module)
+    module.add(adapter_name, row.r, row.alpha, 0.0, config.init, config.use_rslora, False)
+
+
 # -- matching ------------------------------------------------------------------------------------------------
 def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(name, layer) for every module that could be a target; a LoRA wrapper stands for its base layer,
@@ -211,7 +322,10 @@ def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         if isinstance(module, (LoraLayer, ModulesToSave)):
             inside.append(name + ".")
             if isinstance(module, LoraLayer):
-                yield name, module.base_layer
+                base = module.base_layer
+                while isinstance(base, LoraParameter):  # parameter targets nest: the module that owns them
+                    base = base.base_layer
+                yield name, base
             continue
         yield name, module
 
@@ -250,7 +364,7 @@ def _match_targets(model: nn.Module, config: LoraConfig, candidates: list[tuple[
     targets = config.target_modules
     all_linear = isinstance(targets, str) and targets.lower() == ALL_LINEAR
     if all_linear:
-        skip = _output_layer_names(model) | set(save_names)
+        skip = _output_layer_names(model) | set(save_names) | set(_owned_sub_layers(candidates))
         hits = [(n, m) for n, m in candidates
                 if n not in skip and (w := wrapper_for(m)) is not None and w.linear_like]
     else:

@@ -36,6 +36,8 @@ class LoraLayer(nn.Module):
     supports_pissa: bool = False
     #: ``lora_bias`` (a trained bias on B, PEFT's option): where PEFT has it
     supports_lora_bias: bool = False
+    #: dropout on the LoRA path's input (a parameter target has no input of its own)
+    supports_dropout: bool = True
     #: the wrapper runs the LoRA path through the base layer's own ``forward`` (so a subclass overriding it,
     #: e.g. to pad, is honoured); wrappers without it skip such subclasses with the reason
     follows_own_forward: bool = False
@@ -120,6 +122,14 @@ class LoraLayer(nn.Module):
             if use_dora:
                 self.lora_magnitude_vector[name] = nn.Parameter(self.row_norm(name), requires_grad=True)
         self.train(self.training)  # new sub-modules (dropout) follow the layer's train/eval mode
+
+    def nested_layers(self) -> list[tuple[str, LoraLayer]]:
+        """LoRA wrappers inside this one, with their paths under it (`lora_modules` walks into them)."""
+        return [("base_layer", self.base_layer)] if isinstance(self.base_layer, LoraLayer) else []
+
+    def attach(self) -> None:
+        """Called once the wrapper stands in the model, after `add`: wrappers that adapt a sub-layer of their base
+        too (MultiheadAttention's ``out_proj``) install it here, so a throwaway wrapper never changes the model."""
 
     def _create(self, name: str, r: int, dtype: torch.dtype, device: torch.device, bias: bool = False) -> None:
         raise NotImplementedError
@@ -225,7 +235,7 @@ class LoraLayer(nn.Module):
             if name in self.merged_adapters or name not in self.r:
                 continue
             if name in self.lora_magnitude_vector:
-                result = result + self.dora_output(x, name, base)
+                result = result + self.dora_output(x, name, base).to(result.dtype)  # fp32 magnitude, bf16 base
             else:
                 result = self.add_lora_output(result, x, name, inplace)
         return result
