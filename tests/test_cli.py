@@ -189,18 +189,17 @@ def test_generate_samples_like_the_server(capsys, monkeypatch: pytest.MonkeyPatc
     real, cache = lorakit.models.load_model, {}
     # one SmolLM2 for all the calls (no adapters: every call sees the same model); the CLI path is the real one
     monkeypatch.setattr(lorakit.models, "load_model", lambda *a, **k: cache.get(a) or cache.setdefault(a, real(*a, **k)))
-    base = ["generate", "Name a colour.", "--max-new-tokens", "8"]
+    base = ["generate", "Name a colour.", "--max-new-tokens", "6"]
     texts = {}
     for name, extra in {"greedy": [], "s1": ["--temperature", "1.5", "--seed", "1"],
                         "s1-again": ["--temperature", "1.5", "--seed", "1"],
-                        "k1-a": ["--temperature", "1.5", "--top-k", "1", "--seed", "2"],
-                        "k1-b": ["--temperature", "1.5", "--top-k", "1", "--seed", "3"],
+                        "k1": ["--temperature", "1.5", "--top-k", "1", "--seed", "2"],
                         "minp1": ["--temperature", "1.5", "--min-p", "1", "--seed", "4"],
                         "penalized": ["--repetition-penalty", "10"]}.items():
         assert main(base + extra) == 0
         texts[name] = capsys.readouterr().out
     assert texts["s1"] == texts["s1-again"]
-    assert texts["k1-a"] == texts["k1-b"] == texts["minp1"] == texts["greedy"]  # one candidate left: the argmax
+    assert texts["k1"] == texts["minp1"] == texts["greedy"]  # one candidate left: the argmax
     assert texts["penalized"] != texts["greedy"]  # the penalty reaches the decoder
     assert main(base + ["--min-p", "1.5"]) == main(base + ["--repetition-penalty", "0"]) == 2
 
