@@ -110,6 +110,10 @@ def test_cuda_where_there_is_none(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ConfigError, match=r"train.device=cuda:3 but there are 1 CUDA device\(s\)"):
         check_runtime(load_recipe("sentiment-minilm", ["train.device=cuda:3"]))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun the process's device is its local rank's
+    with pytest.raises(ConfigError, match="train.device=cuda:0 under torchrun.*fix: train.device=cuda"):
+        check_runtime(load_recipe("sentiment-minilm", ["train.device=cuda:0"]))
+    check_runtime(load_recipe("sentiment-minilm", ["train.device=cuda"]))
 
 
 def test_data_section_path_and_options() -> None:

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import importlib.resources
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -469,6 +470,9 @@ def check_runtime(recipe: Recipe) -> None:
     import torch
 
     device = recipe.train.device
+    if device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"train.device={device} under torchrun: each process takes cuda:LOCAL_RANK "
+                          "(fix: train.device=cuda, and CUDA_VISIBLE_DEVICES to choose the devices)")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
