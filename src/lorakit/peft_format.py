@@ -329,6 +329,7 @@ def read_adapter(directory: str | os.PathLike, allow_pickle: bool = False) -> Ad
     return AdapterFiles(folder, raw, config, tensors, ours, weights)
 
 
-__all__ = ["CONFIG_FILE", "FILE_PARTS", "MAX_ALPHA", "MAX_ENTRIES", "MAX_RANK", "MAX_STRING", "METADATA_KEY", "PART_SUFFIX", "PICKLE_FILE", "PISSA_INIT_FILE", "PREFIX",
-           "WEIGHTS_FILE", "AdapterFiles", "adapter_modules", "adapter_state_dict", "layer_parts", "read_adapter",
-           "read_adapter_config", "strip_wrappers", "check_config_dict", "parse_metadata"]
+__all__ = ["CONFIG_FILE", "FILE_PARTS", "MAX_ALPHA", "MAX_ENTRIES", "MAX_RANK", "MAX_STRING", "METADATA_KEY",
+           "PART_SUFFIX", "PICKLE_FILE", "PISSA_INIT_FILE", "PREFIX", "WEIGHTS_FILE", "AdapterFiles",
+           "adapter_modules", "adapter_state_dict", "check_config_dict", "layer_parts", "parse_metadata",
+           "read_adapter", "read_adapter_config", "strip_wrappers"]
