@@ -119,3 +119,12 @@ def test_spectra_of_one_layer_per_kind_draws_the_layer() -> None:
     shown = [ax for ax in fig.axes if ax.get_visible()]
     assert [list(ax.get_lines()[0].get_ydata()) for ax in shown] == [[1.0, 0.5, 0.25], pytest.approx([1.0, 0.1])]
     assert all(not ax.collections for ax in shown)
+
+
+def test_similarity_grids_of_seven_kinds_wrap_into_rows() -> None:
+    grid = [[1.0, 0.5], [0.5, 0.25]]
+    fig = rp.similarity_grids({kind: grid for kind in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                       "down_proj")})
+    shown = [ax for ax in fig.axes if ax.get_visible() and ax.get_images()]
+    assert len(shown) == 7 and fig.get_figwidth() <= 16  # was one row of 7 panels, 26.4 inches wide
+    assert _texts_outside(fig) == []

@@ -285,11 +285,8 @@ def spectra(singular_values: dict[str, Sequence[float]], kinds: Sequence[str]) -
     for sigma, kind in zip(singular_values.values(), kinds):
         if sigma and sigma[0] > 0:
             groups.setdefault(kind, []).append([v / sigma[0] for v in sigma])
-    cols = min(4, max(1, len(groups)))
-    rows = max(1, math.ceil(len(groups) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols + 0.6, 2.7 * rows + 0.8), squeeze=False,
-                             sharey=True, layout="constrained")
-    for k, (ax, (kind, curves)) in enumerate(zip(axes.flat, groups.items())):
+    fig, axes = panel_grid(len(groups), 3.3, 2.7, sharey=True)
+    for k, (ax, (kind, curves)) in enumerate(zip(axes, groups.items())):
         index, low, mid, high = _quartiles(curves)
         color = CYCLE[k % len(CYCLE)]
         if len(curves) > 1:
@@ -299,16 +296,31 @@ def spectra(singular_values: dict[str, Sequence[float]], kinds: Sequence[str]) -
         ax.set_title(f"{_fit(kind, 34)} ({len(curves)} layer{'s' if len(curves) > 1 else ''})", fontsize=9)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, nbins=6))
         ax.grid(alpha=0.3)
-        if k % cols == 0:
+        if k % PANEL_COLUMNS == 0:
             ax.set_ylabel("σ_i / σ_1")
-        if k >= len(groups) - cols:
+        if k + PANEL_COLUMNS >= len(groups):  # nothing below it
             ax.set_xlabel("index i")
         if k == 0:
             ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(groups):]:
-        ax.set_visible(False)
     fig.suptitle("Singular-value spectrum of ΔW per module kind (median, quartile band)")
     return fig
+
+
+#: most panels in a row of `panel_grid`
+PANEL_COLUMNS = 4
+
+
+def panel_grid(n: int, width: float, height: float, sharey: bool = False) -> tuple[Figure, list[Any]]:
+    """A figure of ``n`` panels of ``width`` x ``height`` inches, `PANEL_COLUMNS` to a row (many module kinds wrap
+    instead of growing one row past a page); returns the figure and its ``n`` axes, the unused cells hidden."""
+    cols = min(PANEL_COLUMNS, max(1, n))
+    rows = max(1, math.ceil(n / cols))
+    fig, grid = plt.subplots(rows, cols, figsize=(width * cols + 0.6, height * rows + 0.8), squeeze=False,
+                             sharey=sharey, layout="constrained")
+    axes = list(grid.flat)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
 
 
 def _quartiles(curves: Sequence[Sequence[float]]) -> tuple[list[int], list[float], list[float], list[float]]:
@@ -332,21 +344,21 @@ def _fit(text: str, limit: int) -> str:
 
 
 def similarity_grids(grids: dict[str, Sequence[Sequence[float]]]) -> Figure:
-    """φ(i, j) heatmaps (LoRA paper Figure 3), one panel per module kind."""
-    n = max(1, len(grids))
-    fig, axes = plt.subplots(1, n, figsize=(3.6 * n + 1.2, 3.6), squeeze=False, constrained_layout=True)
+    """φ(i, j) heatmaps (LoRA paper Figure 3), one panel per module kind, `PANEL_COLUMNS` to a row."""
+    fig, axes = panel_grid(len(grids), 3.6, 3.3)
     image = None
-    for k, (ax, (kind, grid)) in enumerate(zip(axes[0], grids.items())):
+    for k, (ax, (kind, grid)) in enumerate(zip(axes, grids.items())):
         image = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=1, origin="upper",
                           extent=(0.5, len(grid[0]) + 0.5, len(grid) + 0.5, 0.5))
-        ax.set_title(kind, fontsize=10)
-        ax.set_xlabel("j (top directions of b)")
-        if k == 0:
+        ax.set_title(_fit(kind, 34), fontsize=10)
+        if k + PANEL_COLUMNS >= len(grids):  # nothing below it
+            ax.set_xlabel("j (top directions of b)")
+        if k % PANEL_COLUMNS == 0:
             ax.set_ylabel("i (top directions of a)")
         for axis in (ax.xaxis, ax.yaxis):
             axis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, nbins=8))
     if image is not None:
-        fig.colorbar(image, ax=list(axes[0]), label="φ(i, j)")
+        fig.colorbar(image, ax=axes, label="φ(i, j)")
     fig.suptitle("Subspace similarity φ(i, j) = ‖U_aᵢᵀ U_bⱼ‖² / min(i, j)")
     return fig
 
@@ -410,16 +422,11 @@ def _rank_panels(layers: Sequence[tuple[int | None, str]], ranks: Sequence[int])
     by_kind: dict[str, list[tuple[int, int]]] = {}
     for (block, kind), rank in zip(layers, ranks):
         by_kind.setdefault(kind, []).append((after if block is None else block, rank))
-    cols = min(4, len(by_kind))
-    rows = math.ceil(len(by_kind) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols + 0.6, 2.5 * rows + 0.8), squeeze=False,
-                             sharey=True, layout="constrained")
-    for k, (ax, (kind, points)) in enumerate(zip(axes.flat, by_kind.items())):
+    fig, axes = panel_grid(len(by_kind), 3.3, 2.5, sharey=True)
+    for k, (ax, (kind, points)) in enumerate(zip(axes, by_kind.items())):
         ax.bar([b for b, _ in points], [r for _, r in points], color=CYCLE[k % len(CYCLE)])
         ax.set_title(f"{_fit(kind, 34)} ({len(points)} layer{'s' if len(points) > 1 else ''})", fontsize=9)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, nbins=6))
-        if k + cols >= len(by_kind):  # nothing below it
+        if k + PANEL_COLUMNS >= len(by_kind):  # nothing below it
             ax.set_xlabel("block index")
-    for ax in list(axes.flat)[len(by_kind):]:
-        ax.set_visible(False)
     return fig
