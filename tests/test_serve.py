@@ -407,6 +407,22 @@ def test_poison_values_fail_alone_and_release_their_adapter(client, server, refe
         assert bad.result().json()["error"]["code"] == "sampling_failed"
         assert good.result().status_code == 200
         assert good.result().json()["choices"][0]["message"]["content"] == reference("gamma", PROMPTS[1])
+    monkeypatch.undo()
+    engine = server.engine
+    real_forward = engine._forward
+
+    def nan_for_alpha(ids, mask, positions, cache, adapters):  # as an adapter whose output is not finite
+        logits = real_forward(ids, mask, positions, cache, adapters)
+        logits[[i for i, a in enumerate(adapters) if a == "alpha"]] = float("nan")
+        return logits
+
+    monkeypatch.setattr(engine, "_forward", nan_for_alpha)
+    with ThreadPoolExecutor(2) as pool:
+        bad = pool.submit(_chat, client, "alpha", PROMPTS[0])
+        good = pool.submit(_chat, client, "beta", PROMPTS[0])
+        assert bad.result().status_code == 500 and "not finite" in bad.result().json()["error"]["message"]
+        assert good.result().json()["choices"][0]["message"]["content"] == reference("beta", PROMPTS[0])
+    monkeypatch.undo()
     _wait_released(server)
     assert not server.engine.adapters.in_use
     assert client.delete("/v1/adapters/alpha", headers=auth).status_code == 200  # not "used by 1 request"

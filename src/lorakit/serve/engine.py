@@ -26,7 +26,7 @@ from .config import ADAPTER_NAME, ServeConfig, ServeError, resolve_device, resol
 from .kv_cache import BatchCache, PrefixCache, check_cache_layout, new_cache, stack_prefixes
 from .metrics import Metrics
 from .pool import AdapterPool
-from .sampling import SamplingParams, held_back, penalize, sample_token, token_logprobs
+from .sampling import SamplingError, SamplingParams, held_back, penalize, sample_token, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -474,20 +474,19 @@ class Engine:
             self._remove_rows(done)
 
     def _pick(self, logits: Tensor, gens: list[Generation]) -> list[int | None]:
-        """The next token of each row of ``logits`` ``(rows, vocab)``: plain greedy rows in one argmax (one
-        device read), the others one by one. A row whose sampling fails is ended with an error (None): the
-        other rows go on."""
+        """The next token of each row of ``logits`` ``(rows, vocab)``: plain greedy rows from one argmax (read
+        from the device once, with every row's finiteness), the others one by one. A row whose logits are not
+        finite or whose sampling fails is ended with an error (None): the other rows go on."""
+        best, finite = torch.stack([logits.argmax(-1), torch.isfinite(logits).all(-1).long()]).tolist()
         tokens: list[int | None] = [None] * len(gens)
-        plain = [i for i, g in enumerate(gens) if g.params.greedy and not g.params.penalized
-                 and g.params.logprobs is None]
-        if plain:
-            for i, token in zip(plain, logits[plain].argmax(-1).tolist()):
-                tokens[i] = token
         for i, g in enumerate(gens):
-            if tokens[i] is not None:
-                continue
             try:
-                tokens[i] = self._choose(logits[i], g)
+                if not finite[i]:
+                    raise SamplingError("the model's logits for this request are not finite (NaN or inf)")
+                if g.params.greedy and not g.params.penalized and g.params.logprobs is None:
+                    tokens[i] = best[i]
+                else:
+                    tokens[i] = self._choose(logits[i], g)
             except Exception as err:  # noqa: BLE001 - this request fails, the batch goes on
                 log.warning("sampling failed for one request: %s", err)
                 self._end(g, error=ServeError(500, f"sampling failed for this request ({type(err).__name__}: "
