@@ -607,12 +607,13 @@ def read_run_recipe(run: str | Path) -> Recipe:
     return recipe_from_dict(read_recipe_yaml(folder / "recipe.yaml"), source=str(folder / "recipe.yaml"))
 
 
-def load_run(run: str | Path) -> tuple[Recipe, Any]:
+def load_run(run: str | Path, labels: Sequence[str] | None = None) -> tuple[Recipe, Any]:
     """Rebuild a trained model from a training output folder: (recipe, LoadedModel with weights applied, eval
-    mode)."""
+    mode). ``labels``: the class names of the run's training split when the caller has read its dataset
+    (else `load_recipe_model` reads them)."""
     folder = Path(run)
     recipe = read_run_recipe(folder)
-    loaded = load_recipe_model(recipe)
+    loaded = load_recipe_model(recipe, labels=labels)
     if recipe.method == "lora":
         from .io import load_adapter
 

@@ -32,10 +32,11 @@ def _positive_int(text: str) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     """Evaluate a trained run on a held-out split of its dataset; prints the metrics as JSON."""
     from ..evaluate import evaluate as run_evaluation
-    from ..recipes import load_recipe_data, load_run
+    from ..recipes import load_recipe_data, load_run, read_run_recipe
 
-    recipe, loaded = load_run(args.run)
-    rows = getattr(load_recipe_data(recipe), args.split)
+    splits = load_recipe_data(read_run_recipe(args.run))  # read once: the rows, and the head's classes
+    recipe, loaded = load_run(args.run, labels=splits.train.labels)
+    rows = getattr(splits, args.split)
     if args.max_examples is not None and len(rows) > args.max_examples:
         rows = rows.take(args.max_examples)
     metrics = run_evaluation(loaded.model, recipe.task, rows, loaded.tokenizer, batch_size=recipe.eval.batch_size,
@@ -58,8 +59,8 @@ def predict(args: argparse.Namespace) -> int:
     if recipe.task != "sequence-classification":
         raise ConfigError(f"predict classifies text; run {args.run} is a {recipe.task} run "
                           "(fix: `lorakit eval` for its metrics, `lorakit generate` for a causal LM)")
-    recipe, loaded = load_run(args.run)
     labels = load_recipe_data(recipe).train.labels
+    recipe, loaded = load_run(args.run, labels=labels)
     rows = [{"text": t, "label": 0} for t in args.texts]
     batch = encode(recipe.task, rows, loaded.tokenizer, recipe.train.max_length, None)
     with torch.no_grad():
