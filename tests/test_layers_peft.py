@@ -161,6 +161,9 @@ def test_lorakit_adapter_in_peft(layer: str, option: str, tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "l").eval()
+    vllm = lorakit.export_adapter(tmp_path / "l", "vllm")  # vLLM serves plain LoRA on linear layers only
+    assert vllm.ok == (layer in ("linear", "linear_no_bias", "linear_2_outputs_r8", "hf_conv1d")
+                       and option in ("plain", "rslora")), vllm.reasons
     with torch.no_grad():
         assert _max_diff(in_peft(x), expected) <= TOL
         if layer in GROUPED or (option == "lora_bias" and layer == "linear_no_bias"):
@@ -376,6 +379,8 @@ def test_multihead_attention_both_ways_with_peft(tmp_path) -> None:
     with pytest.raises(AdapterStateError, match="not supported for LoRA on parameters"):
         with lorakit.route(loaded, ["default", None]):
             loaded(x)
+    report = lorakit.export_adapter(tmp_path / "l", "vllm")
+    assert not report.ok and any("nn.MultiheadAttention" in r for r in report.reasons)
     lorakit.unload(loaded, merge=False)
     assert type(loaded.attn) is nn.MultiheadAttention and type(loaded.attn.out_proj) is not type(model.attn)
 
@@ -389,3 +394,22 @@ def test_multihead_attention_out_proj_alone_is_skipped_and_dropout_refused() -> 
     with pytest.raises(lorakit.ConfigError, match="dropout is not supported on MultiheadAttention"):
         lorakit.inject(base, lorakit.LoraConfig(target_modules=["attn"], dropout=0.1))
     assert type(base.attn) is nn.MultiheadAttention
+
+
+def test_inspect_reads_every_new_layer_type() -> None:
+    """`lorakit inspect`'s analysis sees each update as a matrix beside its weight: experts stacked, a grouped
+    kernel expanded to every input channel, the attention's two projections as two layers."""
+    from lorakit.analyze import inspect_model
+
+    grouped = Holder(nn.Conv2d(4, 6, 3, groups=2))
+    moe, _ = _moe()
+    attention = TinyAttention()
+    for model, config, names in [
+            (grouped, lorakit.LoraConfig(r=2, target_modules=["layer"]), ["layer"]),
+            (moe, lorakit.LoraConfig(r=2, target_parameters=MOE_TARGETS), ["experts", "experts.base_layer", "out"]),
+            (attention, lorakit.LoraConfig(r=2, target_modules=["attn"]), ["attn", "attn.base_layer.out_proj"])]:
+        lorakit.inject(model, config)
+        randomize_lora(model)
+        layers = inspect_model(model).layers
+        assert [layer.name for layer in layers] == names
+        assert all(0 < layer.relative_norm < 1 and layer.energy_rank >= 1 for layer in layers)

@@ -110,6 +110,10 @@ def export_adapter(directory: str | os.PathLike, target: str, output: str | os.P
             report.reasons.append(f"bias={config.bias!r}: trained biases change the base model, vLLM cannot apply them")
         if config.lora_bias:
             report.reasons.append("lora_bias=true: vLLM's LoRA has no bias on B")
+        nested = sorted({k[len(PREFIX):].split(".base_layer.")[0] for k in lora_keys if ".base_layer." in k})
+        if nested and not config.target_parameters:
+            report.reasons.append(f"LoRA inside nested wrappers {nested[:3]} (nn.MultiheadAttention's out_proj): "
+                                  "vLLM serves LoRA on linear layers")
         if config.target_parameters:
             report.reasons.append(f"target_parameters {config.target_parameters}: vLLM serves LoRA on modules, not "
                                   "on parameters")
@@ -367,7 +371,8 @@ def adapter_info(directory: str | os.PathLike, base: str | os.PathLike | None = 
         "fingerprint": ours.get("fingerprint"), "provenance": ours.get("provenance"),
         "lorakit_version": ours.get("lorakit_version"), "written_by": "lorakit" if ours else "another tool (PEFT?)",
         "pissa_initial": (folder / PISSA_INIT_FILE).is_file(),
-        "sub_adapters": sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file()),
+        "sub_adapters": sorted(p.name for p in folder.iterdir()
+                               if not p.is_symlink() and p.is_dir() and (p / CONFIG_FILE).is_file()),
     }
     if base is not None:
         if not Path(base).is_dir():

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from .config import LoraConfig
 from .errors import AdapterError, AdapterStateError
 from .inject import targeting_report
-from .layers import LoraLayer, LoraParameter
+from .layers import LoraLayer, LoraParameter, wrapper_for
 
-_UNWRAPPED = re.compile(r"(\.base_layer)+$")  # nested parameter wrappers -> the owning module
+_UNWRAPPED = re.compile(r"\.base_layer\b")  # nested parameter wrappers -> the owning module
 
 FINGERPRINT_ALGORITHM = "sha256-16MiB-chunks-v1"
 _CHUNK = 16 << 20
@@ -141,6 +141,8 @@ def _base_weights(model: nn.Module, names: Iterable[str]) -> list[tuple[str, Ten
             name = _UNWRAPPED.sub("", name) + "." + module.parameter_name
         elif module is None:
             module = _parameter_owner(modules, name)
+        elif (wrapped := getattr(wrapper_for(module), "wrapped_parameter", None)) is not None:
+            name, module = f"{name}.{wrapped}", LoraParameter(module, wrapped)  # as once wrapped (attention)
         if module is None:
             raise AdapterError(f"cannot fingerprint module {name!r}: the model has no such module")
         if isinstance(module, LoraLayer):

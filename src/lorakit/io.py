@@ -21,7 +21,8 @@ from .errors import AdapterError, AdapterStateError, ConfigError, LorakitError, 
 from .files import atomic_directory, inside, json_default, safetensors_bytes, write_file
 from .fingerprint import base_fingerprint, digest, fingerprint_difference
 from .hf import base_model_id, peft_task_type
-from .inject import _is_base_param, _is_internal, _suffix_match, add_adapter, parameter_wrappers, targeting_report
+from .inject import (WrapperSlot, _is_base_param, _is_internal, _suffix_match, add_adapter, parameter_wrappers,
+                     targeting_report)
 from .layers import LoraLayer, LoraParameter, ModulesToSave, wrapper_for
 from .peft_format import (CONFIG_FILE, FILE_PARTS, METADATA_KEY, PICKLE_FILE, PISSA_INIT_FILE, PREFIX,
                           WEIGHTS_FILE, AdapterFiles, adapter_modules, adapter_state_dict, layer_parts,
@@ -41,7 +42,7 @@ class _Plan:
     lora: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # module -> {part: tensor}
     saves: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # modules_to_save module -> {key: tensor}
     biases: dict[str, Tensor] = field(default_factory=dict)  # unwrapped parameter name -> tensor
-    parameters: dict[str, str] = field(default_factory=dict)  # parameter wrapper's module path -> module.parameter
+    parameters: dict[str, WrapperSlot] = field(default_factory=dict)  # parameter wrapper's module path -> slot
 
 
 def _save_modules(model: nn.Module, entries: Sequence[str] | None) -> list[str]:
@@ -85,8 +86,10 @@ def _plan(model: nn.Module, files: AdapterFiles) -> _Plan:
                                f"entry and no bias of this model{hint}")
     if not plan.lora:
         raise AdapterError(f"{where} has no LoRA tensors (lora_A/lora_B/lora_embedding_A/B)")
-    if config.target_parameters:
-        plan.parameters = {path: key for key, path in _parameter_wrappers(model, config, where).items()}
+    plan.parameters = _parameter_wrappers(model, config, where)
+    missing = sorted(set(plan.parameters) - set(plan.lora))
+    if missing:
+        raise AdapterError(f"{where}: missing tensors for {missing[:3]} ({CONFIG_FILE} targets them)")
     for name, parts in plan.lora.items():
         if name in plan.parameters:
             _check_parameter(model, config, plan.parameters[name], parts, where)
@@ -106,21 +109,23 @@ def _plan(model: nn.Module, files: AdapterFiles) -> _Plan:
     return plan
 
 
-def _parameter_wrappers(model: nn.Module, config: LoraConfig, where: Path) -> dict[str, str]:
+def _parameter_wrappers(model: nn.Module, config: LoraConfig, where: Path) -> dict[str, WrapperSlot]:
     try:
         return parameter_wrappers(model, config)
     except LorakitError as err:
         raise AdapterError(f"{where.parent / CONFIG_FILE} does not fit this model: {err}") from None
 
 
-def _check_parameter(model: nn.Module, config: LoraConfig, key: str, parts: dict[str, Tensor], where: Path) -> None:
-    """The tensors for parameter target ``key`` (``module.parameter``) have the shapes PEFT's layout gives it."""
+def _check_parameter(model: nn.Module, config: LoraConfig, slot: WrapperSlot, parts: dict[str, Tensor],
+                     where: Path) -> None:
+    """The tensors for a parameter's wrapper (``slot.key``: ``module.parameter``) have PEFT's layout's shapes."""
+    key = slot.key
     owner_name, _, param_name = key.rpartition(".")
     owner = model.get_submodule(owner_name)
     while isinstance(owner, LoraParameter):
         owner = owner.base_layer
     probe = LoraParameter(owner, param_name)  # not attached to the model
-    probe.add("probe", config.rank_for(key), config.alpha_for(key), 0.0, "default", config.use_rslora, False)
+    probe.add("probe", slot.r, slot.alpha, 0.0, "default", config.use_rslora, False)
     _check_tensors(f"parameter {key!r}", layer_parts(probe, "probe"), parts, where)
 
 
@@ -197,7 +202,7 @@ def _check_lora_module(model: nn.Module, modules: dict[str, nn.Module], config: 
 
 
 def _check_config_targets(model: nn.Module, config: LoraConfig, found: set[str], where: Path,
-                          parameters: Mapping[str, str] | None = None) -> None:
+                          parameters: Mapping[str, WrapperSlot] | None = None) -> None:
     """The modules (and parameters: wrapper path -> ``module.parameter``) the config selects on this model must be
     exactly those the weights hold."""
     entries = [e for e in dict.fromkeys(config.modules_to_save or []) if _save_modules(model, [e])]
@@ -210,7 +215,7 @@ def _check_config_targets(model: nn.Module, config: LoraConfig, found: set[str],
     except LorakitError as err:
         raise AdapterError(f"{where.parent / CONFIG_FILE} does not fit this model: {err}") from None
     selected = {row.name for row in report.targeted}
-    found = {(parameters or {}).get(n, n) for n in found}
+    found = {parameters[n].target if n in (parameters or {}) else n for n in found}
     missing, extra = sorted(selected - found), sorted(found - selected)
     if missing:
         raise AdapterError(f"{where}: missing tensors: {CONFIG_FILE} targets {len(missing)} module(s) the weights "
@@ -281,7 +286,8 @@ def _check_and_apply(model: nn.Module, files: AdapterFiles, name: str, trainable
                            "onto a clean base, or export it as plain LoRA first (lorakit export --target peft)")
     stored = files.fingerprint
     if stored is not None:
-        current = base_fingerprint(model, sorted(plan.parameters.get(n, n) for n in plan.lora), tokenizer)
+        names = sorted(plan.parameters[n].key if n in plan.parameters else n for n in plan.lora)
+        current = base_fingerprint(model, names, tokenizer)
         difference = fingerprint_difference(stored, current)
         if difference is not None:
             message = (f"adapter {files.directory} was saved for another base model ({difference}); base model "
@@ -304,7 +310,6 @@ def _apply(model: nn.Module, files: AdapterFiles, plan: _Plan, name: str, traina
     added = False
     try:
         injected = config.replace(target_modules=sorted(n for n in plan.lora if n not in plan.parameters),
-                                  target_parameters=sorted(plan.parameters.values()) or None,
                                   exclude_modules=None, layers_to_transform=None,
                                   layers_pattern=None, modules_to_save=sorted(plan.saves) or None,
                                   init="pissa" if config.init == "pissa" else "default")

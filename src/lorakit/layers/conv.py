@@ -111,7 +111,15 @@ class LoraConv(LoraLayer):
         return (B2 @ A.reshape(r, -1)).reshape(B.shape[0], *A.shape[1:]) * self.scaling[name]
 
     def weight_matrix(self) -> Tensor:
-        weight = self.base_layer.weight
+        """The kernel as ``(out, in · kernel)``; a grouped one expanded to every input channel (zeros outside each
+        group's block), the space its LoRA update lives in (merging a grouped update is refused)."""
+        weight, groups = self.base_layer.weight, self.base_layer.groups
+        if groups > 1:
+            out_g, in_g = weight.shape[0] // groups, weight.shape[1]
+            dense = weight.new_zeros(weight.shape[0], in_g * groups, *weight.shape[2:])
+            for g in range(groups):
+                dense[g * out_g:(g + 1) * out_g, g * in_g:(g + 1) * in_g] = weight[g * out_g:(g + 1) * out_g]
+            weight = dense
         return weight.reshape(weight.shape[0], -1)
 
     def to_matrix(self, weight: Tensor) -> Tensor:

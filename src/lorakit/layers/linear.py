@@ -50,7 +50,12 @@ class LoraLinear(LoraLayer):
 
     def lora_path(self, x: Tensor, name: str) -> Tensor:
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        if x.dtype != A.dtype:
+        if x.dtype in (torch.bfloat16, torch.float16) and A.dtype == torch.float32:
+            # a bf16/fp16-stored base (train.dtype) with fp32 adapters: compute in the activations' dtype from
+            # the fp32 weights (gradients reach them in fp32); an fp32 copy of x per adapted layer, kept for
+            # backward, would cost as much memory as the whole bf16 block (SmolLM2: 1,167 vs 919 MiB)
+            A, B = A.to(x.dtype), B.to(x.dtype)
+        elif x.dtype != A.dtype:
             x = x.to(A.dtype)
         # scaling on the rank-r intermediate: r multiplies per token instead of out
         h = F.linear(x, A) * self.scaling[name]

@@ -140,7 +140,14 @@ class LoraParameter(LoraLayer):
 
     # -- merge ---------------------------------------------------------------------------------------------
     def weight_matrix(self) -> Tensor:
-        return self.parameter()
+        """The parameter as a matrix: 3-D experts stacked along the rows, ``(E · d1, d2)``."""
+        return self.to_matrix(self.parameter())
+
+    def to_matrix(self, weight: Tensor) -> Tensor:
+        return weight.reshape(-1, weight.shape[-1])
+
+    def from_matrix(self, matrix: Tensor) -> Tensor:
+        return matrix.reshape(self.parameter().shape)
 
     def write_base_weight(self, weight: Tensor) -> None:
         self.parameter().data.copy_(weight)
