@@ -35,7 +35,8 @@ def probe_for(task: str, data: str) -> str | None:
 @torch.no_grad()
 def run_probe(probe: str, model: torch.nn.Module, tokenizer: Any, batch_size: int = 32,
               limit: int | None = None) -> float:
-    """The probe's score for ``model`` (see `PROBES`); ``limit`` caps the texts (quick checks)."""
+    """The probe's score for ``model`` (see `PROBES`), computed on the model's device; ``limit`` caps the texts
+    (quick checks)."""
     from ..data import load_dataset
 
     model.eval()
@@ -53,6 +54,10 @@ def run_probe(probe: str, model: torch.nn.Module, tokenizer: Any, batch_size: in
     return text_perplexity(model, tokenizer, texts[:limit], batch_size)
 
 
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def mean_reciprocal_rank(similarity: torch.Tensor) -> float:
     """``similarity`` ``(n, n)``: query i's right answer is column i. Mean of 1 / (its rank among the row)."""
     correct = similarity.diagonal().unsqueeze(1)
@@ -67,11 +72,11 @@ def embed(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], batch_si
     out = []
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True, max_length=128,
-                          return_tensors="pt")
+                          return_tensors="pt").to(_device(model))
         hidden = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        out.append(torch.nn.functional.normalize(pooled.float(), dim=-1))
+        out.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
     return torch.cat(out)
 
 
@@ -84,7 +89,7 @@ def text_perplexity(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str]
     try:
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
-                              max_length=max_length, return_tensors="pt")
+                              max_length=max_length, return_tensors="pt").to(_device(model))
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
             loss, terms = loss_sum("causal-lm", logits, labels)  # every real token after the first

@@ -42,6 +42,7 @@ def run_child(payload_json: str) -> int:
 def execute(payload: dict[str, Any]) -> dict[str, Any]:
     """One run. ``mode`` ``train``: train the recipe, timing every step (wall and CPU), delete the checkpoint,
     score the probe on the result. ``probe``: score the untrained base model. Writes ``run.json``."""
+    from .. import distributed
     from ..recipes import load_recipe, load_recipe_model, load_run
     from ..train import train
 
@@ -52,8 +53,9 @@ def execute(payload: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(recipe.train.num_threads)
     probe = payload.get("probe")
     record: dict[str, Any] = {"spec": payload, "load_average_start": os.getloadavg()}
+    device = distributed.setup(recipe.train.device).device  # the probes run where training runs
     if payload["mode"] == "probe":
-        loaded = load_recipe_model(recipe)
+        loaded = load_recipe_model(recipe, device=device)
         started = time.perf_counter()
         record["probe"] = run_probe(probe, loaded.model, loaded.tokenizer)
         record["probe_time_s"] = time.perf_counter() - started
@@ -78,6 +80,7 @@ def execute(payload: dict[str, Any]) -> dict[str, Any]:
         record["load_average_end"] = os.getloadavg()
         if probe:
             _, loaded = load_run(out)
+            loaded.model.to(device)
             record["probe"] = run_probe(probe, loaded.model, loaded.tokenizer)
     write_json(out / "run.json", record)
     return record
