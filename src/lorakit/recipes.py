@@ -36,7 +36,8 @@ DEFAULT_RECIPE = "sentiment-minilm"
 
 @dataclass
 class TrainArgs:
-    """How to train. ``epochs`` may be fractional; ``max_steps`` (optimizer steps) caps it."""
+    """How to train. ``epochs`` may be fractional; ``max_steps`` (optimizer steps), when set, wins over it (the
+    data is cycled as often as needed, `lorakit.batching.run_steps`)."""
 
     epochs: float = 1.0
     max_steps: int | None = None
