@@ -275,8 +275,21 @@ class Engine:
                 with self._wake:
                     self._joining = 0
         if self.rows:
-            self._decode()
+            try:
+                self._decode()
+            except Exception as err:  # noqa: BLE001 - the rows of this step fail; the queue goes on
+                log.exception("decoding step failed")
+                self._end_rows(ServeError(500, f"generation failed ({type(err).__name__}: {err})",
+                                          code="generation_failed"))
         return bool(newcomers)
+
+    def _end_rows(self, error: ServeError) -> None:
+        """End every row of the running batch with ``error`` and drop the batch's cache."""
+        for g in list(self.rows):
+            self._end(g, error=error)
+        with self._wake:
+            self.rows = []
+            self.batch.clear()
 
     def _fail_everything(self, error: ServeError) -> None:
         with self._wake:
