@@ -3,14 +3,12 @@ layers summarised (lines and panels bounded), and the summaries equal to the num
 
 from __future__ import annotations
 
-import matplotlib.text
 import pytest
 from matplotlib.collections import PolyCollection
-from matplotlib.figure import Figure
 
+from evidence_helpers import texts_outside
 from lorakit import report as rp
 from lorakit.analyze import split_name
-from lorakit.evidence.reports import costs_figure, time_figure
 
 BERT = [f"bert.encoder.layer.{b}.{k}" for b in range(6)
         for k in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")]
@@ -20,47 +18,13 @@ SMOLLM = [f"model.layers.{b}.{k}" for b in range(30)
                     "mlp.up_proj", "mlp.down_proj")]
 
 
-def _drawn_texts(fig: Figure) -> list[matplotlib.text.Text]:
-    """Texts a PNG of ``fig`` shows: titles, axis labels, legends, value labels, and the tick labels of ticks
-    inside the axes' view (matplotlib keeps, but does not draw, those outside)."""
-    ticks = set()
-    for ax in fig.axes:
-        for axis in (ax.xaxis, ax.yaxis):
-            low, high = sorted(axis.get_view_interval())
-            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
-                if low - 1e-9 * abs(high - low) <= tick.get_loc() <= high + 1e-9 * abs(high - low):
-                    ticks.update({id(tick.label1), id(tick.label2)})
-    tick_labels = {id(t) for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)
-                   for tick in axis.get_major_ticks() + axis.get_minor_ticks() for t in (tick.label1, tick.label2)}
-    return [t for t in fig.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text().strip()
-            and (id(t) not in tick_labels or id(t) in ticks) and (t.axes is None or t.axes.get_visible())]
-
-
-def _texts_outside(fig: Figure) -> list[str]:
-    """Drawn texts whose extent leaves the figure (what a PNG of the figure at its default size would cut)."""
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
-    box = fig.bbox
-    outside = []
-    for text in _drawn_texts(fig):
-        ext = text.get_window_extent(renderer)
-        if ext.x0 < box.x0 - 1 or ext.x1 > box.x1 + 1 or ext.y0 < box.y0 - 1 or ext.y1 > box.y1 + 1:
-            outside.append(text.get_text())
-    return outside
-
-
-def _method(step: float, cpu_step: float, total: float, cpu_total: float) -> dict:
-    return {"step_time_s": step, "step_cpu_s": cpu_step, "train_time_s": total, "cpu_time_s": cpu_total,
-            "trainable_params": 1000, "checkpoint_bytes": 4e6, "train_peak_mb": 900.0, "peak_memory_mb": 1200.0}
-
-
 def test_rank_estimates_labels_every_layer_in_full_inside_the_figure() -> None:
     layers = [split_name(n) for n in BERT]
     fig = rp.rank_estimates(layers, [1 + i % 40 for i in range(len(layers))], 8, 0.9)
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
     assert labels[0] == "0: attention.self.query" and labels[-1] == "bert.pooler.dense"
     assert len(set(labels)) == len(BERT)  # every layer named, none cut to a common tail
-    assert _texts_outside(fig) == []
+    assert texts_outside(fig) == []
 
 
 def test_rank_estimates_of_210_layers_is_one_panel_per_kind() -> None:
@@ -74,24 +38,7 @@ def test_rank_estimates_of_210_layers_is_one_panel_per_kind() -> None:
         assert [round(p.get_height()) for p in ax.patches] == [ranks[7 * b + k] for b in range(30)]
         assert [line.get_ydata()[0] for line in ax.get_lines()] == [16]  # the suggestion, nothing else
         assert len([t for t in ax.get_xticklabels() if t.get_text()]) <= 10
-    assert _texts_outside(fig) == []
-
-
-def test_time_chart_has_one_unit_per_axis() -> None:
-    fig = time_figure(_method(1.5, 1.2, 600.0, 540.0), _method(0.5, 0.4, 300.0, 240.0))
-    step_ax, total_ax = fig.axes
-    assert step_ax.get_ylabel() == "seconds per step" and total_ax.get_ylabel() == "minutes"
-    heights = lambda ax: sorted(round(p.get_height(), 6) for p in ax.patches)  # noqa: E731
-    assert heights(step_ax) == [0.4, 0.5, 1.2, 1.5]
-    assert heights(total_ax) == [4.0, 5.0, 9.0, 10.0]  # minutes, not seconds
-    assert _texts_outside(fig) == []
-
-
-def test_costs_chart_has_one_unit_per_axis() -> None:
-    fig = costs_figure(_method(1, 1, 1, 1), _method(1, 1, 1, 1))
-    units = [ax.get_ylabel() for ax in fig.axes]
-    assert units == ["parameters (log scale)", "MB on disk (log scale)", "MB"]
-    assert _texts_outside(fig) == []
+    assert texts_outside(fig) == []
 
 
 def test_spectra_of_210_layers_summarised_per_kind() -> None:
@@ -111,7 +58,7 @@ def test_spectra_of_210_layers_summarised_per_kind() -> None:
         [band] = [c for c in ax.collections if isinstance(c, PolyCollection)]  # the quartile band
         at_two = [y for x, y in band.get_paths()[0].vertices if x == 2]
         assert (min(at_two), max(at_two)) == pytest.approx((0.125, 0.3))  # inclusive quartiles of the 30
-    assert _texts_outside(fig) == []
+    assert texts_outside(fig) == []
 
 
 def test_spectra_of_one_layer_per_kind_draws_the_layer() -> None:
@@ -127,4 +74,4 @@ def test_similarity_grids_of_seven_kinds_wrap_into_rows() -> None:
                                                        "down_proj")})
     shown = [ax for ax in fig.axes if ax.get_visible() and ax.get_images()]
     assert len(shown) == 7 and fig.get_figwidth() <= 16  # was one row of 7 panels, 26.4 inches wide
-    assert _texts_outside(fig) == []
+    assert texts_outside(fig) == []
