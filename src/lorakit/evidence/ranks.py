@@ -56,6 +56,8 @@ def rank_limits(recipe: Any, model: torch.nn.Module | None = None) -> dict[str, 
     modules = dict(model.named_modules())
     limits = {}
     for row in targeting_report(model, config).targeted:
+        if row.parameter:  # a parameter target: per expert a full matrix, no cap
+            continue
         limit = wrapper_for(modules[row.name]).max_rank(modules[row.name])
         if limit < 64:
             limits[row.name] = limit
