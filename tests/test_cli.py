@@ -113,7 +113,7 @@ def test_bad_input_elsewhere_exits_2(tmp_path: Path, capsys, nothing_loads) -> N
     assert len(errors) == 4 and all(e.startswith("lorakit: error: ") for e in errors)
 
 
-def test_multitask_recipes_are_checked_before_loading(tmp_path: Path, capsys, nothing_loads,
+def test_multitask_and_evidence_recipes_are_checked_before_loading(tmp_path: Path, capsys, nothing_loads,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = ["-o", str(tmp_path / "out")]
@@ -125,6 +125,10 @@ def test_multitask_recipes_are_checked_before_loading(tmp_path: Path, capsys, no
         assert main([command, "multitask-mobilenet", *overrides, *out]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+    for command in ("compare", "sweep", "recommend"):  # checked before any run (or subprocess) starts
+        assert main([command, "sentiment-minilm", "train.device=cuda", *out]) == 2
+        assert "train.device=cuda but" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
