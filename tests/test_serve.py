@@ -430,6 +430,24 @@ def test_poison_values_fail_alone_and_release_their_adapter(client, server, refe
     assert client.get("/health").json()["status"] == "ok"
 
 
+def test_failed_decoding_step_ends_its_rows_and_the_server_goes_on(client, server, reference, monkeypatch) -> None:
+    engine = server.engine
+    real_forward, failed = engine._forward, []
+
+    def fails_once_while_decoding(ids, mask, positions, cache, adapters):
+        if ids.shape[1] == 1 and not failed:  # one token per row: a decoding step
+            failed.append(len(adapters))
+            raise RuntimeError("device lost")
+        return real_forward(ids, mask, positions, cache, adapters)
+
+    monkeypatch.setattr(engine, "_forward", fails_once_while_decoding)
+    broken = _chat(client, "smollm2", PROMPTS[0])
+    assert broken.status_code == 500 and broken.json()["error"]["code"] == "generation_failed"
+    assert failed == [1] and engine.counts() == {"active": 0, "waiting": 0}
+    assert _chat(client, "smollm2", PROMPTS[0]).json()["choices"][0]["message"]["content"] == \
+        reference("smollm2", PROMPTS[0])
+
+
 def test_body_limit_refused_fast_while_health_answers(client, server) -> None:
     engine = server.engine
     engine.config.max_body_bytes = 20_000
