@@ -127,8 +127,9 @@ class Engine:
         self._detokenizer = copy.deepcopy(tokenizer)  # used by the engine thread: HF tokenizers are not re-entrant
         self.task, self.base_name = task, base_name
         self.metrics = Metrics()
-        self.adapters = AdapterPool(model, tokenizer, base_name, adapter_dir, self.config.max_adapters, self.metrics,
-                                    self.config.max_adapter_bytes)
+        # the pool loads adapters on the engine thread: it gets the engine thread's tokenizer
+        self.adapters = AdapterPool(model, self._detokenizer, base_name, adapter_dir, self.config.max_adapters,
+                                    self.metrics, self.config.max_adapter_bytes)
         model_config = getattr(model, "config", None)
         self.context = self.config.max_context or getattr(model_config, "max_position_embeddings", None) or 2048
         #: longest prompt accepted, in tokens (the last context position is left for the first new token)
