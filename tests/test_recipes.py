@@ -143,6 +143,15 @@ def test_run_on_user_data_is_named_after_it(tmp_path: Path) -> None:
     assert (named.name, named.description) == ("mine", "my words")
     again = load_recipe("sentiment-minilm", ["data=rotten-tomatoes"])  # the recipe's own data: unchanged
     assert (again.name, again.description) == (shipped.name, shipped.description)
+    copy = tmp_path / "copy.yaml"  # `lorakit recipes copy`, then only the data edited in the file
+    copy.write_text(recipe_path("sentiment-minilm").read_text().replace("data: rotten-tomatoes", "data: mine.csv"))
+    edited = load_recipe(str(copy))
+    assert edited.name == "sentiment-minilm-on-mine" and "Rotten Tomatoes" not in edited.description
+    copy.write_text(copy.read_text().replace("name: sentiment-minilm", "name: my-reviews"))
+    renamed = load_recipe(str(copy))
+    assert renamed.name == "my-reviews" and "Rotten Tomatoes" not in renamed.description  # own name kept
+    copy.write_text(copy.read_text().replace(f"description: {shipped.description}", "description: mine"))
+    assert (load_recipe(str(copy)).name, load_recipe(str(copy)).description) == ("my-reviews", "mine")
 
 
 def test_data_options_reach_the_loader_or_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -157,17 +157,28 @@ def recipe_path(name_or_path: str) -> Path:
 def load_recipe(name_or_path: str = DEFAULT_RECIPE, overrides: Sequence[str] = ()) -> Recipe:
     """Read a recipe and apply ``key=value`` overrides (values parsed as YAML: ``3``, ``1e-3``, ``[q, v]``).
 
-    A recipe whose dataset is replaced (``data=my.csv``) is renamed after it, unless the overrides name it
-    (``name=...``, ``description=...``): the run folder, the saved recipe and the adapter's provenance then say
-    what it was trained on, not the shipped recipe's dataset."""
+    A recipe whose dataset was replaced — by an override (``data=my.csv``), or in a copy of a shipped recipe
+    (`lorakit recipes copy`) — is renamed after it unless its name and description were changed too: the run
+    folder, the saved recipe and the adapter's provenance then say what it was trained on, not the shipped
+    recipe's dataset."""
     path = recipe_path(name_or_path)
-    original = read_recipe_yaml(path)
     data = read_recipe_yaml(path, overrides)
-    overridden = {item.partition("=")[0] for item in overrides}
-    if _data_path(data.get("data")) != _data_path(original.get("data")):
-        data = rename_for_data(data, str(original.get("name", path.stem)), name_given="name" in overridden,
-                               description_given="description" in overridden)
+    reference = read_recipe_yaml(path) if path.parent == RECIPES_DIR else _copied_from(path, data)
+    if _data_path(data.get("data")) != _data_path(reference.get("data")):
+        data = rename_for_data(data, str(reference.get("name", path.stem)),
+                               name_given=data.get("name") != reference.get("name"),
+                               description_given=data.get("description") != reference.get("description"))
     return recipe_from_dict(data, source=recipe_source(path))
+
+
+def _copied_from(path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """What a user's recipe file's name and description were written for: the shipped recipe it is a copy of
+    when it kept that recipe's name or description, else the file itself."""
+    for shipped in sorted(RECIPES_DIR.glob("*.yaml")):
+        original = read_recipe_yaml(shipped)
+        if any(original.get(key) and original.get(key) == data.get(key) for key in ("name", "description")):
+            return original
+    return read_recipe_yaml(path)
 
 
 def recipe_source(path: Path) -> str:
