@@ -104,3 +104,14 @@ def test_range_test_takes_training_steps_and_keeps_frozen_norm_statistics() -> N
     assert lrs == pytest.approx([1e-4, 1e-3, 1e-2]) and all(math.isfinite(x) for x in losses)
     after = dict(probe.model.named_buffers())
     assert len(before) == 52 and all(torch.equal(after[n], v) for n, v in before.items())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"sweep_dir": "no-such-sweep"}, "no sweep.json there"),
+    ({"energy": 1.5}, "in \\(0, 1\\]"),
+    ({"lr_steps": 1}, "--lr-steps >= 2"),
+])
+def test_recommend_checks_its_settings_before_loading(tmp_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):  # before: a FileNotFoundError after both probes, for the sweep
+        recommend("sentiment-minilm", TINY, tmp_path / "out", log=lambda line: None, **kwargs)
+    assert not any(tmp_path.iterdir())

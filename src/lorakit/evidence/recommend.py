@@ -217,6 +217,29 @@ def check_against_sweep(recipe_name: str, rank: int, lr: float, scale: FixedScal
 
 
 # -- the command ----------------------------------------------------------------------------------------------
+def check_settings(recipe: Any, grad_batches: int, energy: float, lr_steps: int, lr_min: float, lr_max: float,
+                   max_rank: int, sweep_dir: str | Path | None) -> None:
+    """Everything `recommend` is given, checked before a model or dataset loads (`ConfigError` with the fix)."""
+    from ..recipes import check_runtime
+
+    if recipe.method != "lora":
+        raise ConfigError(f"recommend suggests LoRA settings; recipe {recipe.name} has method={recipe.method}")
+    if recipe.quantize:  # the rank probe differentiates the base weights, which a quantized base does not have
+        raise ConfigError(f"recommend measures gradients of the full-precision base weights; recipe {recipe.name} "
+                          f"has quantize={recipe.quantize} (fix: run recommend with quantize=null and use its "
+                          "suggestion with the quantized recipe)")
+    if grad_batches < 1 or lr_steps < 2 or max_rank < 1:
+        raise ConfigError(f"recommend needs --grad-batches >= 1, --lr-steps >= 2 and --max-rank >= 1; got "
+                          f"{grad_batches}, {lr_steps}, {max_rank}")
+    if not 0 < energy <= 1:
+        raise ConfigError(f"--energy is a share of the gradient energy, in (0, 1]; got {energy} (fix: e.g. 0.9)")
+    if not 0 < lr_min < lr_max:
+        raise ConfigError(f"the range test needs 0 < lr_min < lr_max; got {lr_min:g} and {lr_max:g}")
+    if sweep_dir is not None and not (Path(sweep_dir) / "sweep.json").is_file():
+        raise ConfigError(f"--sweep {sweep_dir}: no sweep.json there (fix: the output folder of `lorakit sweep`)")
+    check_runtime(recipe)
+
+
 def recommend(recipe_name: str, overrides: Sequence[str] = (), output: str | Path | None = None,
               grad_batches: int = 32, energy: float = 0.9, lr_steps: int = 40, lr_min: float = 1e-5,
               lr_max: float = 1e-1, max_rank: int = 64, sweep_dir: str | Path | None = None,
@@ -234,12 +257,7 @@ def recommend(recipe_name: str, overrides: Sequence[str] = (), output: str | Pat
     from ..train import seed_everything
 
     recipe = load_recipe(recipe_name, list(overrides))
-    if recipe.method != "lora":
-        raise ConfigError(f"recommend suggests LoRA settings; recipe {recipe.name} has method={recipe.method}")
-    if recipe.quantize:  # the rank probe differentiates the base weights, which a quantized base does not have
-        raise ConfigError(f"recommend measures gradients of the full-precision base weights; recipe {recipe.name} "
-                          f"has quantize={recipe.quantize} (fix: run recommend with quantize=null and use its "
-                          "suggestion with the quantized recipe)")
+    check_settings(recipe, grad_batches, energy, lr_steps, lr_min, lr_max, max_rank, sweep_dir)
     out = Path(output or Path("runs") / f"recommend-{recipe.name}")
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
