@@ -76,6 +76,13 @@ def test_fraction_sizes() -> None:
         fraction_sizes(1000, [1.5], 8)
 
 
+@pytest.mark.parametrize("fractions", [[], [0.5, 1.5]])
+def test_compare_refuses_bad_fractions_before_loading(tmp_path: Path, fractions: list) -> None:
+    with pytest.raises(ConfigError, match="fraction"):  # [] was an IndexError after the dataset was read
+        compare("sentiment-minilm", TINY, fractions=fractions, output=tmp_path, isolate=False, log=lambda line: None)
+    assert not any(tmp_path.iterdir())
+
+
 def test_compare_end_to_end(tmp_path: Path) -> None:
     logs: list[str] = []
     result = compare("sentiment-minilm", TINY, fractions=[0.5, 1.0], output=tmp_path, probe=False, isolate=False,

@@ -32,11 +32,18 @@ def training_budget(recipe: Any) -> int:
     return len(load_recipe_data(recipe).train)
 
 
-def fraction_sizes(budget: int, fractions: Sequence[float], rows_per_step: int) -> list[int]:
-    """Training examples per data fraction; at least one optimizer step's worth."""
+def check_fractions(fractions: Sequence[float]) -> None:
+    """At least one data fraction, each in (0, 1] (`ConfigError` otherwise)."""
+    if not fractions:
+        raise ConfigError("compare needs at least one data fraction (fix: e.g. --data-fractions 0.25,1.0)")
     for f in fractions:
         if not 0 < f <= 1:
-            raise ConfigError(f"data fractions must be in (0, 1], got {f}")
+            raise ConfigError(f"data fractions must be in (0, 1], got {f} (fix: e.g. --data-fractions 0.25,1.0)")
+
+
+def fraction_sizes(budget: int, fractions: Sequence[float], rows_per_step: int) -> list[int]:
+    """Training examples per data fraction; at least one optimizer step's worth."""
+    check_fractions(fractions)
     return [max(rows_per_step, round(f * budget)) for f in fractions]
 
 
@@ -52,8 +59,9 @@ def compare(recipe_name: str, overrides: Sequence[str] = (), fractions: Sequence
     from ..recipes import check_runtime, load_recipe
 
     base = load_recipe(recipe_name, list(overrides))
-    check_runtime(base)  # before the dataset is read for the budget
     fractions = sorted(set(float(f) for f in fractions))
+    check_fractions(fractions)
+    check_runtime(base)  # before the dataset is read for the budget
     out = Path(output or Path("runs") / f"compare-{base.name}")
     lora_lr = lora_lr or base.train.lr
     full_lr = full_lr or lora_lr * FULL_LR_RATIO
