@@ -36,14 +36,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = {"minilm": "sequence-classification", "smollm2": "causal-lm"}
 # the recipes' targets: sentiment-minilm (attention) and the SmolLM2 recipes (attention + MLP = all-linear)
 TARGETS = {"minilm": "query,key,value,attention.output.dense", "smollm2": "all-linear"}
-#: (model, method, quantize, gradient checkpointing, batch, seq) of the table in docs/scaling.md
+#: (model, method, quantize, gradient checkpointing, batch, seq, base dtype) of the table in docs/scaling.md
 CONFIGS = [
-    ("minilm", "lora", None, False, 8, 128), ("minilm", "lora", None, True, 8, 128),
-    ("minilm", "full", None, False, 8, 128), ("minilm", "full", None, True, 8, 128),
-    ("smollm2", "lora", None, False, 4, 128), ("smollm2", "lora", None, True, 4, 128),
-    ("smollm2", "full", None, False, 4, 128), ("smollm2", "full", None, True, 4, 128),
-    ("smollm2", "lora", "int8", False, 4, 128), ("smollm2", "lora", "nf4", False, 4, 128),
-    ("smollm2", "lora", "nf4", True, 4, 128),
+    ("minilm", "lora", None, False, 8, 128, "fp32"), ("minilm", "lora", None, True, 8, 128, "fp32"),
+    ("minilm", "full", None, False, 8, 128, "fp32"), ("minilm", "full", None, True, 8, 128, "fp32"),
+    ("minilm", "lora", None, False, 8, 128, "bf16"),
+    ("smollm2", "lora", None, False, 4, 128, "fp32"), ("smollm2", "lora", None, True, 4, 128, "fp32"),
+    ("smollm2", "full", None, False, 4, 128, "fp32"), ("smollm2", "full", None, True, 4, 128, "fp32"),
+    ("smollm2", "lora", "int8", False, 4, 128, "fp32"), ("smollm2", "lora", "nf4", False, 4, 128, "fp32"),
+    ("smollm2", "lora", "nf4", True, 4, 128, "fp32"), ("smollm2", "lora", None, False, 4, 128, "bf16"),
+    ("smollm2", "lora", None, True, 4, 128, "bf16"),
 ]
 
 
@@ -72,6 +74,10 @@ def measure(model_name: str, method: str, quantize: str | None, checkpointing: b
                                  else None))
     else:
         model.requires_grad_(True)
+    if dtype != "fp32":  # as `lorakit train` with train.dtype: adapters and heads back to fp32
+        from lorakit.precision import keep_trainable_fp32
+
+        keep_trainable_fp32(model)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -111,12 +117,13 @@ def estimate(row: dict[str, Any]) -> int:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = ("| model | method | ckpt | batch x seq | estimate MB | tracked MB | estimate / tracked | rss MB |\n"
-            "|---|---|---|---|---:|---:|---:|---:|")
+    head = ("| model | method | dtype | ckpt | batch x seq | estimate MiB | tracked MiB | estimate / tracked "
+            "| rss MiB |\n|---|---|---|---|---|---:|---:|---:|---:|")
     lines = [head]
     for row in rows:
         method = f"{row['method']}" + (f" ({row['quantize']})" if row["quantize"] else "")
-        lines.append(f"| {row['model']} | {method} | {'yes' if row['gradient_checkpointing'] else 'no'} | "
+        ckpt = "yes" if row["gradient_checkpointing"] else "no"
+        lines.append(f"| {row['model']} | {method} | {row['dtype']} | {ckpt} | "
                      f"{row['batch']} x {row['seq']} | {row['estimate_bytes'] / 2**20:,.0f} | "
                      f"{row['tracked_peak_bytes'] / 2**20:,.0f} | "
                      f"{row['estimate_bytes'] / row['tracked_peak_bytes']:.3f} | {row['rss_peak_bytes'] / 2**20:,.0f} |")
@@ -144,9 +151,9 @@ def main() -> int:
         print(json.dumps(row) if args.json else _table([row]))
         return 0
     rows = []
-    for model, method, quant, ckpt, batch, seq in CONFIGS:
+    for model, method, quant, ckpt, batch, seq, dtype in CONFIGS:
         cmd = [sys.executable, __file__, "--json", "--model", model, "--method", method, "--batch", str(batch),
-               "--seq", str(seq), "--steps", str(args.steps), "--r", str(args.r)]
+               "--seq", str(seq), "--steps", str(args.steps), "--r", str(args.r), "--dtype", dtype]
         cmd += ["--quantize", quant] if quant else []
         cmd += ["--gradient-checkpointing"] if ckpt else []
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -254,16 +254,18 @@ def quantized_bytes(lin: Linear, scheme: str) -> int:
 
 
 def layer_activation_elements(arch: Architecture, trained: set[str], adapted: int, r: int, seq: int,
-                              norms_train: bool = False) -> int:
-    """Elements autograd saves per token in one block (compute dtype), for the backward pass.
+                              norms_train: bool = False, device_type: str = "cpu") -> tuple[int, int]:
+    """Elements autograd saves per token in one block: ``(in the compute dtype, in fp32)``.
 
     Counted from the tensors each block saves (``saved_tensors_hooks`` on the packaged models): the inputs of
     both norms; attention's q, k, v and output (fused attention also keeps a per-head log-sum-exp); the MLP's
     intermediates (SwiGLU: gate, up and act(gate); ReLU/GELU: one); the input of a linear only when its weight
     trains or carries LoRA (a frozen weight needs no input for its gradient); LoRA's ``A x`` (r per adapted
     matrix); RMSNorm's normalized input before its weight when the norm weights train (full fine-tuning).
-    BERT's eager attention keeps its probabilities (and, with dropout, the mask and dropped copy:
-    3 x heads x seq per token), the post-norm block keeps both dropout masks.
+    BERT's attention with dropout runs PyTorch's math kernel on a CPU, which keeps q, k, v and the
+    probabilities (with the dropout mask and the dropped copy: 3 x heads x seq per token) in fp32 whatever the
+    model's dtype; on CUDA a fused kernel keeps q, k, v, its output and a log-sum-exp. The post-norm block keeps
+    both dropout masks.
     """
     h, f, a = arch.hidden, arch.intermediate, arch.heads
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
@@ -271,12 +273,17 @@ def layer_activation_elements(arch: Architecture, trained: set[str], adapted: in
     def trains(*names: str) -> bool:  # exact `Linear.name`s of this family
         return any(name in trained for name in names)
 
+    fp32 = 0
     if arch.family == "encoder":
-        n = 3 * h + 2 * h + f  # q, k, v; both LayerNorm inputs; GELU input
-        n += a * seq * (3 if arch.attention_dropout else 1)
+        n = 2 * h + f  # both LayerNorm inputs; GELU input
+        if device_type == "cpu" and arch.attention_dropout:
+            fp32 = 3 * h + a * seq * 3
+            n += h * trains("attention.output.dense")  # the context, input of the output projection
+        else:
+            n += 3 * h + h + a
         n += 2 * h if arch.hidden_dropout else 0
         n += h * trains("attention.self.query", "attention.self.key", "attention.self.value")
-        n += h * trains("attention.output.dense") + h * trains("intermediate.dense") + f * trains("output.dense")
+        n += h * trains("intermediate.dense") + f * trains("output.dense")
     else:
         n = 2 * h + q + 2 * kv + q + a  # norm inputs; q, k, v; attention output; log-sum-exp
         n += h * trains("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -285,7 +292,7 @@ def layer_activation_elements(arch: Architecture, trained: set[str], adapted: in
             n += 3 * f + f * trains("mlp.down_proj") + 2 * h * norms_train
         else:
             n += f + (2 * h if arch.hidden_dropout else 0)  # ReLU output (= fc2's input); dropout masks
-    return n + r * adapted
+    return n + r * adapted, fp32
 
 
 @dataclass(frozen=True)
@@ -324,13 +331,15 @@ def _parts(arch: Architecture, req: PlanRequest) -> _Parts:
     state_bytes = cb if full else 4  # AdamW keeps moments in the parameter's dtype; adapters are fp32
     adapter = 0 if full else trainable * 4
     adapted_per_block = sum(1 for lin in adapted if lin.in_block)
-    per_block = layer_activation_elements(arch, trained, adapted_per_block, req.r, req.seq, norms_train=full)
+    low, high = layer_activation_elements(arch, trained, adapted_per_block, req.r, req.seq, norms_train=full,
+                                          device_type=req.device_type)
+    block_bytes = low * cb + high * 4
     h, v = arch.hidden, arch.vocab
     embed = 2 * h if arch.family == "encoder" else 0  # embedding LayerNorm input, dropout mask
     if req.gradient_checkpointing:  # block inputs only; one block is recomputed at a time
-        acts = tokens * (arch.layers * h + per_block + embed + 2 * h) * cb
+        acts = tokens * ((arch.layers * h + embed + 2 * h) * cb + block_bytes)
     else:
-        acts = tokens * (arch.layers * per_block + embed + 2 * h) * cb
+        acts = tokens * ((embed + 2 * h) * cb + arch.layers * block_bytes)
     causal = arch.task == "causal-lm"
     logits = tokens * v * cb if causal else 0
     head = tokens * v * (cb + 12) if causal else 0
