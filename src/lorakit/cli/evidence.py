@@ -1,5 +1,6 @@
 """``lorakit compare``, ``sweep``, ``recommend`` and ``inspect``: the evidence commands (argument parsing and
-printing; the measuring is in `lorakit.evidence` and `lorakit.analyze`)."""
+printing; the measuring is in `lorakit.evidence` and `lorakit.analyze`, which also check every recipe, setting
+and this machine's devices before a model, a dataset or a run starts)."""
 
 from __future__ import annotations
 
@@ -67,7 +68,6 @@ def run_compare(args: argparse.Namespace) -> int:
     """Full fine-tuning vs LoRA on a recipe: claims table with computed verdicts, plots, report."""
     from ..evidence import compare
 
-    _check_recipe(args)
     result = compare(args.recipe, args.overrides, args.data_fractions, args.output, args.full_lr, args.lora_lr,
                      args.keep_weights, probe=not args.no_probe)
     for row in result["claims"]:
@@ -79,7 +79,6 @@ def run_sweep(args: argparse.Namespace) -> int:
     """LoRA rank (x learning-rate) sweep with metric-vs-rank and metric-vs-parameters plots."""
     from ..evidence import sweep
 
-    _check_recipe(args)
     sweep(args.recipe, args.ranks, args.lrs, args.overrides, args.output)
     return 0
 
@@ -88,7 +87,6 @@ def run_recommend(args: argparse.Namespace) -> int:
     """Suggest a LoRA rank (gradient spectrum) and learning rate (range test), with the evidence."""
     from ..evidence import recommend
 
-    _check_recipe(args)
     result = recommend(args.recipe, args.overrides, args.output, args.grad_batches, args.energy, args.lr_steps,
                        max_rank=args.max_rank, sweep_dir=args.sweep, race=args.race)
     print(f"suggested: lora.r={result['rank']} lora.alpha={result['alpha']:g} train.lr={result['lr']:.3g}")
@@ -114,13 +112,6 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 # -- arguments ------------------------------------------------------------------------------------------------
-def _check_recipe(args: argparse.Namespace) -> None:
-    """The recipe with its overrides, and what it asks of this machine, checked before any run starts."""
-    from ..recipes import check_runtime, load_recipe
-
-    check_runtime(load_recipe(args.recipe, args.overrides))
-
-
 def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe name (`lorakit recipes` lists them) or a YAML file")
     p.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. train.max_train_examples=3200")
