@@ -251,7 +251,7 @@ def test_a_gguf_file_given_by_its_path_converts_trains_and_generates(tmp_path: P
     monkeypatch.setenv("LORAKIT_HOME", str(tmp_path / "home"))  # a fresh cache: the conversion really runs
     loaded = load_model(str(source), task="causal-lm")
     folder = Path(loaded.path)
-    assert folder.parent == tmp_path / "home" / "models" and folder.name.startswith("gguf-my model-")
+    assert folder.parent == tmp_path / "home" / "models" and folder.name.startswith("gguf-my-model-")
     stamp = json.loads((folder / "lorakit-conversion.json").read_text())
     assert stamp["max_abs_logit_diff"] <= 1e-4 and stamp["source_bytes"] == source.stat().st_size
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())

@@ -323,7 +323,8 @@ def gguf_folder(source: str | os.PathLike, name: str | None = None) -> Path:
             stamp = _read_stamp(folder)
             if stamp and stamp.get("source_sha256") == sha256 and stamp.get("source_bytes") == source.stat().st_size:
                 return folder
-    dest = models / (name or f"gguf-{source.stem.lower()[:48]}-{sha256[:12]}")
+    stem = re.sub(r"[^a-z0-9._-]+", "-", source.stem.lower())[:48]  # a folder name safe in any shell
+    dest = models / (name or f"gguf-{stem}-{sha256[:12]}")
     _convert_gguf(dest, source, sha256)
     return dest
 
