@@ -1,6 +1,7 @@
-"""Loading base models: the packaged real models by name, any Hugging Face folder, or a hub id.
+"""Loading base models: the packaged real models by name, any Hugging Face folder, a GGUF file, or a hub id.
 
-``load_model("minilm" | "smollm2" | "mobilenet-v2" | folder | hub id, task=...)`` returns a `LoadedModel`:
+``load_model("minilm" | "smollm2" | "mobilenet-v2" | folder | file.gguf | hub id, task=...)`` returns a
+`LoadedModel`:
 an fp32 ``nn.Module`` in eval mode plus its tokenizer and what it was loaded for. Nothing here needs the
 network: the packaged models ship inside pip packages (see ``requirements/assets.txt``).
 
@@ -9,6 +10,11 @@ network: the packaged models ship inside pip packages (see ``requirements/assets
   safetensors folder under `cache_dir` (``models/smollm2-135m-instruct``), later loads read that folder.
 - ``mobilenet-v2``: torchvision's ImageNet MobileNetV2 weights in a plain-torch copy of the architecture
   (torchvision itself does not import beside this torch build), with torchvision's parameter names.
+- ``PATH.gguf``: any architecture transformers reads from GGUF, dequantized once into a safetensors folder
+  found again by the file's sha256 (`gguf_folder`); the conversion is checked against the GGUF model's logits.
+
+transformers' "LOAD REPORT" table is replaced by `_report_loading`: a new task head (trained with the adapter,
+or restored from it) is one info line; weights missing outside the head stay a warning.
 """
 
 from __future__ import annotations
