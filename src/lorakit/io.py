@@ -21,9 +21,9 @@ from .errors import AdapterError, AdapterStateError, ConfigError, LorakitError, 
 from .files import atomic_directory, inside, json_default, safetensors_bytes, write_file
 from .fingerprint import base_fingerprint, digest, fingerprint_difference
 from .hf import base_model_id, peft_task_type
-from .inject import (WrapperSlot, _is_base_param, _is_internal, _suffix_match, add_adapter, parameter_wrappers,
+from .inject import (WrapperSlot, add_adapter, is_base_param, is_internal, parameter_wrappers, suffix_match,
                      targeting_report)
-from .layers import LoraLayer, LoraParameter, ModulesToSave, wrapper_for
+from .layers import LORA_PARTS, LoraLayer, LoraParameter, ModulesToSave, wrapper_for
 from .peft_format import (CONFIG_FILE, FILE_PARTS, METADATA_KEY, PICKLE_FILE, PISSA_INIT_FILE, PREFIX,
                           WEIGHTS_FILE, AdapterFiles, adapter_modules, adapter_state_dict, layer_parts,
                           read_adapter, read_adapter_config, strip_wrappers)
@@ -49,8 +49,8 @@ def _save_modules(model: nn.Module, entries: Sequence[str] | None) -> list[str]:
     """Modules ``modules_to_save`` entries name in this model (entries matching nothing are ignored, as PEFT)."""
     if not entries:
         return []
-    hits = sorted({n for n, _ in model.named_modules() if n and not _is_internal(n)
-                   and any(_suffix_match(e, n) for e in entries)})
+    hits = sorted({n for n, _ in model.named_modules() if n and not is_internal(n)
+                   and any(suffix_match(e, n) for e in entries)})
     return [n for n in hits if not any(n != o and n.startswith(o + ".") for o in hits)]
 
 
@@ -59,7 +59,7 @@ def _plan(model: nn.Module, files: AdapterFiles) -> _Plan:
     modules = dict(model.named_modules())
     save_names = set(_save_modules(model, config.modules_to_save))
     params = dict(model.named_parameters())
-    base_params = {strip_wrappers(n): n for n in params if _is_base_param(n)}
+    base_params = {strip_wrappers(n): n for n in params if is_base_param(n)}
     plan = _Plan()
     for key, tensor in files.tensors.items():
         if not key.startswith(PREFIX):
@@ -111,7 +111,7 @@ def _plan(model: nn.Module, files: AdapterFiles) -> _Plan:
 
 def _parameter_wrappers(model: nn.Module, config: LoraConfig, where: Path) -> dict[str, WrapperSlot]:
     try:
-        return parameter_wrappers(model, config)
+        return parameter_wrappers(model, _as_peft_reads(model, config))
     except LorakitError as err:
         raise AdapterError(f"{where.parent / CONFIG_FILE} does not fit this model: {err}") from None
 
@@ -156,7 +156,7 @@ def _check_tensors(what: str, expected: Mapping[str, Tensor], found: Mapping[str
 def _check_update_bound(config: LoraConfig, name: str, r: int, parts: Mapping[str, Tensor], where: Path) -> None:
     """Every entry of ``s B A`` is at most ``s r max|A| max|B|``: keep it within `MAX_ABS_WEIGHT` so a finite
     adapter cannot overflow a forward pass (two 1e19 factors are finite, their product is not in fp32)."""
-    pair = [parts[p] for p in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B") if p in parts]
+    pair = [parts[p] for p in LORA_PARTS if p in parts and p != "lora_magnitude_vector"]  # (A, B)
     if len(pair) != 2 or not all(t.dtype.is_floating_point and t.numel() for t in pair):
         return
     bound = abs(config.scaling(r, config.alpha_for(name))) * r * float(pair[0].abs().max()) * float(
@@ -201,17 +201,23 @@ def _check_lora_module(model: nn.Module, modules: dict[str, nn.Module], config: 
     _check_update_bound(config, name, r, parts, where)
 
 
+def _as_peft_reads(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """``config`` without the entries PEFT ignores on this model: ``modules_to_save`` entries and (when another key
+    matches) ``target_modules`` keys that match no module (PEFT's SEQ_CLS adds ``classifier`` *and* ``score``)."""
+    entries = [e for e in dict.fromkeys(config.modules_to_save or []) if _save_modules(model, [e])]
+    targets = config.target_modules
+    if isinstance(targets, list):
+        names = [n for n, _ in model.named_modules() if n and not is_internal(n)]
+        targets = [t for t in targets if any(suffix_match(t, n) for n in names)] or targets
+    return config.replace(modules_to_save=entries or None, target_modules=targets)
+
+
 def _check_config_targets(model: nn.Module, config: LoraConfig, found: set[str], where: Path,
                           parameters: Mapping[str, WrapperSlot] | None = None) -> None:
     """The modules (and parameters: wrapper path -> ``module.parameter``) the config selects on this model must be
     exactly those the weights hold."""
-    entries = [e for e in dict.fromkeys(config.modules_to_save or []) if _save_modules(model, [e])]
-    targets = config.target_modules
-    if isinstance(targets, list):  # PEFT accepts keys that match nothing as long as one key matches
-        names = [n for n, _ in model.named_modules() if n and not _is_internal(n)]
-        targets = [t for t in targets if any(_suffix_match(t, n) for n in names)] or targets
     try:
-        report = targeting_report(model, config.replace(modules_to_save=entries or None, target_modules=targets))
+        report = targeting_report(model, _as_peft_reads(model, config))
     except LorakitError as err:
         raise AdapterError(f"{where.parent / CONFIG_FILE} does not fit this model: {err}") from None
     selected = {row.name for row in report.targeted}
@@ -317,7 +323,7 @@ def _apply(model: nn.Module, files: AdapterFiles, plan: _Plan, name: str, traina
         added = True
         lora_state(model).configs[name] = config  # the file's own config (PEFT targets), for re-saving
         modules = dict(model.named_modules())
-        params = {strip_wrappers(n): p for n, p in model.named_parameters() if _is_base_param(n)}
+        params = {strip_wrappers(n): p for n, p in model.named_parameters() if is_base_param(n)}
         with torch.no_grad():
             for module_name, parts in plan.lora.items():
                 slots = layer_parts(modules[module_name], name)
@@ -353,7 +359,7 @@ def _apply(model: nn.Module, files: AdapterFiles, plan: _Plan, name: str, traina
 
 def _rollback(model: nn.Module, name: str | None, backups: dict[str, Tensor]) -> None:
     with torch.no_grad():
-        params = {strip_wrappers(n): p for n, p in model.named_parameters() if _is_base_param(n)}
+        params = {strip_wrappers(n): p for n, p in model.named_parameters() if is_base_param(n)}
         for key, value in backups.items():
             if key.startswith("bias:"):
                 params[key[5:]].copy_(value)
