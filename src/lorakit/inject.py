@@ -15,7 +15,7 @@ from typing import Iterator, NamedTuple
 
 from torch import nn
 
-from .adapters import check_adapter_name, replace_module, lora_layers, lora_state, set_adapter, update_trainable
+from .adapters import check_adapter_name, lora_layers, lora_state, replace_module, set_adapter, update_trainable
 from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterStateError, ConfigError, TargetError
 from .layers import (LAYER_REGISTRY, LORA_PARTS, LoraLayer, LoraParameter, ModulesToSave, parameter_added_params,
@@ -169,7 +169,7 @@ def targeting_report(model: nn.Module, config: LoraConfig) -> TargetingReport:
                           + "; ".join(f"{row.name}: {row.skipped}" for row in rows) + ")")
     modules = dict(model.named_modules())
     saves = [(n, sum(p.numel() for p in _base_of(modules[n]).parameters())) for n in save_names]
-    base_params = sum(p.numel() for n, p in model.named_parameters() if _is_base_param(n))
+    base_params = sum(p.numel() for n, p in model.named_parameters() if is_base_param(n))
     return TargetingReport(rows, saves, base_params)
 
 
@@ -330,7 +330,8 @@ def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield name, module
 
 
-def _suffix_match(key: str, name: str) -> bool:
+def suffix_match(key: str, name: str) -> bool:
+    """PEFT's list-entry rule: ``key`` is ``name`` or a dotted suffix of it (``"query"`` matches ``x.query``)."""
     return name == key or name.endswith("." + key)
 
 
@@ -339,7 +340,7 @@ def _select(spec: list[str] | str | None, name: str) -> bool:
         return False
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
-    return any(_suffix_match(key, name) for key in spec)
+    return any(suffix_match(key, name) for key in spec)
 
 
 def _layer_index_ok(config: LoraConfig, name: str) -> bool:
@@ -402,10 +403,10 @@ def _closest(key: str, candidates: list[tuple[str, nn.Module]]) -> str:
 def _match_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
     if not config.modules_to_save:
         return []
-    candidates = [(n, m) for n, m in model.named_modules() if n and not _is_internal(n)]
+    candidates = [(n, m) for n, m in model.named_modules() if n and not is_internal(n)]
     found = []
     for key in config.modules_to_save:
-        hits = [n for n, _ in candidates if _suffix_match(key, n)]
+        hits = [n for n, _ in candidates if suffix_match(key, n)]
         if not hits:
             raise TargetError(f"modules_to_save entry {key!r} matches no module; {_closest(key, candidates)}")
         found += hits
@@ -419,11 +420,12 @@ _INTERNAL = re.compile(r"(^|\.)(" + "|".join((*LORA_PARTS, "lora_dropout", "base
 _ADAPTER_PARAM = re.compile(r"(^|\.)(" + "|".join((*LORA_PARTS, "modules_to_save")) + r")(\.|$)")
 
 
-def _is_internal(name: str) -> bool:
+def is_internal(name: str) -> bool:
+    """True for lorakit's own sub-modules and parameters (``lora_A``, ``base_layer``, modules_to_save copies...)."""
     return _INTERNAL.search(name) is not None
 
 
-def _is_base_param(name: str) -> bool:
+def is_base_param(name: str) -> bool:
     """Parameters of the original model (LoRA tensors and modules_to_save copies excluded)."""
     return _ADAPTER_PARAM.search(name) is None
 
@@ -432,4 +434,5 @@ def _base_of(module: nn.Module) -> nn.Module:
     return module.original_module if isinstance(module, ModulesToSave) else module
 
 
-__all__ = ["TargetRow", "TargetingReport", "add_adapter", "inject", "targeting_report", "trainable_parameters"]
+__all__ = ["TargetRow", "TargetingReport", "WrapperSlot", "add_adapter", "inject", "is_base_param", "is_internal",
+           "parameter_wrappers", "suffix_match", "targeting_report", "trainable_parameters"]

@@ -34,7 +34,7 @@ from .config import LoraConfig
 from .errors import AdapterError, AdapterStateError, ConfigError
 from .files import loads_json, read_safetensors
 from .fingerprint import digest
-from .inject import _is_base_param
+from .inject import is_base_param
 from .layers import LORA_PARTS, LoraLayer
 
 CONFIG_FILE = "adapter_config.json"
@@ -96,7 +96,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
                 out[f"{PREFIX}{module_name}.{key}"] = tensor
     if config.bias == "all":
         for name, param in model.named_parameters():
-            if name.rsplit(".", 1)[-1] == "bias" and _is_base_param(name) and ".original_module." not in name:
+            if name.rsplit(".", 1)[-1] == "bias" and is_base_param(name) and ".original_module." not in name:
                 out[PREFIX + name] = param
     return {k: v.detach().to("cpu").clone().contiguous() for k, v in out.items()}
 

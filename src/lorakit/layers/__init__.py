@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..routing import Routing
 from .attention import LoraMultiheadAttention
 from .base import LORA_PARTS, LoraLayer, dora_merge, dora_unmerge
 from .conv import LoraConv, LoraConv2d
@@ -29,5 +28,5 @@ for _layer_type, _wrapper in ((nn.Linear, LoraLinear), (nn.Embedding, LoraEmbedd
     register_layer(_layer_type, _wrapper)
 
 __all__ = ["LAYER_REGISTRY", "LORA_PARTS", "LoraConv", "LoraConv1D", "LoraConv2d", "LoraEmbedding", "LoraLayer",
-           "LoraLinear", "LoraMultiheadAttention", "LoraParameter", "ModulesToSave", "parameter_added_params", "Routing", "dora_merge", "dora_unmerge", "register_layer",
-           "registered_type", "wrapper_for"]
+           "LoraLinear", "LoraMultiheadAttention", "LoraParameter", "ModulesToSave", "dora_merge", "dora_unmerge",
+           "parameter_added_params", "register_layer", "registered_type", "wrapper_for"]
