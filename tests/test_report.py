@@ -3,8 +3,12 @@ layers summarised (lines and panels bounded), and the summaries equal to the num
 
 from __future__ import annotations
 
+from typing import Callable, Iterator
+
+import matplotlib.pyplot as plt
 import pytest
 from matplotlib.collections import PolyCollection
+from matplotlib.figure import Figure
 
 from evidence_helpers import texts_outside
 from lorakit import report as rp
@@ -16,6 +20,12 @@ BERT.append("bert.pooler.dense")
 SMOLLM = [f"model.layers.{b}.{k}" for b in range(30)
           for k in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                     "mlp.up_proj", "mlp.down_proj")]
+
+
+@pytest.fixture(autouse=True)
+def _close_figures() -> Iterator[None]:
+    yield
+    plt.close("all")
 
 
 def test_rank_estimates_labels_every_layer_in_full_inside_the_figure() -> None:
@@ -75,3 +85,28 @@ def test_similarity_grids_of_seven_kinds_wrap_into_rows() -> None:
     shown = [ax for ax in fig.axes if ax.get_visible() and ax.get_images()]
     assert len(shown) == 7 and fig.get_figwidth() <= 16  # was one row of 7 panels, 26.4 inches wide
     assert texts_outside(fig) == []
+
+
+def _every_other_figure() -> dict[str, Callable[[], Figure]]:
+    kinds = [split_name(n)[1] for n in SMOLLM[:7]]
+    grid = [[0.01 * (k + b) for b in range(30)] for k in range(7)]
+    history = {"full": [(s, 2.0 / (s + 1)) for s in range(50)], "lora": [(s, 2.5 / (s + 1)) for s in range(50)]}
+    return {
+        "heatmap": lambda: rp.heatmap(grid, kinds, [str(b) for b in range(30)], "‖ΔW‖_F / ‖W‖_F per layer", "block", "module",
+                              "relative norm"),
+        "learning_curve": lambda: rp.learning_curve([0.1, 0.25, 0.5, 1.0], {"full": [0.6, 0.7, 0.75, 0.8],
+                                            "lora": [0.6, 0.72, 0.74, 0.8]}, "accuracy", [320, 800, 1600, 3200], 0.5),
+        "grouped_bars": lambda: rp.grouped_bars(["1", "10", "100"], {"full": [90.0, 900.0, 9000.0], "lora": [91.0, 96.0, 153.0]},
+                                        "MB on disk (log scale)", "Disk for N tasks", log=True, xlabel="tasks"),
+        "loss_curves": lambda: rp.loss_curves(history),
+        "lr_range": lambda: rp.lr_range([1e-5 * 1.3 ** k for k in range(40)], [2.0 - 0.01 * k for k in range(40)],
+                                [2.0 - 0.01 * k for k in range(40)], 1e-3),
+        "rank_sweep": lambda: rp.rank_sweep([1, 2, 4, 8, 16, 32, 64], {"lr 0.002": [0.6, 0.7, 0.75, 0.8, 0.81, 0.83, 0.5]},
+                                    [20_000 * 2 ** k for k in range(7)], "accuracy", 0.82),
+    }
+
+
+@pytest.mark.parametrize("name", ["heatmap", "learning_curve", "grouped_bars", "loss_curves", "lr_range",
+                                  "rank_sweep"])
+def test_every_figure_keeps_its_labels_inside(name: str) -> None:
+    assert texts_outside(_every_other_figure()[name]()) == []

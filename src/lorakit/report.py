@@ -127,7 +127,7 @@ def _color(label: str, index: int) -> str:
 def learning_curve(fractions: Sequence[float], series: dict[str, Sequence[float]], metric: str,
                    examples: Sequence[int] | None = None, baseline: float | None = None) -> Figure:
     """Held-out metric against the share of training data, one line per method."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
     for i, (label, values) in enumerate(series.items()):
         ax.plot(fractions, values, marker="o", label=label, color=_color(label, i))
     if baseline is not None:
@@ -149,7 +149,7 @@ def grouped_bars(categories: Sequence[str], series: dict[str, Sequence[float]], 
                  log: bool = False, xlabel: str | None = None) -> Figure:
     """One group of bars per category, one bar per series (e.g. method), values printed on the bars. All the
     categories share one axis: give them one unit (`bar_panels` for several units)."""
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(categories) + 2), 4.0))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(categories) + 2), 4.0), layout="constrained")
     _bars(ax, categories, series, ylabel, log)
     if xlabel:
         ax.set_xlabel(xlabel)
@@ -210,7 +210,7 @@ def _short(value: float) -> str:
 
 def loss_curves(histories: dict[str, Sequence[tuple[int, float]]], title: str = "Training loss") -> Figure:
     """Per-step training loss (moving average over 10 steps), one line per run."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
     for i, (label, points) in enumerate(histories.items()):
         if not points:
             continue
@@ -233,7 +233,7 @@ def loss_curves(histories: dict[str, Sequence[tuple[int, float]]], title: str = 
 def rank_sweep(ranks: Sequence[int], by_lr: dict[str, Sequence[float]], params: Sequence[int], metric: str,
                full_metric: float | None = None) -> Figure:
     """Two panels: held-out metric vs rank (one line per learning rate) and vs trainable parameters."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
     for i, (label, values) in enumerate(by_lr.items()):
         color = CYCLE[i % len(CYCLE)]
         left.plot(ranks, values, marker="o", label=label, color=color)
@@ -251,13 +251,13 @@ def rank_sweep(ranks: Sequence[int], by_lr: dict[str, Sequence[float]], params: 
     left.set_title(f"Held-out {metric} vs rank")
     right.set_xlabel("trainable parameters")
     right.set_title(f"Held-out {metric} vs trainable parameters")
-    fig.tight_layout()
     return fig
 
 
 def heatmap(values: Sequence[Sequence[float]], row_labels: Sequence[str], col_labels: Sequence[str], title: str,
             xlabel: str, ylabel: str, colorbar: str) -> Figure:
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(col_labels) + 3), max(2.6, 0.45 * len(row_labels) + 1.4)))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(col_labels) + 3), max(2.6, 0.45 * len(row_labels) + 1.4)),
+                           layout="constrained")
     image = ax.imshow(values, aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(col_labels)))
     ax.set_xticklabels(col_labels)
@@ -364,7 +364,7 @@ def similarity_grids(grids: dict[str, Sequence[Sequence[float]]]) -> Figure:
 
 
 def lr_range(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float], chosen: float) -> Figure:
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
     ax.plot(lrs, losses, color="#999", alpha=0.6, label="loss per step")
     ax.plot(lrs, smoothed, color=COLORS["lora"], label="smoothed")
     ax.axvline(chosen, color=COLORS["full"], linestyle="--", label=f"suggested lr {chosen:.2g}")
