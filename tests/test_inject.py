@@ -11,6 +11,8 @@ from lorakit import ConfigError, LoraConfig, TargetError, inject, targeting_repo
 from lorakit.cli import main as cli_main
 from lorakit.layers import LoraLayer
 
+from conftest import randomize_lora
+
 
 def _adapted(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
@@ -153,3 +155,16 @@ def test_targets_cli_prints_report(capsys) -> None:
     assert "encoder.layer.0.attention.self.query" in out and "12 modules adapted" in out
     assert cli_main(["targets", "minilm", "--target", "qeury"]) == 2
     assert "closest module names: query" in capsys.readouterr().err
+
+
+def test_rank_above_a_layer_size_is_accepted_with_a_warning(tiny, tiny_ids) -> None:
+    """Issue 20: r=17 on 16x16 layers was refused; PEFT accepts it (the extra rank adds parameters only)."""
+    with pytest.warns(UserWarning, match="rank 17 on 'layers.0.q' .* above the 16 directions"):
+        report = lorakit.targeting_report(tiny, LoraConfig(r=17, target_modules=["q"]))
+    assert [row.r for row in report.targeted] == [17, 17] and report.added_params == 2 * 17 * 32
+    with pytest.warns(UserWarning):
+        inject(tiny, LoraConfig(r=17, target_modules=["q"]))
+    randomize_lora(tiny, std=0.1)
+    unmerged = tiny(tiny_ids)
+    lorakit.merge(tiny)
+    torch.testing.assert_close(tiny(tiny_ids), unmerged, atol=1e-5, rtol=1e-5)
