@@ -73,16 +73,17 @@ LAYERS = {
 
 
 @pytest.mark.parametrize("layer", list(LAYERS))
-@pytest.mark.parametrize("dora", [False, True])
-def test_route_on_every_layer_type_equals_each_adapter_alone(layer: str, dora: bool) -> None:
-    if dora and layer == "conv2d_grouped":
-        pytest.skip("DoRA is refused on grouped convolutions")
+@pytest.mark.parametrize("option", ["plain", "dora", "lora_bias"])
+def test_route_on_every_layer_type_equals_each_adapter_alone(layer: str, option: str) -> None:
+    if option == "dora" and layer == "conv2d_grouped" or option == "lora_bias" and layer == "embedding":
+        pytest.skip("refused there (as in PEFT)")
     torch.manual_seed(0)
     make, inputs = LAYERS[layer]
     model = nn.Sequential(make()).eval()
-    inject(model, LoraConfig(r=2, target_modules=["0"], use_dora=dora), "a")
-    lorakit.add_adapter(model, "b", LoraConfig(r=4, alpha=3, target_modules=["0"], use_dora=dora))
-    randomize_lora(model, std=0.3)
+    extra = {"use_dora": option == "dora", "lora_bias": option == "lora_bias"}
+    inject(model, LoraConfig(r=2, target_modules=["0"], **extra), "a")
+    lorakit.add_adapter(model, "b", LoraConfig(r=4, alpha=3, target_modules=["0"], **extra))
+    randomize_lora(model, std=0.3)  # (B's bias too, under lora_bias)
     x = inputs()
     rows = ["b", None, "a", "b"]
     alone = {}
