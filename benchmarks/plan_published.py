@@ -32,7 +32,8 @@ ROWS = [
                                        gradient_checkpointing=True, dtype="bf16"),
               48, "fits a single 48GB GPU (upper bound)",
               "Dettmers et al. 2023, QLoRA, arXiv:2305.14314, abstract",
-              "r=64 on all linear layers as in the paper; batch 1 x 512 tokens assumed; paged optimizers not modeled"),
+              "r=64 on all linear layers as in the paper (0.8B LoRA parameters); batch 1 x 512 assumed; lorakit keeps "
+              "adapters and their AdamW moments in fp32 (9.6 GB here), the paper paged the optimizer state to CPU"),
     Published("llama-65b", PlanRequest(method="full", batch=1, seq=512, gradient_checkpointing=True, dtype="bf16"),
               780, "regular 16-bit finetuning needs more than 780 GB",
               "Dettmers et al. 2023, QLoRA, arXiv:2305.14314, section 1",
@@ -41,7 +42,9 @@ ROWS = [
     Published("gpt3-175b", PlanRequest(method="full", batch=1, seq=2048, gradient_checkpointing=True, dtype="fp16"),
               1200, "1.2 TB of VRAM during training (full fine-tuning with Adam)",
               "Hu et al. 2021, LoRA, arXiv:2106.09685, section 4.2",
-              "total over all devices (planner with 1 device = the whole model); batch 1 x 2048 assumed"),
+              "total over all devices (planner with 1 device = the whole model); batch 1 x 2048 assumed; fp16 "
+              "weights, gradients and AdamW moments plus the foreach step's temporary copy of the gradients "
+              "(8 bytes a parameter + 2); the paper does not say how its 1.2 TB was counted"),
     Published("gpt3-175b", PlanRequest(method="lora", r=4, targets="q_proj,v_proj", batch=1, seq=2048,
                                        gradient_checkpointing=True, dtype="fp16"),
               350, "350 GB of VRAM with LoRA r=4 on the query and value projections",

@@ -62,35 +62,27 @@ def keep_trainable_fp32(model: nn.Module) -> int:
     model is fp32 already (then nothing else changes either)."""
     from .layers import LoraLayer
 
+    lora_paths = tuple(name for name, module in model.named_modules() if isinstance(module, LoraLayer))
     cast = 0
     bridged: set[int] = set()
-    for module in model.modules():
+    for name, module in model.named_modules():
         own = [p for p in module.parameters(recurse=False) if p.requires_grad and p.dtype != torch.float32]
         for param in own:
             param.data = param.data.float()
             cast += 1
-        if own and not _inside_lora_layer(model, module, LoraLayer):
-            top = _outermost_trained(model, module)
+        inside_lora = any(name == path or name.startswith(path + ".") for path in lora_paths)
+        if own and not inside_lora:  # LoRA layers cast their branch themselves
+            top = _outermost_trained(model, name)
             if id(top) not in bridged:
                 bridged.add(id(top))
                 _bridge(top)
     return cast
 
 
-def _inside_lora_layer(model: nn.Module, module: nn.Module, lora_type: type) -> bool:
-    """Whether ``module`` is a LoRA layer or one of its parts (lora_A, lora_B, ...)."""
-    for name, candidate in model.named_modules():
-        if candidate is module:
-            parts = name.split(".")
-            return any(isinstance(model.get_submodule(".".join(parts[:i])), lora_type) for i in range(1, len(parts) + 1))
-    return False
-
-
-def _outermost_trained(model: nn.Module, module: nn.Module) -> nn.Module:
-    """The largest module around ``module`` whose parameters all train (e.g. a whole classifier copy), so its
+def _outermost_trained(model: nn.Module, name: str) -> nn.Module:
+    """The largest module around module ``name`` whose parameters all train (e.g. a whole classifier copy), so its
     internals run in fp32 and only its boundary is cast."""
-    names = {id(m): n for n, m in model.named_modules()}
-    parts = names[id(module)].split(".")
+    parts = name.split(".")
     for i in range(1, len(parts) + 1):
         candidate = model.get_submodule(".".join(parts[:i]))
         params = list(candidate.parameters())
@@ -98,4 +90,4 @@ def _outermost_trained(model: nn.Module, module: nn.Module) -> nn.Module:
             continue
         if params and all(p.requires_grad for p in params):
             return candidate
-    return module
+    return model.get_submodule(name)
