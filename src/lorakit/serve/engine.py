@@ -286,11 +286,11 @@ class Engine:
 
     def _end_rows(self, error: ServeError) -> None:
         """End every row of the running batch with ``error`` and drop the batch's cache."""
-        for g in list(self.rows):
-            self._end(g, error=error)
         with self._wake:
-            self.rows = []
+            rows, self.rows = self.rows, []
             self.batch.clear()
+        for g in rows:
+            self._end(g, error=error)
 
     def _fail_everything(self, error: ServeError) -> None:
         with self._wake:
