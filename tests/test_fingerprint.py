@@ -8,9 +8,13 @@ import copy
 import pytest
 import torch
 
+import lorakit
 import lorakit.fingerprint as fingerprint
-from lorakit import LoraConfig, inject, load_adapter, save_adapter
+from lorakit import AdapterError, AdapterStateError, LoraConfig, inject, load_adapter, save_adapter
+from lorakit.export import adapter_info
 from lorakit.fingerprint import base_fingerprint, clear_cache
+
+from test_io import _assert_same_state, _snapshot
 
 TARGETS = ["layers.0.q", "layers.0.v", "layers.1.q", "layers.1.v", "embed"]
 
@@ -90,3 +94,47 @@ def test_entries_leave_with_their_tensors(tiny, hashed) -> None:
 
     gc.collect()
     assert len(fingerprint._CACHE) == held - 5
+
+
+# -- another base refused -----------------------------------------------------------------------------------
+class _Vocab:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def test_fingerprint_refuses_another_base_unless_forced(minilm, tmp_path) -> None:
+    model, tokenizer = minilm
+    base = copy.deepcopy(model)
+    inject(model, LoraConfig(r=4, target_modules=["query", "value"]))
+    save_adapter(model, tmp_path / "a", tokenizer=tokenizer)
+    stored = adapter_info(tmp_path / "a")["fingerprint"]
+    assert stored["modules"] == 12 and stored["vocab_size"] == len(tokenizer)
+    assert stored["sha256"] == base_fingerprint(base, LoraConfig(r=4, target_modules=["query", "value"]),
+                                                tokenizer)["sha256"]
+
+    other_weights = copy.deepcopy(base)  # weights outside the targets do not count
+    with torch.no_grad():
+        other_weights.encoder.layer[0].attention.self.key.weight[0, 0] += 1.0
+    load_adapter(other_weights, tmp_path / "a", tokenizer=tokenizer)
+
+    changed = copy.deepcopy(base)
+    with torch.no_grad():
+        changed.encoder.layer[3].attention.self.query.weight[5, 7] += 1e-3
+    before = _snapshot(changed)
+    with pytest.raises(AdapterError, match="another base model.*force=True"):
+        load_adapter(changed, tmp_path / "a", tokenizer=tokenizer)
+    _assert_same_state(changed, before)
+    with pytest.raises(AdapterError, match="vocabulary 100 != 30522"):
+        load_adapter(copy.deepcopy(base), tmp_path / "a", tokenizer=_Vocab(100))
+    with pytest.warns(UserWarning, match="another base model"):
+        load_adapter(changed, tmp_path / "a", tokenizer=tokenizer, force=True)
+
+
+def test_fingerprint_of_merged_weights_is_refused(tiny) -> None:
+    inject(tiny, LoraConfig(r=2, target_modules=["q"]))
+    lorakit.merge(tiny)
+    with pytest.raises(AdapterStateError, match="unmerge"):
+        base_fingerprint(tiny, ["layers.0.q"])
