@@ -208,3 +208,26 @@ def test_unknown_model_type_names_the_known_ones(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({**TINY_LLAMA, "model_type": "mamba"}))
     with pytest.raises(ConfigError, match="llama"):
         read_architecture(str(tmp_path))
+
+
+def test_quantizing_frees_each_full_precision_layer_as_it_goes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """quantize_model held every replaced fp32 Linear until the end (SmolLM2 nf4: 470 MiB of live tensors while
+    quantizing, 69 MiB once each layer is freed when replaced)."""
+    import gc
+    import weakref
+
+    from lorakit import quant
+
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)])
+    originals = [weakref.ref(layer) for layer in model]
+    alive_at_build: list[int] = []
+    real_init = quant.QuantizedLinear.__init__
+
+    def counting_init(self, linear, scheme):  # how many original layers still exist when each one is built
+        gc.collect()
+        alive_at_build.append(sum(ref() is not None for ref in originals))
+        real_init(self, linear, scheme)
+
+    monkeypatch.setattr(quant.QuantizedLinear, "__init__", counting_init)
+    quant.quantize_model(model, "int8")
+    assert alive_at_build == [4, 3, 2, 1]

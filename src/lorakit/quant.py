@@ -156,14 +156,16 @@ def quantize_model(model: nn.Module, scheme: Scheme, skip: list[str] | tuple[str
     `QuantizedLinear`, in place; returns the model."""
     getter = getattr(model, "get_output_embeddings", None)
     output = getter() if callable(getter) else None
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or module is output:
-            continue
-        if any(name == s or name.endswith("." + s) for s in skip):
-            continue
+    # names only: a list of the modules would keep every replaced full-precision weight alive until the end, so
+    # the whole fp32 model and the whole quantized one would sit in memory together (SmolLM2: 975 MB)
+    names = [name for name, module in model.named_modules() if type(module) is nn.Linear and module is not output
+             and not any(name == s or name.endswith("." + s) for s in skip)]
+    for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantizedLinear(module, scheme).to(module.weight.device))
+        linear = getattr(parent, child)
+        setattr(parent, child, QuantizedLinear(linear, scheme).to(linear.weight.device))
+        del linear  # freed now, not at the end of the loop
     return model
 
 
