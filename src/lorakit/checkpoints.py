@@ -262,7 +262,7 @@ def _copy(target: Tensor, value: Tensor, name: str, path: Path) -> None:
 def _temp_files(folder: Path) -> Iterator[tuple[Path, int | None]]:
     """lorakit's own temporary names in ``folder`` with the PID that wrote them (None: unknown)."""
     for pattern in (".checkpoint.pt.*.tmp", f".{CHECKPOINT_FILE}.tmp-*", ".metrics.json.tmp*",
-                    ".recipe.yaml.tmp*", ".train_log.jsonl.tmp*", ".adapter.tmp-*", ".model.tmp"):
+                    ".recipe.yaml.tmp*", ".train_log.jsonl.tmp*", ".training.png.tmp*", ".adapter.tmp-*", ".model.tmp"):
         for entry in folder.glob(pattern):
             parts = entry.name.replace(".tmp-", ".").split(".")
             pid = next((int(p.split("-")[0]) for p in parts if p.split("-")[0].isdigit()), None)

@@ -10,6 +10,7 @@ A resumed run keeps the lines up to the step it resumes from and appends after t
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -132,11 +133,9 @@ def plot_training(history: Sequence[dict[str, Any]], path: str | Path, metric: s
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(path)
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return write_bytes(path, buffer.getvalue())
 
 
 def save_result(model: Any, tokenizer: Any, recipe: Any, out: Path, metrics: dict[str, Any], train_data: Any,

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..adapters import set_adapter
+from ..checkpoints import clean_stale_temp_files
 from ..files import write_bytes, write_json
 from ..inject import add_adapter
 from ..tasks import primary_metric
@@ -127,6 +128,7 @@ def run_continual(recipe: MultitaskRecipe, output_dir: str | Path) -> dict[str, 
     """Every strategy of ``recipe.continual`` from the same base: ``metrics.json`` and ``report.md``."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temp_files(out)  # what a killed run left behind in this folder
     seed_everything(recipe.train.seed)
     tasks = load_tasks(recipe)
     base = load_base(recipe, tasks)

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from ..checkpoints import clean_stale_temp_files
 from ..errors import ConfigError
 from ..files import write_bytes, write_json
 from ..train import format_metrics, seed_everything
@@ -26,6 +27,7 @@ def run_multitask(recipe: MultitaskRecipe, output_dir: str | Path, benchmark_ste
     With ``benchmark_steps`` the `benchmark` runs first; ``benchmark_only`` stops after it."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temp_files(out)  # what a killed run left behind in this folder
     seed_everything(recipe.train.seed)
     tasks = load_tasks(recipe)
     base = load_base(recipe, tasks)
