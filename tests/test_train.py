@@ -333,3 +333,23 @@ def test_train_step_micro_batches_groups_learning_rates_and_stopping() -> None:
     assert seen == [False] and torch.equal(model.weight, before)  # a non-finite step changes nothing
     with pytest.raises(NonFiniteLoss, match="loss became nan at step 1"):
         run_training(model, optimizer, None, lambda s: poisoned, 2, settings)
+
+
+def test_trained_norm_statistics_resume_exactly(tmp_path: Path) -> None:
+    """train.train_norm_stats=true: the BatchNorm copies' running statistics are checkpointed and restored, so an
+    interrupted run ends with the same adapter, statistics included, as an uninterrupted one."""
+    recipe = load_recipe("vision-mobilenet-mnist", VISION_CI + ["train.train_norm_stats=true", "train.max_steps=4",
+                                                                "train.checkpoint_every=2"])
+    train(recipe, tmp_path / "straight")
+
+    def interrupt(state, loss) -> None:
+        if state.global_step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, tmp_path / "broken", on_step=interrupt)
+    train(recipe, tmp_path / "broken", resume=True)
+    a, b = (read_checkpoint(tmp_path / run / CHECKPOINT_FILE) for run in ("straight", "broken"))
+    assert sum(k.endswith("running_var") for k in a.buffers) == 52 and a.buffers.keys() == b.buffers.keys()
+    for tensors_a, tensors_b in ((a.trainable, b.trainable), (a.buffers, b.buffers)):
+        assert max((tensors_a[k].double() - tensors_b[k].double()).abs().max().item() for k in tensors_a) == 0.0
