@@ -196,7 +196,7 @@ def _check_lora_module(model: nn.Module, modules: dict[str, nn.Module], config: 
         raise AdapterError(f"{where}: module {name!r}: {problem}")
     if config.use_dora and not wrapper.supports_dora:
         raise AdapterError(f"{where}: DoRA on {name!r} ({type(base).__name__}) is not supported")
-    weight = base.weight
+    weight = getattr(base, getattr(wrapper, "wrapped_parameter", "weight"))  # MultiheadAttention: in_proj_weight
     key = (wrapper, type(base), tuple(weight.shape), weight.dtype, weight.device, r, config.use_dora,
            config.lora_bias, getattr(base, "groups", None), getattr(base, "kernel_size", None))
     if probes is None or key not in probes:
