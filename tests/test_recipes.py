@@ -76,6 +76,8 @@ BAD = {  # override -> what the one-line error says
     "data.skip_bad_rows=true": r"rotten-tomatoes is a packaged dataset with fixed splits; data.skip_bad_rows .*"
                                r"fix: drop it, or data=YOUR_FILE",
     "method=half": r"method must be 'lora' or 'full'",
+    "image_size=64": r"image_size applies to image-classification, not sequence-classification",
+    "eval.generate_examples=4": r"eval.generate_examples scores generated answers of a causal LM",
     "task=ner": r"task must be one of",
 }
 
@@ -87,6 +89,13 @@ def test_bad_override_is_one_line_with_the_fix(override: str) -> None:
                     ["data=reviews.csv", "name=sentiment-minilm", override])
     message = str(caught.value)
     assert "\n" not in message and message.startswith("recipe 'sentiment-minilm': ")
+
+
+def test_settings_a_task_would_ignore_are_refused() -> None:
+    with pytest.raises(ConfigError, match="train.group_by_length groups text rows .*fix: train.group_by_length=false"):
+        load_recipe("vision-mobilenet-mnist", ["train.group_by_length=true"])
+    assert load_recipe("vision-mobilenet-mnist", ["image_size=32"]).image_size == 32
+    assert load_recipe("instruct-smollm2", ["eval.generate_examples=2"]).eval.generate_examples == 2
 
 
 def test_overrides_parse_yaml_values() -> None:

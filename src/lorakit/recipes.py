@@ -375,6 +375,19 @@ def check_values(recipe: Recipe, source: str) -> None:
     _check_data(recipe, source)
 
 
+def _check_task_settings(recipe: Recipe, source: str) -> None:
+    """Settings only some tasks use are refused where the task would ignore them."""
+    if recipe.image_size is not None and recipe.task != "image-classification":
+        raise ConfigError(f"{source}: image_size applies to image-classification, not {recipe.task} "
+                          "(fix: drop image_size)")
+    if recipe.train.group_by_length and recipe.task == "image-classification":
+        raise ConfigError(f"{source}: train.group_by_length groups text rows by token count; images have none "
+                          "(fix: train.group_by_length=false)")
+    if recipe.eval.generate_examples and recipe.task != "causal-lm":
+        raise ConfigError(f"{source}: eval.generate_examples scores generated answers of a causal LM, not "
+                          f"{recipe.task} (fix: eval.generate_examples=0)")
+
+
 def _check_data(recipe: Recipe, source: str) -> None:
     """Data options: shares that leave rows to train on, a known encoding, none for a packaged dataset."""
     from .data import DATASETS
@@ -464,6 +477,7 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
         raise ConfigError(f"{source}: train.schedule must be cosine, linear or constant")
     _check_scale(recipe, source)
     check_values(recipe, source)
+    _check_task_settings(recipe, source)
     check_lora(recipe.lora, source)
     if recipe.method == "lora":
         try:
