@@ -67,6 +67,8 @@ class LoraLinear(LoraLayer):
         """``result + s · B (A dropout(x))`` as one ``addmm`` over ``(tokens, out)``: no separate tensor for the
         adapter's output, its scaling or the sum (PEFT allocates all three)."""
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if x.dtype in (torch.bfloat16, torch.float16) and A.dtype == torch.float32:
+            A, B = A.to(x.dtype), B.to(x.dtype)  # a bf16-stored base: as in `lora_path`, and dropout's mask path
         if (result.dtype != B.dtype or not result.is_contiguous() or result.shape[-1] != B.shape[0]
                 or self.lora_B[name].bias is not None):
             return super().add_lora_output(result, x, name, inplace)
