@@ -105,18 +105,23 @@ def test_block_activations_match_autograd(config: dict, targets: str | None) -> 
     assert abs(estimated / measured - 1) < 0.08, (estimated, measured)
 
 
-@pytest.mark.parametrize("method, checkpointing", [("lora", False), ("lora", True), ("full", False)])
-def test_estimate_within_15_percent_of_a_tracked_step(method: str, checkpointing: bool) -> None:
+@pytest.mark.parametrize("method, checkpointing, dropout, dtype", [
+    ("lora", False, 0.0, "fp32"), ("lora", True, 0.0, "fp32"), ("full", False, 0.0, "fp32"),
+    ("lora", False, 0.1, "fp32"), ("lora", False, 0.1, "bf16")])
+def test_estimate_within_15_percent_of_a_tracked_step(method: str, checkpointing: bool, dropout: float,
+                                                      dtype: str) -> None:
     """Peak live-tensor bytes of real training steps (forward, backward, AdamW) vs the estimate."""
     from lorakit.config import LoraConfig
     from lorakit.evaluate import forward, loss_sum
     from lorakit.inject import inject
     from lorakit.memory import LiveTensorBytes
+    from lorakit.precision import keep_trainable_fp32
 
     config = {**TINY_LLAMA, "vocab_size": 4000, "num_hidden_layers": 4}
-    model = _hf_model(config, "causal-lm")
+    model = _hf_model(config, "causal-lm").to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     if method == "lora":
-        inject(model, LoraConfig(r=8, target_modules="all-linear"))
+        inject(model, LoraConfig(r=8, dropout=dropout, target_modules="all-linear"))
+        keep_trainable_fp32(model)
     else:
         model.requires_grad_(True)
     if checkpointing:
@@ -132,8 +137,8 @@ def test_estimate_within_15_percent_of_a_tracked_step(method: str, checkpointing
             loss, count = loss_sum("causal-lm", logits, ids)
             (loss / count).backward()
             optimizer.step()
-    request = PlanRequest(method=method, batch=4, seq=64, gradient_checkpointing=checkpointing, dtype="fp32", r=8,
-                          device_type="cpu")
+    request = PlanRequest(method=method, batch=4, seq=64, gradient_checkpointing=checkpointing, dtype=dtype, r=8,
+                          device_type="cpu", lora_dropout=dropout)
     estimate = estimate_memory(architecture_from_config(config, task="causal-lm"), request).total
     assert abs(estimate / tracker.peak - 1) < 0.15, (estimate, tracker.peak)
 

@@ -186,6 +186,7 @@ class PlanRequest:
     dtype: str = "bf16"  # storage (and compute) dtype of the base; LoRA weights and AdamW state are fp32
     r: int = 8
     targets: str = "all-linear"  # all-linear or comma-separated module-name suffixes
+    lora_dropout: float = 0.0  # > 0: a 1-byte keep-mask of each adapted layer's input is saved for backward
     device_type: str = "cuda"  # cuda: AdamW's foreach step needs a copy of the trained tensors; cpu: per tensor
     device_memory: int | None = None  # bytes of one device
 
@@ -200,6 +201,8 @@ class PlanRequest:
             raise ConfigError(f"--quantize must be int8 or nf4, got {self.quantize!r}")
         if self.quantize and self.method != "qlora":
             raise ConfigError("a quantized base is planned with --method qlora")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         for key in ("devices", "batch", "seq", "r"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"--{key} must be >= 1, got {getattr(self, key)}")
@@ -334,6 +337,8 @@ def _parts(arch: Architecture, req: PlanRequest) -> _Parts:
     low, high = layer_activation_elements(arch, trained, adapted_per_block, req.r, req.seq, norms_train=full,
                                           device_type=req.device_type)
     block_bytes = low * cb + high * 4
+    if req.lora_dropout > 0 and not full:  # lorakit keeps a boolean mask per adapted input, not a dropped copy
+        block_bytes += sum(lin.in_features for lin in adapted if lin.in_block)
     h, v = arch.hidden, arch.vocab
     embed = 2 * h if arch.family == "encoder" else 0  # embedding LayerNorm input, dropout mask
     if req.gradient_checkpointing:  # block inputs only; one block is recomputed at a time

@@ -24,6 +24,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="storage dtype of the base")
     p.add_argument("--r", type=int, default=8, help="LoRA rank")
     p.add_argument("--targets", default="all-linear", help="all-linear or comma-separated module-name suffixes")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (> 0 keeps a mask per input)")
     p.add_argument("--task", default=None, choices=["causal-lm", "sequence-classification", "base"],
                    help="the head (default: causal-lm for decoders, base for encoders)")
     p.add_argument("--device-type", default="cuda", choices=["cuda", "cpu"],
@@ -41,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     request = PlanRequest(method=args.method, quantize=args.quantize, devices=args.devices, sharding=args.sharding,
                           batch=args.batch, seq=args.seq, gradient_checkpointing=args.gradient_checkpointing,
                           dtype=args.dtype, r=args.r, targets=args.targets, device_type=args.device_type,
+                          lora_dropout=args.lora_dropout,
                           device_memory=parse_bytes(args.device_memory) if args.device_memory else None)
     request.check()  # before the config is read
     arch = read_architecture(args.model, task=args.task)
