@@ -94,7 +94,8 @@ def test_bad_scheme() -> None:
 
 def test_training_recipe_on_a_quantized_base(tmp_path) -> None:
     from lorakit.cli import main as cli_main
-    from lorakit.train import load_recipe, train
+    from lorakit.recipes import load_recipe
+    from lorakit.train import train
 
     recipe = load_recipe("sentiment-minilm", ["quantize=nf4", "train.max_steps=2", "train.max_train_examples=32",
                                               "train.batch_size=8", "eval.max_examples=8", "train.progress=false"])
