@@ -76,6 +76,36 @@ def _pissa_to_lora(files: AdapterFiles, initial: Mapping[str, Tensor]) -> dict[s
     return factors
 
 
+def vllm_refusals(files: AdapterFiles, lora_keys: list[str], other_keys: list[str]) -> list[str]:
+    """Why vLLM cannot serve this adapter as it is (empty: it can): vLLM's LoRA is plain LoRA on linear layers."""
+    config = files.config
+    reasons: list[str] = []
+    if config.use_dora:
+        reasons.append("DoRA (use_dora=true): vLLM serves plain LoRA only")
+    if config.bias != "none":
+        reasons.append(f"bias={config.bias!r}: trained biases change the base model, vLLM cannot apply them")
+    if config.lora_bias:
+        reasons.append("lora_bias=true: vLLM's LoRA has no bias on B")
+    nested = sorted({k[len(PREFIX):].split(".base_layer.")[0] for k in lora_keys if ".base_layer." in k})
+    if nested and not config.target_parameters:
+        reasons.append(f"LoRA inside nested wrappers {nested[:3]} (nn.MultiheadAttention's out_proj): "
+                       "vLLM serves LoRA on linear layers")
+    if config.target_parameters:
+        reasons.append(f"target_parameters {config.target_parameters}: vLLM serves LoRA on modules, not "
+                       "on parameters")
+    if config.modules_to_save and other_keys:
+        reasons.append(f"modules_to_save {sorted(set(config.modules_to_save))}: vLLM cannot swap in "
+                       "fully trained modules")
+    embeds = sorted({k[len(PREFIX):].rsplit(".", 1)[0] for k in lora_keys if ".lora_embedding_" in k})
+    if embeds:
+        reasons.append(f"LoRA on embedding layers {embeds}: vLLM serves LoRA on linear layers")
+    convs = sorted({k[len(PREFIX): -len(".lora_A.weight")] for k in lora_keys
+                    if k.endswith(".lora_A.weight") and files.tensors[k].dim() != 2})
+    if convs:
+        reasons.append(f"LoRA on convolutions {convs[:3]}: vLLM serves LoRA on linear layers")
+    return reasons
+
+
 def export_adapter(directory: str | os.PathLike, target: str, output: str | os.PathLike | None = None
                    ) -> ExportReport:
     """Check what ``target`` (``"vllm"`` or ``"peft"``) can serve and, with ``output``, write a converted copy.
@@ -104,29 +134,7 @@ def export_adapter(directory: str | os.PathLike, target: str, output: str | os.P
             report.reasons.append(f"PiSSA adapter without its initial A0/B0 ({PISSA_INIT_FILE}): it only applies to "
                                   "the residual base; save it with save_adapter(..., pissa_initial=...)")
     if target == "vllm":
-        if config.use_dora:
-            report.reasons.append("DoRA (use_dora=true): vLLM serves plain LoRA only")
-        if config.bias != "none":
-            report.reasons.append(f"bias={config.bias!r}: trained biases change the base model, vLLM cannot apply them")
-        if config.lora_bias:
-            report.reasons.append("lora_bias=true: vLLM's LoRA has no bias on B")
-        nested = sorted({k[len(PREFIX):].split(".base_layer.")[0] for k in lora_keys if ".base_layer." in k})
-        if nested and not config.target_parameters:
-            report.reasons.append(f"LoRA inside nested wrappers {nested[:3]} (nn.MultiheadAttention's out_proj): "
-                                  "vLLM serves LoRA on linear layers")
-        if config.target_parameters:
-            report.reasons.append(f"target_parameters {config.target_parameters}: vLLM serves LoRA on modules, not "
-                                  "on parameters")
-        if config.modules_to_save and other_keys:
-            report.reasons.append(f"modules_to_save {sorted(set(config.modules_to_save))}: vLLM cannot swap in "
-                                  "fully trained modules")
-        embeds = sorted({k[len(PREFIX):].rsplit(".", 1)[0] for k in lora_keys if ".lora_embedding_" in k})
-        if embeds:
-            report.reasons.append(f"LoRA on embedding layers {embeds}: vLLM serves LoRA on linear layers")
-        convs = sorted({k[len(PREFIX): -len(".lora_A.weight")] for k in lora_keys
-                        if k.endswith(".lora_A.weight") and files.tensors[k].dim() != 2})
-        if convs:
-            report.reasons.append(f"LoRA on convolutions {convs[:3]}: vLLM serves LoRA on linear layers")
+        report.reasons.extend(vllm_refusals(files, lora_keys, other_keys))
     factors = _pissa_to_lora(files, initial) if initial is not None else None
     new_config = dict(files.raw_config)
     if target == "vllm" and not report.reasons:

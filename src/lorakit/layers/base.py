@@ -345,3 +345,19 @@ def dora_merge(matrix: Tensor, delta: Tensor, magnitude: Tensor, norm: Tensor) -
 def dora_unmerge(merged: Tensor, delta: Tensor, magnitude: Tensor, norm_at_merge: Tensor) -> Tensor:
     """Inverse of `dora_merge` given the norm it used: ``W = merged / (m / n) - ΔW``."""
     return merged / (magnitude / norm_at_merge).reshape(-1, 1) - delta
+
+
+class TransposedWeight:
+    """Mixin for wrappers whose base stores its weight as ``(in, out)`` (transformers' ``Conv1D``, and
+    ``nn.Embedding`` read as ``(num_embeddings, dim)``): the ``(out, in)`` matrix LoRA works on is its transpose."""
+
+    base_layer: nn.Module
+
+    def weight_matrix(self) -> Tensor:
+        return self.base_layer.weight.T
+
+    def to_matrix(self, weight: Tensor) -> Tensor:
+        return weight.T
+
+    def from_matrix(self, matrix: Tensor) -> Tensor:
+        return matrix.T

@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .base import LoraLayer
+from .base import LoraLayer, TransposedWeight
 
 
-class LoraEmbedding(LoraLayer):
+class LoraEmbedding(TransposedWeight, LoraLayer):
     """LoRA on ``nn.Embedding`` (weight ``(num, dim)``): ``lora_embedding_A (r, num)``, ``lora_embedding_B
     (dim, r)``; ``s · B A`` read at the token's column. As in PEFT, A starts at zero and B random, dropout is not
     applied (token ids), and DoRA's magnitude has one value per embedding dimension: the weight reads as the
@@ -86,12 +86,3 @@ class LoraEmbedding(LoraLayer):
 
     def delta_weight(self, name: str) -> Tensor:
         return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
-
-    def weight_matrix(self) -> Tensor:
-        return self.base_layer.weight.T
-
-    def to_matrix(self, weight: Tensor) -> Tensor:
-        return weight.T
-
-    def from_matrix(self, matrix: Tensor) -> Tensor:
-        return matrix.T

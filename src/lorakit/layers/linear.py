@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..routing import Routing, grouped_lora, stack_adapters
-from .base import LoraLayer
+from .base import LoraLayer, TransposedWeight
 
 _WEIGHT, _PARAMETERS, _VERSION = (operator.itemgetter("weight"), operator.attrgetter("_parameters"),
                                   operator.attrgetter("_version"))
@@ -206,22 +206,13 @@ class _DropoutLora(torch.autograd.Function):
 
 
 
-class LoraConv1D(LoraLinear):
+class LoraConv1D(TransposedWeight, LoraLinear):
     """LoRA on transformers' GPT-2 ``Conv1D``, whose weight is stored transposed: ``(in, out)``."""
 
     @classmethod
     def matrix_shape(cls, base_layer: nn.Module) -> tuple[int, int]:
         in_f, out_f = base_layer.weight.shape
         return out_f, in_f
-
-    def weight_matrix(self) -> Tensor:
-        return self.base_layer.weight.T
-
-    def to_matrix(self, weight: Tensor) -> Tensor:
-        return weight.T
-
-    def from_matrix(self, matrix: Tensor) -> Tensor:
-        return matrix.T
 
     def delta_weight(self, name: str) -> Tensor:
         return super().delta_weight(name).T

@@ -15,13 +15,12 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..adapters import set_adapter
-from ..checkpoints import clean_stale_temp_files
 from ..files import write_bytes, write_json
 from ..inject import add_adapter
 from ..tasks import primary_metric
 from ..train import StepSettings, build_optimizer, build_scheduler, run_training, seed_everything
 from .adapters import evaluate_task
-from .data import TaskData, load_base, load_tasks
+from .data import TaskData, start_run
 from .recipe import MultitaskRecipe
 from .reports import write_continual_report
 
@@ -126,12 +125,7 @@ def forgetting_summary(matrix: Sequence[Sequence[dict[str, float]]], task: str) 
 
 def run_continual(recipe: MultitaskRecipe, output_dir: str | Path) -> dict[str, Any]:
     """Every strategy of ``recipe.continual`` from the same base: ``metrics.json`` and ``report.md``."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    clean_stale_temp_files(out)  # what a killed run left behind in this folder
-    seed_everything(recipe.train.seed)
-    tasks = load_tasks(recipe)
-    base = load_base(recipe, tasks)
+    out, tasks, base = start_run(recipe, output_dir)
     pristine = copy.deepcopy(base.model)
     results: dict[str, Any] = {"recipe": recipe.name, "task": recipe.task, "model": recipe.model,
                                "tasks": [dataclasses.asdict(t.spec) for t in tasks],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -11,7 +12,8 @@ from .. import distributed
 from ..errors import ConfigError
 from ..recipes import Recipe, load_recipe_model
 from ..batching import DataOrder, MicroBatch, encode_rows, row_lengths, run_steps
-from ..train import load_run_data
+from ..checkpoints import clean_stale_temp_files
+from ..train import load_run_data, seed_everything
 from .recipe import MultitaskRecipe, TaskSpec
 
 
@@ -91,3 +93,14 @@ def load_base(recipe: MultitaskRecipe, tasks: Sequence[TaskData]) -> Base:
     if recipe.train.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return Base(model, loaded.tokenizer, loaded.path or loaded.name, world)
+
+
+def start_run(recipe: MultitaskRecipe, output_dir: str | Path) -> tuple[Path, list[TaskData], Base]:
+    """The start every multi-task and continual run shares: the output folder (stale temp files of a killed run
+    removed), the seeded RNGs, the tasks' data and the base model."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temp_files(out)
+    seed_everything(recipe.train.seed)
+    tasks = load_tasks(recipe)
+    return out, tasks, load_base(recipe, tasks)

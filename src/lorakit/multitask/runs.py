@@ -9,12 +9,11 @@ from typing import Any
 
 import yaml
 
-from ..checkpoints import clean_stale_temp_files
 from ..errors import ConfigError
 from ..files import write_bytes, write_json
-from ..train import format_metrics, seed_everything
+from ..train import format_metrics
 from .adapters import adapter_parameters, add_task_adapters, evaluate_combinations, evaluate_task, export_task
-from .data import load_base, load_tasks
+from .data import start_run
 from .recipe import SHARED, MultitaskRecipe
 from .reports import write_multitask_report
 from .training import benchmark, train_mixed
@@ -25,12 +24,7 @@ def run_multitask(recipe: MultitaskRecipe, output_dir: str | Path, benchmark_ste
     """Train all tasks of ``recipe`` together into ``output_dir``: ``adapters/TASK/`` (plain PEFT LoRA per task),
     ``parts/`` (``design: shared``: shared and task parts), ``metrics.json``, ``report.md``; returns the metrics.
     With ``benchmark_steps`` the `benchmark` runs first; ``benchmark_only`` stops after it."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    clean_stale_temp_files(out)  # what a killed run left behind in this folder
-    seed_everything(recipe.train.seed)
-    tasks = load_tasks(recipe)
-    base = load_base(recipe, tasks)
+    out, tasks, base = start_run(recipe, output_dir)
     model, tokenizer = base.model, base.tokenizer
     base_eval = {} if benchmark_only else {t.name: evaluate_task(model, t, None, tokenizer) for t in tasks}
     names = add_task_adapters(model, recipe, base.path)
