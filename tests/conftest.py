@@ -12,6 +12,15 @@ from torch import nn
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+class Holder(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
 class TinyNet(nn.Module):
     """Every supported layer type in one small model: Embedding -> Linear -> Conv2d -> head."""
 
@@ -78,3 +87,24 @@ def smollm2_session():
 def smollm2(smollm2_session):
     """A fresh copy of the real SmolLM2-135M-Instruct causal LM and its tokenizer."""
     return copy.deepcopy(smollm2_session.model).eval(), smollm2_session.tokenizer
+
+
+def train_steps(model: nn.Module, tokenizer, rows: list[dict], steps: int = 2, max_length: int = 96,
+                **encode_kwargs) -> list[float]:
+    """A few LoRA steps (q_proj, v_proj) on ``rows``; returns the losses. The model is changed in place."""
+    from lorakit import LoraConfig, inject
+    from lorakit.evaluate import encode, forward, loss_sum
+
+    inject(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    batch = encode("causal-lm", rows, tokenizer, max_length, None, **encode_kwargs)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        total, count = loss_sum("causal-lm", forward(model, "causal-lm", batch), batch["labels"])
+        (total / count).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(total.detach() / count))
+    model.eval()
+    return losses

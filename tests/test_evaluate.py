@@ -8,7 +8,6 @@ import copy
 import pytest
 import torch
 
-from lorakit import LoraConfig, inject
 from lorakit.data import IGNORE_INDEX, DataError, load_dataset
 from lorakit.errors import ConfigError
 from lorakit.evaluate import (
@@ -16,12 +15,13 @@ from lorakit.evaluate import (
     encode,
     end_of_turn_ids,
     evaluate,
-    forward,
     generate,
     loss_sum,
     loss_terms,
     stop_token_ids,
 )
+
+from conftest import train_steps
 
 
 def test_loss_terms_counts_shifted_answer_tokens_or_rows() -> None:
@@ -91,23 +91,6 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone(smollm2) -> None:
     assert torch.equal(torch.random.get_rng_state(), state)
     greedy = generate(model, tokenizer, ["Name a colour."], 12)
     assert greedy == generate(model, tokenizer, ["Name a colour."], 12, seed=9)  # a seed does not change greedy
-
-
-def train_steps(model: torch.nn.Module, tokenizer, rows: list[dict], steps: int = 2, **encode_kwargs) -> list[float]:
-    """A few LoRA steps (q_proj, v_proj) on ``rows``; returns the losses. The model is changed in place."""
-    inject(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    batch = encode("causal-lm", rows, tokenizer, 96, None, **encode_kwargs)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        total, count = loss_sum("causal-lm", forward(model, "causal-lm", batch), batch["labels"])
-        (total / count).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(float(total.detach() / count))
-    model.eval()
-    return losses
 
 
 def test_a_model_without_chat_template_trains_and_generates_in_the_plain_format(smollm2) -> None:

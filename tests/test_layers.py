@@ -13,16 +13,7 @@ import lorakit
 from lorakit import LoraConfig, inject
 from lorakit.layers import LoraConv1D, LoraLayer, LoraLinear, wrapper_for
 
-from conftest import randomize_lora
-
-
-class Holder(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
+from conftest import Holder, randomize_lora
 
 
 def _conv1d() -> nn.Module:

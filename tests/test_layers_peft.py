@@ -16,18 +16,9 @@ from transformers.pytorch_utils import Conv1D
 import lorakit
 from lorakit import AdapterStateError
 
-from conftest import randomize_lora
+from conftest import Holder, randomize_lora
 
 TOL = 1e-5
-
-
-class Holder(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
 
 
 def _hf_conv1d() -> nn.Module:

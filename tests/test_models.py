@@ -242,8 +242,8 @@ def test_bad_task_and_unsupported_task() -> None:
 
 def test_a_gguf_file_given_by_its_path_converts_trains_and_generates(tmp_path: Path, monkeypatch) -> None:
     """Before: ``model=PATH.gguf`` was refused with "no such folder" although the file exists."""
-    from lorakit import LoraConfig, inject
-    from lorakit.evaluate import encode, forward, generate, loss_sum
+    from conftest import train_steps
+    from lorakit.evaluate import generate
     from lorakit.models import _smollm2_source, gguf_folder
 
     source = tmp_path / "my model.gguf"  # a user's copy, under a name lorakit does not know
@@ -262,19 +262,8 @@ def test_a_gguf_file_given_by_its_path_converts_trains_and_generates(tmp_path: P
     assert (folder / "model.safetensors").stat().st_mtime_ns == written and again.path == loaded.path
 
     model, tokenizer = loaded.model, loaded.tokenizer
-    inject(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     rows = [{"prompt": "What is LoRA?", "completion": "A low-rank update of frozen weights."}]
-    batch = encode("causal-lm", rows, tokenizer, 64, None)
-    losses = []
-    model.train()
-    for _ in range(3):
-        total, count = loss_sum("causal-lm", forward(model, "causal-lm", batch), batch["labels"])
-        (total / count).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(float(total.detach() / count))
-    model.eval()
+    losses = train_steps(model, tokenizer, rows, steps=3, max_length=64)
     assert losses[-1] < losses[0]
     answer = generate(model, tokenizer, ["What is LoRA?"], max_new_tokens=12)[0]
     assert answer.strip()
