@@ -54,7 +54,7 @@ def adapter_names(count: int) -> list[str]:
     return [f"a{i:02d}" for i in range(count)]
 
 
-def make_adapters(folder: Path, count: int, rank: int) -> None:
+def make_adapters(folder: Path, count: int, rank: int, base: str = "smollm2") -> None:
     """``count`` all-linear LoRA adapters of rank ``rank`` with seeded random A and B (skips existing ones)."""
     from lorakit import LoraConfig, inject, save_adapter
     from lorakit.models import load_model
@@ -62,7 +62,7 @@ def make_adapters(folder: Path, count: int, rank: int) -> None:
     todo = [n for n in adapter_names(count) if not (folder / n / "adapter_config.json").is_file()]
     if not todo:
         return
-    loaded = load_model("smollm2", task="causal-lm")
+    loaded = load_model(base, task="causal-lm")
     model = inject(loaded.model, LoraConfig(r=rank, alpha=2 * rank, target_modules="all-linear"))
     for name in todo:
         generator = torch.Generator().manual_seed(int(name[1:]))
@@ -145,7 +145,7 @@ async def load_test(url: str, clients: int, adapters: list[str], seconds: float,
 def run_server_side(args: argparse.Namespace, adapter_dir: Path, adapters: list[str]) -> dict:
     port = free_port()
     command = [sys.executable, "-c", "import sys; from lorakit.cli import main; sys.exit(main())", "serve",
-               "--base", "smollm2", "--adapter-dir", str(adapter_dir),
+               "--base", args.base, "--adapter-dir", str(adapter_dir),
                "--max-adapters", str(max(len(adapters), 1)), "--max-batch", str(args.max_batch), "--port", str(port),
                "--max-tokens", str(max(args.max_tokens, 64)), "--log-level", "warning", "--device", args.device,
                "--dtype", args.dtype]
@@ -212,7 +212,7 @@ def run_baseline(args: argparse.Namespace, adapter_dir: Path, adapters: list[str
         torch.set_num_threads(args.threads)
     from lorakit.serve.config import resolve_device, resolve_dtype
 
-    loaded = load_model("smollm2", task="causal-lm")
+    loaded = load_model(args.base, task="causal-lm")
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)  # the server's, on the same terms
     tokenizer = loaded.tokenizer
     model = PeftModel.from_pretrained(loaded.model.to(device=device, dtype=dtype or torch.float32),
@@ -308,6 +308,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--base", default="smollm2",
+                        help="base model: packaged name or a SmolLM2-architecture folder (e.g. random weights on a GPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads, both sides (default: torch's)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto, both sides (default: auto)")
     parser.add_argument("--dtype", default="auto", help="fp32, bf16, fp16 or auto (as loaded), both sides")
@@ -321,7 +323,7 @@ def main() -> int:
         adapter_dir = args.adapter_dir or Path(tmp)
         adapter_dir.mkdir(parents=True, exist_ok=True)
         print(f"adapters: {len(adapters)} x all-linear r={args.rank} in {adapter_dir}", flush=True)
-        make_adapters(adapter_dir, args.adapters, args.rank)
+        make_adapters(adapter_dir, args.adapters, args.rank, args.base)
         before = machine()
         print(f"server: {args.clients} clients, {args.seconds:g} s ...", flush=True)
         server = run_server_side(args, adapter_dir, adapters)
