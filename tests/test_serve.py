@@ -20,7 +20,7 @@ import torch
 
 import lorakit
 from lorakit import LoraConfig, inject, save_adapter
-from lorakit.evaluate import generate
+from lorakit.evaluate import generate, stop_token_ids
 from lorakit.io import load_adapter
 from lorakit.serve import Engine, ServeConfig, ServerThread, create_app
 
@@ -644,6 +644,23 @@ def test_bf16_engine_on_cpu_verifies_adapters_before_converting(adapter_dir, smo
         assert refused.status_code == 422 and refused.json()["error"]["code"] == "adapter_unverified"
         foreign = _chat(http, "foreign", PROMPTS[0])
         assert foreign.status_code == 422 and "another base" in foreign.json()["error"]["message"]
+
+
+def test_engine_stops_where_generate_stops(smollm2_session) -> None:
+    """A chat model whose EOS is not its end-of-turn token and whose generation config names no EOS: the server
+    stops at `<|im_end|>` as `lorakit generate` does (it used to stop at `<|endoftext|>` only)."""
+    tokenizer = copy.deepcopy(smollm2_session.tokenizer)
+    tokenizer.eos_token = "<|endoftext|>"
+    config = smollm2_session.model.generation_config
+    saved = config.eos_token_id
+    config.eos_token_id = None
+    try:
+        engine = Engine(smollm2_session.model, tokenizer, "causal-lm", "smollm2", ServeConfig(device="cpu"))
+        assert engine.eos_ids == set(stop_token_ids(tokenizer, smollm2_session.model))
+        assert tokenizer.convert_tokens_to_ids("<|im_end|>") in engine.eos_ids
+        assert tokenizer.eos_token_id in engine.eos_ids
+    finally:
+        config.eos_token_id = saved
 
 
 def test_admin_disabled_without_token(smollm2_session) -> None:

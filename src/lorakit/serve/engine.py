@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..adapters import lora_modules, route
+from ..evaluate import stop_token_ids
 from .config import ADAPTER_NAME, ServeConfig, ServeError, resolve_device, resolve_dtype
 from .kv_cache import BatchCache, PrefixCache, check_cache_layout, new_cache, stack_prefixes
 from .metrics import Metrics
@@ -140,9 +141,9 @@ class Engine:
             if not check_cache_layout(model.config):
                 raise ServeError(400, "continuous batching joins KV caches of full-attention layers; this model has "
                                       "sliding-window or other cache layers, which lorakit serve does not support")
-            eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-            eos = eos if eos is not None else tokenizer.eos_token_id
-            self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+            # the same stop set as `lorakit generate`: EOS, the generation config's EOS and the template's
+            # end-of-turn token(s), so a model whose EOS is not `<|im_end|>` does not run into a new turn
+            self.eos_ids = set(stop_token_ids(tokenizer, model))
             self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.prefix = PrefixCache(self.config.prefix_block, self.config.prefix_cache_tokens)
         self.adapters.on_unload = self.prefix.forget
