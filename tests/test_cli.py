@@ -209,22 +209,25 @@ def test_generate_samples_like_the_server(capsys, monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.slow
-def test_run_on_own_data_is_named_after_it(tmp_path: Path, capsys) -> None:
+def test_run_on_own_data_is_named_after_it(tmp_path: Path, capsys, monkeypatch) -> None:
     rows = [("a wonderful, moving film", "good"), ("dull and far too long", "bad")] * 20
     data = tmp_path / "my reviews.csv"
     data.write_text("text,label\n" + "".join(f'"{t}",{label}\n' for t, label in rows) + "oops,\n")
     out = tmp_path / "run"
-    assert main(["train", f"data={data}", "data.skip_bad_rows=true", "train.max_steps=1", "train.batch_size=8",
+    monkeypatch.chdir(tmp_path)  # the data given as a relative path, as users type it
+    assert main(["train", f"data={data.name}", "data.skip_bad_rows=true", "train.max_steps=1", "train.batch_size=8",
                  "train.max_length=16", "train.max_train_examples=16", "train.progress=false",
                  "--output", str(out)]) == 0
     saved = yaml.safe_load((out / "recipe.yaml").read_text())
     assert saved["name"] == "sentiment-minilm-on-my-reviews"
     assert saved["data"] == {"path": str(data), "skip_bad_rows": True}
-    assert "Rotten Tomatoes" not in saved["description"] and str(data) in saved["description"]
+    assert "Rotten Tomatoes" not in saved["description"] and data.name in saved["description"]
     provenance = lorakit.read_adapter(out / "adapter").lorakit["provenance"]
     assert provenance["recipe"]["name"] == saved["name"] and provenance["recipe"]["description"] == saved[
         "description"]
     assert json.loads((out / "metrics.json").read_text())["recipe"] == saved["name"]
     capsys.readouterr()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # recipe.yaml keeps the absolute path: eval works from anywhere
     assert main(["eval", str(out), "--max-examples", "4"]) == 0  # the saved recipe reads back, options and all
     assert json.loads(capsys.readouterr().out)["examples"] == 4

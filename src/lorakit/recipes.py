@@ -122,6 +122,26 @@ class Recipe:
         return LoraConfig(**{**self.lora, "task_type": peft_task_type(self.task),
                              "base_model_name_or_path": base_model_name})
 
+    def with_absolute_paths(self) -> "Recipe":
+        """This recipe with the user's own relative file paths (model folder or ``.gguf``, data file and held-out
+        files) made absolute, as a run folder's ``recipe.yaml`` keeps them: ``lorakit eval RUN`` then reads the
+        same files from any directory. Packaged names and hub ids are left as they are (a packaged name wins
+        over a same-named local folder when loading, so it must not become a path here)."""
+        from .data import DATASETS
+        from .models import PACKAGED_MODELS
+
+        def absolute(value: str | None, packaged: Any) -> str | None:
+            if value is None or value.lower() in packaged or not Path(value).expanduser().exists():
+                return value
+            return str(Path(value).expanduser().resolve())
+
+        options = dataclasses.replace(
+            self.data_options, validation_file=absolute(self.data_options.validation_file, ()),
+            test_file=absolute(self.data_options.test_file, ()))
+        return dataclasses.replace(
+            self, model=absolute(self.model, {k.lower() for k in PACKAGED_MODELS}),
+            data=absolute(self.data, {k.lower() for k in DATASETS}), data_options=options)
+
     def to_dict(self) -> dict[str, Any]:
         """The recipe as its YAML mapping (`recipe_from_dict` reads it back): ``data`` is the path alone, or a
         mapping with the path and the options that differ from the defaults."""
