@@ -573,7 +573,8 @@ class RecipeLoop:
                             f"{format_metrics(metrics['quantized_merge']['eval'])}; re-quantization drift "
                             f"{metrics['quantized_merge']['mean_relative']:.2e} (mean relative)")
             write_json(self.out / "metrics.json", metrics)
-            write_bytes(self.out / "recipe.yaml", yaml.safe_dump(r.with_absolute_paths().to_dict(), sort_keys=False).encode())
+            saved_recipe = r.with_absolute_paths().to_dict()  # eval/predict of the run work from any directory
+            write_bytes(self.out / "recipe.yaml", yaml.safe_dump(saved_recipe, sort_keys=False).encode())
             plot_training(self.state.history, self.out / PLOT_FILE, primary_metric(r.task).name, title=r.name)
         distributed.barrier(world)
         return metrics
