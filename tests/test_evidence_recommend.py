@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from evidence_helpers import TINY, check_report
 from lorakit import ConfigError
@@ -115,3 +116,45 @@ def test_recommend_checks_its_settings_before_loading(tmp_path: Path, kwargs: di
     with pytest.raises(ConfigError, match=message):  # before: a FileNotFoundError after both probes, for the sweep
         recommend("sentiment-minilm", TINY, tmp_path / "out", log=lambda line: None, **kwargs)
     assert not any(tmp_path.iterdir())
+
+
+def test_gradient_ranks_reads_attention_and_parameter_targets() -> None:
+    """The rank probe reads every targeted weight: nn.MultiheadAttention's in-projection and out_proj, a
+    ``target_parameters`` expert tensor (one matrix per expert), a Linear; it used to read ``.weight`` only and
+    failed on the first two. Modes, ``requires_grad`` and weights are left as they were."""
+    from types import SimpleNamespace
+
+    from lorakit import LoraConfig
+    from lorakit.evidence.recommend import gradient_ranks
+
+    class Experts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 8, 8) * 0.1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("bsi,eio->bso", x, self.w)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.experts = Experts()
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.experts(self.attn(x, x, x)[0]))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(4, 5, 8)
+    config = LoraConfig(r=2, target_modules=["attn", "head"], target_parameters=["experts.w"])
+    probe = SimpleNamespace(model=model, recipe=SimpleNamespace(lora_config=lambda base: config),
+                            loaded=SimpleNamespace(path=None, name="net"),
+                            loss=lambda k: model(x[k:k + 2]).square().mean())
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    layers = {row["name"]: row for row in gradient_ranks(probe, batches=2, energy=0.9)}
+    assert set(layers) == {"attn.in_proj_weight", "attn.out_proj.weight", "experts.w", "head"}
+    assert layers["experts.w"]["shape"] == [3, 8, 8] and all(1 <= row["energy_rank"] <= 8 for row in layers.values())
+    assert not model.training and all(p.requires_grad and p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

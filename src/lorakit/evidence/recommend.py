@@ -9,7 +9,6 @@ a race of two ranks trained at the recipe's budget, and a check against a `sweep
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import statistics
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError
 from ..files import write_json
@@ -108,31 +108,59 @@ class BaseProbe:
         return total / max(1, count)
 
 
+def probed_weights(model: nn.Module, rows: Sequence[Any]) -> dict[str, nn.Parameter]:
+    """The base weights whose gradients `gradient_ranks` reads, one or more per targeted row: a targeted
+    module's weight matrices (``weight`` of a Linear/conv/Embedding; the in-projection and ``out_proj.weight``
+    of an ``nn.MultiheadAttention``), or the targeted parameter itself for a ``target_parameters`` row."""
+    weights: dict[str, nn.Parameter] = {}
+    for row in rows:
+        if row.parameter:
+            weights[row.name] = model.get_parameter(row.name)
+            continue
+        matrices = {key: p for key, p in model.get_submodule(row.name).named_parameters() if p.dim() >= 2}
+        if len(matrices) == 1:  # a Linear, conv or Embedding: named after the module, as the targets are
+            weights[row.name] = next(iter(matrices.values()))
+        else:
+            weights.update({f"{row.name}.{key}": p for key, p in matrices.items()})
+    return weights
+
+
 def gradient_ranks(probe: BaseProbe, batches: int, energy: float) -> list[dict[str, Any]]:
-    """Per targeted layer: the number of singular directions of the gradient, summed over ``batches`` batches,
-    that hold ``energy`` of its squared singular values. The model's weights are left as they were."""
+    """Per targeted weight: the number of singular directions of the gradient, summed over ``batches`` batches,
+    that hold ``energy`` of its squared singular values (3-D expert weights: the largest over the experts).
+    The gradients are those training would see (`lorakit.train.train_mode`: frozen norms keep their
+    statistics); weights, modes and ``requires_grad`` are left as they were."""
     from ..analyze import energy_rank, singular_values
     from ..inject import targeting_report
+    from ..train import train_mode
 
     model = probe.model
     config = probe.recipe.lora_config(probe.loaded.path or probe.loaded.name)
-    targets = [row.name for row in targeting_report(model, config).targeted]
-    pristine = copy.deepcopy(model.state_dict())
-    model.train()
+    weights = probed_weights(model, targeting_report(model, config).targeted)
+    modes = {m: m.training for m in model.modules()}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    train_mode(model)
     model.requires_grad_(False)
-    weights = {name: model.get_submodule(name).weight for name in targets}
     for w in weights.values():
         w.requires_grad_(True)
-    for k in range(batches):
-        probe.loss(k).backward()  # .grad sums over the batches
     layers = []
-    for name, w in weights.items():
-        sigma = singular_values(w.grad)
-        layers.append({"name": name, "shape": list(w.shape), "energy_rank": energy_rank(sigma, energy),
-                       "sigma_top": sigma[:8].tolist()})
-        w.grad = None
-        w.requires_grad_(False)
-    model.load_state_dict(pristine)
+    try:
+        for k in range(batches):
+            probe.loss(k).backward()  # .grad sums over the batches
+        for name, w in weights.items():
+            grads = list(w.grad) if w.grad.dim() == 3 else [w.grad]  # experts (E, in, out): one matrix each
+            sigmas = [singular_values(g) for g in grads]
+            ranks = [energy_rank(sigma, energy) for sigma in sigmas]
+            top = max(range(len(ranks)), key=ranks.__getitem__)
+            layers.append({"name": name, "shape": list(w.shape), "energy_rank": ranks[top],
+                           "sigma_top": sigmas[top][:8].tolist()})
+    finally:
+        for w in weights.values():
+            w.grad = None
+        for module, training in modes.items():
+            module.train(training)
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
     return layers
 
 
