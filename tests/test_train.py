@@ -26,21 +26,6 @@ TINY = ["train.max_train_examples=64", "train.batch_size=8", "train.max_length=3
         "train.progress=false"]
 
 
-def test_recipe_overrides_and_errors() -> None:
-    recipe = load_recipe("sentiment-minilm", ["train.lr=3e-4", "lora.r=4", "lora.target_modules=[query]",
-                                              "method=full"])
-    assert recipe.train.lr == 3e-4 and recipe.lora["r"] == 4 and recipe.method == "full"
-    assert recipe.lora["target_modules"] == ["query"]
-    with pytest.raises(ConfigError, match="no recipe 'nope'.*sentiment-minilm"):
-        load_recipe("nope")
-    with pytest.raises(ConfigError, match=r"unknown train key\(s\) \['lrr'\]"):
-        load_recipe("sentiment-minilm", ["train.lrr=1"])
-    with pytest.raises(ConfigError, match="not key=value"):
-        load_recipe("sentiment-minilm", ["train.lr"])
-    with pytest.raises(ConfigError, match="positive integer rank"):
-        load_recipe("sentiment-minilm", ["lora.r=0"])
-
-
 @pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")
                                          if "tasks" not in yaml.safe_load(p.read_text())))  # multi-task: own tests
 def test_every_recipe_runs_on_a_small_slice(name: str, tmp_path: Path) -> None:
