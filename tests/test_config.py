@@ -71,3 +71,21 @@ def test_one_scaling_formula_and_alpha_default() -> None:
     assert LoraConfig(target_modules=["q"]).alpha == 8  # PEFT's lora_alpha default, whatever r
     assert LoraConfig(r=16, target_modules=["q"]).scaling(16, 8) == lora_scaling(16, 8) == 0.5
     assert LoraConfig(r=16, target_modules=["q"], use_rslora=True).scaling(16, 8) == lora_scaling(16, 8, True) == 2.0
+
+
+@pytest.mark.parametrize("field", ["target_modules", "exclude_modules", "rank_pattern", "alpha_pattern"])
+def test_regexes_with_nested_repeats_are_refused(field: str) -> None:
+    """``(.+)+x`` takes exponential time on a module name it does not match (a downloaded adapter_config.json
+    could hang `load_adapter`): refused in every place a regex is read, from a PEFT file too."""
+    pattern = r"(.+)+x"
+    value = {pattern: 2} if field.endswith("pattern") else pattern
+    with pytest.raises(ConfigError, match="repeats a group that itself repeats"):
+        LoraConfig(**{"target_modules": ["q"], field: value})
+    with pytest.raises(ConfigError, match="repeats a group that itself repeats"):
+        LoraConfig.from_peft_dict({**LoraConfig(target_modules=["q"]).to_peft_dict(), field: value})
+
+
+@pytest.mark.parametrize("pattern", [r".*\.(q|v)_proj", r"^(?!.*vision).*\.(q_proj|v_proj)$",
+                                     r"model\.layers\.(\d+)\.self_attn\.(q|k|v)_proj", r".*(attn|mlp)\.[^.]+_proj"])
+def test_usual_peft_regexes_are_accepted(pattern: str) -> None:
+    assert LoraConfig(target_modules=pattern).target_modules == pattern

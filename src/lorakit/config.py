@@ -148,10 +148,10 @@ class LoraConfig:
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, str) and value.lower() != ALL_LINEAR:
-                try:
-                    re.compile(value)
-                except re.error as err:
-                    raise ConfigError(f"{name} is not a valid regex ({err}): {value!r}") from None
+                check_module_regex(value, name)
+        for name in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, name):
+                check_module_regex(key, f"{name} key")
         if (isinstance(self.target_modules, str) and self.target_modules.lower() != ALL_LINEAR
                 and self.layers_to_transform is not None):
             raise ConfigError("layers_to_transform cannot be combined with a regex target_modules (PEFT refuses "
@@ -251,6 +251,33 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     """The LoRA scaling ``s = alpha / r`` (Hu et al. 2021, section 4.1), or ``alpha / sqrt(r)`` with rsLoRA
     (Kalajdzievski 2023): the one formula, used by `LoraConfig.scaling` and every LoRA layer."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def check_module_regex(pattern: str, what: str) -> None:
+    """Refuse a module-name regex that is invalid, or that repeats a group which itself repeats (``(a+)+``,
+    ``(.*x)*``): such patterns take time exponential in the name's length when they fail to match, and they come
+    from adapter files users download. PEFT's own selectors (``.*\\.(q|v)_proj``, ``layers\\.(\\d+)\\.``) never
+    need the nesting."""
+    if not isinstance(pattern, str):
+        raise ConfigError(f"{what} must be a string regex, got {pattern!r}")
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as err:
+        raise ConfigError(f"{what} is not a valid regex ({err}): {pattern!r}") from None
+    plain = re.sub(r"\[[^\]]*\]", "x", re.sub(r"\\.", "x", pattern))  # escapes and classes are one character
+    repeats = [False]  # per open group: does it hold a repeat?
+    for i, char in enumerate(plain):
+        if char == "(":
+            repeats.append(False)
+        elif char == ")" and len(repeats) > 1:
+            inner = repeats.pop()
+            if inner and plain[i + 1:i + 2] in ("*", "+", "{"):
+                raise ConfigError(f"{what} {pattern!r} repeats a group that itself repeats, which can take "
+                                  "exponential time on module names (fix: write it without the nested repeat, "
+                                  r"e.g. '.*\.(q_proj|v_proj)')")
+            repeats[-1] = repeats[-1] or inner
+        elif char in "*+{":
+            repeats[-1] = True
 
 
 def _check_rank(what: str, r: Any) -> None:
