@@ -45,8 +45,7 @@ TRAIN_VARIANTS = ["floor", "lorakit-attn", "peft-attn", "lorakit-all", "peft-all
 COMPILED_VARIANTS = ["lorakit-attn-compiled", "peft-attn-compiled"]  # torch.compile of the model (--compiled)
 INFER_VARIANTS = ["infer-base", "infer-lorakit", "infer-lorakit-merged", "infer-peft", "infer-peft-merged"]
 MIXED_COUNTS = (4, 16, 64)
-CASES = ["time-train", "time-infer", "time-mixed", *(f"mem-{v}" for v in TRAIN_VARIANTS), "saveload-lorakit",
-         "saveload-peft"]
+CASES = ["time-train", "time-infer", "time-mixed", *(f"mem-{v}" for v in TRAIN_VARIANTS), "time-saveload"]
 
 
 # -- worker side ------------------------------------------------------------------------------------------
@@ -220,6 +219,27 @@ def _train_step(name: str, base, inputs, variant: str):
     return step
 
 
+def _saveload_cycle(name: str, base, library: str):
+    """Save adapter ``a0`` (all linear layers) and load it back as a second adapter, removing the previous copy."""
+    model = _lora(name, base, library, "all-linear")
+    folder = Path(tempfile.mkdtemp())
+    if library == "lorakit":
+        import lorakit
+
+        def cycle():
+            lorakit.save_adapter(model, folder / "x", "a0")
+            if "b" in lorakit.adapter_names(model):
+                lorakit.delete_adapter(model, "b")
+            lorakit.load_adapter(model, folder / "x", adapter_name="b")
+    else:
+        def cycle():
+            model.save_pretrained(str(folder / "x"), selected_adapters=["a0"])
+            if "b" in model.peft_config:
+                model.delete_adapter("b")
+            model.load_adapter(str(folder / "x" / "a0"), adapter_name="b")  # PEFT: non-default in a sub-folder
+    return cycle
+
+
 def run_case(name: str, case: str, steps: int) -> dict:
     import torch
 
@@ -280,25 +300,9 @@ def run_case(name: str, case: str, steps: int) -> dict:
             result = {"variants": _alternate(fns, max(3, steps // 2), warmup=1)}
         for v in result["variants"].values():
             v["rows"] = MIXED_ROWS
-    elif case.startswith("saveload"):
-        library = case.split("-")[1]
-        model = _lora(name, base, library, "all-linear")
-        folder = Path(tempfile.mkdtemp())
-        if library == "lorakit":
-            import lorakit
-
-            def cycle():
-                lorakit.save_adapter(model, folder / "x", "a0")
-                if "b" in lorakit.adapter_names(model):
-                    lorakit.delete_adapter(model, "b")
-                lorakit.load_adapter(model, folder / "x", adapter_name="b")
-        else:
-            def cycle():
-                model.save_pretrained(str(folder / "x"), selected_adapters=["a0"])
-                if "b" in model.peft_config:
-                    model.delete_adapter("b")
-                model.load_adapter(str(folder / "x" / "a0"), adapter_name="b")  # PEFT: non-default in a sub-folder
-        result = _timed(cycle, steps, warmup=1)
+    elif case == "time-saveload":  # both libraries in one process, alternated (separate copies of the base)
+        result = {"variants": _alternate({"saveload-lorakit": _saveload_cycle(name, copy.deepcopy(base), "lorakit"),
+                                          "saveload-peft": _saveload_cycle(name, base, "peft")}, steps, warmup=1)}
     else:
         raise SystemExit(f"unknown case {case}")
     result["peak_rss_mb"] = _peak_mb()  # on a GPU: peak CUDA allocations (the key keeps the CPU name)
@@ -435,7 +439,7 @@ def _table(s: dict, ratios: dict, memory: str = "peak RSS MB") -> str:
             continue
         flag = " (noisy: machine busy)" if v.get("noisy") else ""
         model, variant = key.split("/", 1)
-        mem = s.get(f"{model}/mem-{variant}", v if variant.startswith("saveload") else None)
+        mem = s.get(f"{model}/mem-{variant}")
         rss = "" if mem is None else f"{mem['peak_rss_mb']:.0f}"
         lines.append(f"| {key} | {1000 * v['median_s']:.1f} | {v['kept']}/{v['dropped']}{flag} | {rss} |")
     lines += ["", "| ratio of medians | value |", "|---|---:|"]

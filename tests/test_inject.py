@@ -168,3 +168,50 @@ def test_rank_above_a_layer_size_is_accepted_with_a_warning(tiny, tiny_ids) -> N
     unmerged = tiny(tiny_ids)
     lorakit.merge(tiny)
     torch.testing.assert_close(tiny(tiny_ids), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def _candidates_by_named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The candidate rule written over ``named_modules`` (the walk before it stopped entering wrappers)."""
+    from lorakit.layers import LoraParameter, ModulesToSave
+
+    inside, out = [], []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix) for prefix in inside):
+            continue
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            inside.append(name + ".")
+            if isinstance(module, LoraLayer):
+                base = module.base_layer
+                while isinstance(base, LoraParameter):
+                    base = base.base_layer
+                out.append((name, base))
+            continue
+        out.append((name, module))
+    return out
+
+
+def test_candidate_walk_skips_wrapper_insides_and_keeps_named_modules_order(tiny) -> None:
+    from lorakit.inject import _candidates
+
+    shared = nn.Linear(4, 4)
+    tiny.extra = nn.ModuleDict({"a": shared, "b": shared})  # one module at two places: listed once, first place
+    inject(tiny, LoraConfig(r=2, target_modules=["q", "extra.a"], modules_to_save=["head"]), "one")
+    lorakit.add_adapter(tiny, "two", LoraConfig(r=3, target_modules="all-linear", exclude_modules=["head"]))
+    lorakit.add_adapter(tiny, "three", LoraConfig(r=2, target_parameters=["embed.weight"]))
+    got = list(_candidates(tiny))
+    want = _candidates_by_named_modules(tiny)
+    assert [n for n, _ in got] == [n for n, _ in want] and all(a is b for (_, a), (_, b) in zip(got, want))
+    assert "extra.b" not in dict(got) and not any(".lora_" in n or "modules_to_save" in n for n, _ in got)
+
+
+def test_list_targets_match_by_dotted_suffix_sets(tiny) -> None:
+    from lorakit.inject import dotted_suffixes, suffix_match
+
+    names = [n for n, _ in tiny.named_modules() if n]
+    keys = ["q", "0.q", "layers.1.v", "ayers.1.v", "", ".q", "head", "layers", "1"]
+    for name in names:
+        assert {k for k in keys if k in dotted_suffixes(name)} == {k for k in keys if suffix_match(k, name)}
+    report = targeting_report(tiny, LoraConfig(r=2, target_modules=["0.q", "layers.1.v", "head"]))
+    assert [row.name for row in report.targeted] == ["layers.0.q", "layers.1.v", "head"]
+    with pytest.raises(TargetError, match="target 'ayers.1.v' matches no module"):
+        targeting_report(tiny, LoraConfig(r=2, target_modules=["q", "ayers.1.v"]))

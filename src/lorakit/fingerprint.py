@@ -98,6 +98,8 @@ def clear_cache() -> None:
 def _hash_all(tensors: Sequence[Tensor]) -> list[tuple[bytes, int]]:
     """``(sha256 of the bytes, byte count)`` per tensor, hashed in 16 MiB chunks on a thread pool (hashlib
     releases the GIL), so the result does not depend on the thread count."""
+    if not tensors:  # every base weight's hash was cached: no thread pool to start
+        return []
     views = [_tensor_bytes(t) for t in tensors]
     chunks = [(i, view[start:start + _CHUNK]) for i, view in enumerate(views)
               for start in range(0, max(len(view), 1), _CHUNK)]

@@ -11,7 +11,7 @@ import difflib
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 from torch import nn
 
@@ -271,13 +271,15 @@ class WrapperSlot(NamedTuple):
     target: str
 
 
-def parameter_wrappers(model: nn.Module, config: LoraConfig) -> dict[str, WrapperSlot]:
+def parameter_wrappers(model: nn.Module, config: LoraConfig, report: TargetingReport | None = None
+                       ) -> dict[str, WrapperSlot]:
     """``{module path of the wrapper: slot}`` for the parameters ``config`` adapts, as `add_adapter` nests them (new
     wrappers around existing ones, first parameter innermost; MultiheadAttention's ``out_proj`` under it): the
-    module names of PEFT's file keys (``experts.base_layer`` for the inner of two)."""
+    module names of PEFT's file keys (``experts.base_layer`` for the inner of two). ``report``: the caller's
+    ``targeting_report(model, config)``, when it has one (each report walks the whole model)."""
     modules = dict(model.named_modules())
     chains: dict[str, list[str]] = {}  # owner path -> parameter names, outermost wrapper first
-    rows, out = targeting_report(model, config).targeted, {}
+    rows, out = (report or targeting_report(model, config)).targeted, {}
     for row in (row for row in rows if not row.parameter):
         base = modules[row.name].base_layer if isinstance(modules[row.name], LoraLayer) else modules[row.name]
         for param, path in getattr(wrapper_for(base), "nested_parameters", {}).items():
@@ -313,21 +315,32 @@ def _wrap_parameter(model: nn.Module, row: TargetRow, adapter_name: str, config:
 
 # -- matching ------------------------------------------------------------------------------------------------
 def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name, layer) for every module that could be a target; a LoRA wrapper stands for its base layer,
-    and lorakit's own sub-modules (lora_A, copies of modules_to_save...) are never candidates."""
-    inside: list[str] = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(prefix) for prefix in inside):
+    """(name, layer) for every module that could be a target, in ``named_modules`` order; a LoRA wrapper stands for
+    its base layer, and lorakit's own sub-modules (lora_A, copies of modules_to_save...) are never candidates.
+
+    The walk does not enter wrappers (as `lora_modules`): with many adapters their sub-modules outnumber the model's
+    own, and every load walks the model (SmolLM2, 210 adapted layers: 164 -> a few ms per walk)."""
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:  # a module reached twice is listed once, at its first place (named_modules' rule)
             continue
+        seen.add(id(module))
         if isinstance(module, (LoraLayer, ModulesToSave)):
-            inside.append(name + ".")
+            inner = module.original_module if isinstance(module, ModulesToSave) else module.base_layer
+            while isinstance(inner, LoraParameter):  # parameter targets nest: the module that owns them
+                seen.add(id(inner))
+                inner = inner.base_layer
+            seen.add(id(inner))
             if isinstance(module, LoraLayer):
-                base = module.base_layer
-                while isinstance(base, LoraParameter):  # parameter targets nest: the module that owns them
-                    base = base.base_layer
-                yield name, base
+                yield name, inner
             continue
-        yield name, module
+        if name:
+            yield name, module
+        children = [(f"{name}.{key}" if name else key, child) for key, child in module._modules.items()
+                    if child is not None]
+        stack.extend(reversed(children))
 
 
 def suffix_match(key: str, name: str) -> bool:
@@ -335,12 +348,25 @@ def suffix_match(key: str, name: str) -> bool:
     return name == key or name.endswith("." + key)
 
 
-def _select(spec: list[str] | str | None, name: str) -> bool:
+def dotted_suffixes(name: str) -> list[str]:
+    """``name`` and every dotted suffix of it (``a.b.c`` -> ``a.b.c``, ``b.c``, ``c``): the keys `suffix_match` accepts
+    for it, so a list of keys is matched with set look-ups instead of comparing every key with every name."""
+    out, start = [name], name.find(".")
+    while start >= 0:
+        out.append(name[start + 1:])
+        start = name.find(".", start + 1)
+    return out
+
+
+def _selector(spec: list[str] | str | None) -> Callable[[str], bool]:
+    """``name -> selected?`` for a list of name suffixes (PEFT's list rule, set look-ups) or a full-match regex."""
     if spec is None:
-        return False
+        return lambda name: False
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(suffix_match(key, name) for key in spec)
+        pattern = re.compile(spec)
+        return lambda name: pattern.fullmatch(name) is not None
+    keys = frozenset(spec)
+    return lambda name: not keys.isdisjoint(dotted_suffixes(name))
 
 
 def _layer_index_ok(config: LoraConfig, name: str) -> bool:
@@ -369,12 +395,14 @@ def _match_targets(model: nn.Module, config: LoraConfig, candidates: list[tuple[
         hits = [(n, m) for n, m in candidates
                 if n not in skip and (w := wrapper_for(m)) is not None and w.linear_like]
     else:
-        hits = [(n, m) for n, m in candidates if _select(targets, n)]
+        selected = _selector(targets)
+        hits = [(n, m) for n, m in candidates if selected(n)]
         _check_every_key_matched(targets, candidates)
         if isinstance(targets, str):
             # a regex sweeps over containers and norms too: keep only the layer types lorakit adapts
             hits = [(n, m) for n, m in hits if wrapper_for(m) is not None]
-    hits = [(n, m) for n, m in hits if not _select(config.exclude_modules, n) and _layer_index_ok(config, n)
+    excluded = _selector(config.exclude_modules)
+    hits = [(n, m) for n, m in hits if not excluded(n) and _layer_index_ok(config, n)
             and not any(n == s or n.startswith(s + ".") for s in save_names)]
     if not hits:
         raise TargetError(f"target_modules={targets!r} matches no module after exclude_modules/"
@@ -383,11 +411,16 @@ def _match_targets(model: nn.Module, config: LoraConfig, candidates: list[tuple[
 
 
 def _check_every_key_matched(targets: list[str] | str, candidates: list[tuple[str, nn.Module]]) -> None:
-    keys = [targets] if isinstance(targets, str) else targets
-    for key in keys:
-        spec = key if isinstance(targets, str) else [key]
-        if not any(_select(spec, n) for n, _ in candidates):
-            raise TargetError(f"target {key!r} matches no module of this model; {_closest(key, candidates)}")
+    if isinstance(targets, str):
+        selected = _selector(targets)
+        missing = None if any(selected(n) for n, _ in candidates) else targets
+    else:
+        keys, found = frozenset(targets), set()
+        for name, _ in candidates:
+            found.update(keys.intersection(dotted_suffixes(name)))
+        missing = next((key for key in targets if key not in found), None)
+    if missing is not None:
+        raise TargetError(f"target {missing!r} matches no module of this model; {_closest(missing, candidates)}")
 
 
 def _closest(key: str, candidates: list[tuple[str, nn.Module]]) -> str:
@@ -435,4 +468,4 @@ def _base_of(module: nn.Module) -> nn.Module:
 
 
 __all__ = ["TargetRow", "TargetingReport", "WrapperSlot", "add_adapter", "inject", "is_base_param", "is_internal",
-           "parameter_wrappers", "suffix_match", "targeting_report", "trainable_parameters"]
+           "dotted_suffixes", "parameter_wrappers", "suffix_match", "targeting_report", "trainable_parameters"]

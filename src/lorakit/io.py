@@ -21,8 +21,8 @@ from .errors import AdapterError, AdapterStateError, ConfigError, LorakitError, 
 from .files import atomic_directory, inside, json_default, safetensors_bytes, write_file
 from .fingerprint import base_fingerprint, digest, fingerprint_difference
 from .hf import base_model_id, peft_task_type
-from .inject import (WrapperSlot, add_adapter, is_base_param, is_internal, parameter_wrappers, suffix_match,
-                     targeting_report)
+from .inject import (TargetingReport, WrapperSlot, add_adapter, dotted_suffixes, is_base_param, is_internal,
+                     parameter_wrappers, suffix_match, targeting_report)
 from .layers import LORA_PARTS, LoraLayer, LoraParameter, ModulesToSave, wrapper_for
 from .peft_format import (CONFIG_FILE, FILE_PARTS, METADATA_KEY, PICKLE_FILE, PISSA_INIT_FILE, PREFIX,
                           WEIGHTS_FILE, AdapterFiles, adapter_modules, adapter_state_dict, layer_parts,
@@ -86,7 +86,7 @@ def _plan(model: nn.Module, files: AdapterFiles) -> _Plan:
                                f"entry and no bias of this model{hint}")
     if not plan.lora:
         raise AdapterError(f"{where} has no LoRA tensors (lora_A/lora_B/lora_embedding_A/B)")
-    plan.parameters = _parameter_wrappers(model, config, where)
+    report, plan.parameters = _config_report(model, config, where)
     missing = sorted(set(plan.parameters) - set(plan.lora))
     if missing:
         raise AdapterError(f"{where}: missing tensors for {missing[:3]} ({CONFIG_FILE} targets them)")
@@ -106,13 +106,18 @@ def _plan(model: nn.Module, files: AdapterFiles) -> _Plan:
     missing_saves = sorted(save_names - set(plan.saves))
     if missing_saves:
         raise AdapterError(f"{where}: missing tensors for modules_to_save {missing_saves} (listed in {CONFIG_FILE})")
-    _check_config_targets(model, config, set(plan.lora), where, plan.parameters)
+    _check_config_targets(report, set(plan.lora), where, plan.parameters)
     return plan
 
 
-def _parameter_wrappers(model: nn.Module, config: LoraConfig, where: Path) -> dict[str, WrapperSlot]:
+def _config_report(model: nn.Module, config: LoraConfig, where: Path
+                   ) -> tuple[TargetingReport, dict[str, WrapperSlot]]:
+    """What the file's config selects on this model as PEFT reads it, and the parameter wrappers that implies: one
+    targeting walk per load, shared by the checks (each walk visits every module of the model)."""
     try:
-        return parameter_wrappers(model, _as_peft_reads(model, config))
+        peft_reads = _as_peft_reads(model, config)
+        report = targeting_report(model, peft_reads)
+        return report, parameter_wrappers(model, peft_reads, report)
     except LorakitError as err:
         raise AdapterError(f"{where.parent / CONFIG_FILE} does not fit this model: {err}") from None
 
@@ -218,19 +223,15 @@ def _as_peft_reads(model: nn.Module, config: LoraConfig) -> LoraConfig:
     entries = [e for e in dict.fromkeys(config.modules_to_save or []) if _save_modules(model, [e])]
     targets = config.target_modules
     if isinstance(targets, list):
-        names = [n for n, _ in model.named_modules() if n and not is_internal(n)]
-        targets = [t for t in targets if any(suffix_match(t, n) for n in names)] or targets
+        present = {s for n, _ in model.named_modules() if n and not is_internal(n) for s in dotted_suffixes(n)}
+        targets = [t for t in targets if t in present] or targets
     return config.replace(modules_to_save=entries or None, target_modules=targets)
 
 
-def _check_config_targets(model: nn.Module, config: LoraConfig, found: set[str], where: Path,
+def _check_config_targets(report: TargetingReport, found: set[str], where: Path,
                           parameters: Mapping[str, WrapperSlot] | None = None) -> None:
-    """The modules (and parameters: wrapper path -> ``module.parameter``) the config selects on this model must be
-    exactly those the weights hold."""
-    try:
-        report = targeting_report(model, _as_peft_reads(model, config))
-    except LorakitError as err:
-        raise AdapterError(f"{where.parent / CONFIG_FILE} does not fit this model: {err}") from None
+    """The modules (and parameters: wrapper path -> ``module.parameter``) the config selects on this model
+    (``report``, from `_config_report`) must be exactly those the weights hold."""
     selected = {row.name for row in report.targeted}
     found = {parameters[n].target if n in (parameters or {}) else n for n in found}
     missing, extra = sorted(selected - found), sorted(found - selected)
