@@ -174,7 +174,6 @@ def test_recipe_under_torchrun_fsdp_equals_one_process(tmp_path: Path) -> None:
 @pytest.mark.parametrize("overrides, message", [
     (["train.sharding=fsdp", "quantize=nf4"], "train.dtype=bf16"),
     (["train.sharding=fsdp", "method=full"], "method=lora"),
-    (["train.sharding=fsdp", "train.checkpoint_every=10"], "checkpoint_every=0"),
     (["train.sharding=zero3"], "ddp or fsdp"),
 ])
 def test_settings_a_sharded_run_cannot_honour_are_refused(overrides: list[str], message: str) -> None:
@@ -185,5 +184,189 @@ def test_settings_a_sharded_run_cannot_honour_are_refused(overrides: list[str], 
         load_recipe("sentiment-minilm", overrides)
 
 
+# -- checkpoints and --resume of sharded runs (lorakit.sharded_checkpoints) ------------------------------------------
+# `lorakit train` of the default recipe on a tiny random BERT folder (MiniLM's tokenizer): 6 steps, a checkpoint
+# every 2, no dropout. Runs are killed for real (SIGKILL, nothing gets to clean up) and resumed with --resume.
+RECIPE = ["train.max_train_examples=32", "eval.max_examples=8", "train.batch_size=4", "train.max_steps=6",
+          "train.checkpoint_every=2", "train.progress=false", "train.model_dropout=0", "lora.dropout=0",
+          "train.num_threads=1", "train.max_length=32", "train.sharding=fsdp"]
+KILL_AT, KILL_IN_SAVE = 3, 4
+
+
+def recipe_worker(out: Path, mode: str, overrides: list[str]) -> None:
+    """One process of a recipe run. ``mode``: ``straight``; ``kill`` (every process SIGKILLs itself after step
+    ``KILL_AT``: the last checkpoint is step 2's); ``kill-in-save`` (the main process SIGKILLs itself while the
+    step-``KILL_IN_SAVE`` checkpoint is written, after every shard file and before the commit); ``resume``."""
+    import signal
+
+    import lorakit.sharded_checkpoints as sharded
+    from lorakit.recipes import load_recipe
+    from lorakit.train import train
+
+    commit = sharded._commit
+
+    def crash_in_commit(root: Path, staging: Path, name: str) -> None:
+        if name.startswith(f"step-{KILL_IN_SAVE:08d}-"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        commit(root, staging, name)
+
+    def hook(state, loss: float) -> None:
+        if mode == "kill" and state.global_step == KILL_AT:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    if mode == "kill-in-save":
+        sharded._commit = crash_in_commit
+    train(load_recipe("sentiment-minilm", overrides), out, resume=mode == "resume", on_step=hook)
+
+
+def _launch(out: Path, mode: str, processes: int, model: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    args = [__file__, "recipe", str(out), mode, *RECIPE, f"model={model}", *extra]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 \
+        else []
+    return subprocess.run([sys.executable, *launcher, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def _ok(done: subprocess.CompletedProcess) -> None:
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _latest_step(out: Path) -> int:
+    from lorakit.sharded_checkpoints import read_sharded_checkpoint
+
+    return read_sharded_checkpoint(out).manifest["loop"]["global_step"]
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    from lorakit.io import read_adapter
+
+    return read_adapter(out / "adapter").tensors
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b) and a
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if "loss" in row]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide BERT with random weights and MiniLM's tokenizer, as a Hugging Face folder."""
+    import shutil
+
+    import transformers
+
+    from lorakit.models import model_path
+
+    source, folder = model_path("minilm"), tmp_path_factory.mktemp("tiny-bert")
+    config = transformers.AutoConfig.from_pretrained(source)
+    config.update({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2})
+    torch.manual_seed(0)
+    transformers.AutoModel.from_config(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (source / name).is_file():
+            shutil.copy(source / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Path:
+    out = tmp_path_factory.mktemp("straight")
+    _ok(_launch(out, "straight", 2, tiny_bert))
+    return out
+
+
+def test_killed_sharded_run_resumes_to_the_uninterrupted_adapter(tmp_path: Path, tiny_bert: Path,
+                                                                  straight: Path) -> None:
+    """2 processes killed after step 3 (checkpoint of step 2, one shard file per process) and resumed by 2: the
+    uninterrupted adapter and per-step losses."""
+    from lorakit.sharded_checkpoints import rank_file, read_sharded_checkpoint
+
+    killed = _launch(tmp_path, "kill", 2, tiny_bert)
+    assert killed.returncode != 0 and not (tmp_path / "adapter").exists()
+    assert _latest_step(tmp_path) == 2
+    folder = read_sharded_checkpoint(tmp_path).folder
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", rank_file(0, 2), rank_file(1, 2)]
+    _ok(_launch(tmp_path, "resume", 2, tiny_bert))
+    assert _max_diff(_adapter(straight), _adapter(tmp_path)) <= 1e-6
+    assert _losses(tmp_path) == pytest.approx(_losses(straight), abs=1e-6) and len(_losses(tmp_path)) == 6
+
+
+def test_kill_while_saving_keeps_the_previous_checkpoint_and_fewer_processes_resume(
+        tmp_path: Path, tiny_bert: Path, straight: Path) -> None:
+    """Killed after every shard of step 4 was written but before the commit: step 2's checkpoint is the one
+    found; the half-committed folder is removed at the next start; 1 process resumes the 2-process checkpoint
+    (the shards are joined) to the uninterrupted 2-process adapter."""
+    killed = _launch(tmp_path, "kill-in-save", 2, tiny_bert)
+    assert killed.returncode != 0
+    staged = list((tmp_path / "sharded-checkpoint").glob(f".step-{KILL_IN_SAVE:08d}-*.tmp"))
+    assert len(staged) == 1 and len(list(staged[0].glob("rank-*.safetensors"))) == 2
+    assert _latest_step(tmp_path) == 2
+    _ok(_launch(tmp_path, "resume", 1, tiny_bert))
+    assert not staged[0].exists()
+    assert _max_diff(_adapter(straight), _adapter(tmp_path)) <= 1e-5
+    assert _latest_step(tmp_path) == 6
+
+
+def test_one_process_checkpoint_resumes_on_two(tmp_path: Path, tiny_bert: Path, straight: Path) -> None:
+    """A 1-process run of the fsdp recipe writes the same format (one file of whole tensors); killed after step
+    3 and resumed by 2 sharded processes (each reads only its rows), it ends on the uninterrupted adapter."""
+    killed = _launch(tmp_path, "kill", 1, tiny_bert)
+    assert killed.returncode != 0 and _latest_step(tmp_path) == 2
+    _ok(_launch(tmp_path, "resume", 2, tiny_bert))
+    assert _max_diff(_adapter(straight), _adapter(tmp_path)) <= 1e-5
+
+
+def test_resume_across_sharding_modes_is_refused_with_what_to_do(tmp_path: Path, straight: Path) -> None:
+    """A sharded checkpoint resumed with train.sharding=ddp (or a ddp one with fsdp): one line saying which."""
+    from lorakit.checkpoints import CHECKPOINT_FILE, read_checkpoint
+    from lorakit.errors import TrainingError
+    from lorakit.sharded_checkpoints import read_sharded_checkpoint
+
+    with pytest.raises(TrainingError, match=r"train\.sharding=fsdp"):
+        read_checkpoint(straight / CHECKPOINT_FILE)
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"")
+    with pytest.raises(TrainingError, match=r"train\.sharding=ddp"):
+        read_sharded_checkpoint(tmp_path)
+
+
+def test_sharded_checkpoint_files_are_never_unpickled(tmp_path: Path, straight: Path) -> None:
+    """A manifest replaced by a pickle whose loading would create a file (what DCP's ``.metadata`` is), and a
+    truncated shard: refused with an error naming the file; nothing in them runs."""
+    import pickle
+    import shutil
+
+    from lorakit.errors import TrainingError
+    from lorakit.sharded_checkpoints import MANIFEST_FILE, rank_file, read_sharded_checkpoint
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    shutil.copytree(straight / "sharded-checkpoint", tmp_path / "sharded-checkpoint")
+    folder = read_sharded_checkpoint(tmp_path).folder
+    good = (folder / MANIFEST_FILE).read_bytes()
+    (folder / MANIFEST_FILE).write_bytes(pickle.dumps(Payload()))
+    (folder / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(TrainingError, match="manifest.json"):
+        read_sharded_checkpoint(tmp_path)
+    assert not marker.exists()
+    (folder / MANIFEST_FILE).write_bytes(good)
+    shard = folder / rank_file(1, 2)
+    shard.write_bytes(shard.read_bytes()[:-64])
+    with pytest.raises(TrainingError, match=rank_file(1, 2)):
+        read_sharded_checkpoint(tmp_path)
+    assert not marker.exists()
+
+
 if __name__ == "__main__":
-    worker(Path(sys.argv[1]), sys.argv[2])
+    if sys.argv[1] == "recipe":
+        recipe_worker(Path(sys.argv[2]), sys.argv[3], sys.argv[4:])
+    else:
+        worker(Path(sys.argv[1]), sys.argv[2])

@@ -32,6 +32,7 @@ from .errors import AdapterError, TrainingError
 from .files import read_safetensors, remove_stale_staging, safetensors_bytes, write_bytes
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+SHARDED_DIR = "sharded-checkpoint"  # a train.sharding=fsdp run's checkpoints (lorakit.sharded_checkpoints)
 LEGACY_CHECKPOINT_FILE = "checkpoint.pt"  # the pickle format of lorakit <= 0.1 (read with weights_only=True)
 FORMAT = 2
 _METADATA_KEY = "lorakit_checkpoint"
@@ -87,10 +88,10 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # -- JSON + tensors encoding ---------------------------------------------------------------------------------------
-def _encode(value: Any, name: str, tensors: dict[str, Tensor]) -> Any:
-    """``value`` as JSON, its tensors moved to ``tensors`` under ``name``-derived keys. Tuples, NumPy arrays and
-    dicts with non-string keys (optimizer state is keyed by parameter index) are tagged to come back as they
-    were."""
+def encode_state(value: Any, name: str, tensors: dict[str, Tensor]) -> Any:
+    """``value`` as JSON, its tensors moved to ``tensors`` under ``name``-derived keys. Tuples, NumPy arrays
+    and dicts with non-string keys (optimizer state is keyed by parameter index) are tagged to come back as they
+    were. Also used by `lorakit.sharded_checkpoints`, so both checkpoint kinds encode the same way."""
     if isinstance(value, Tensor):
         tensors[name] = value.detach().cpu().clone().contiguous()
         return {"__tensor__": name}
@@ -99,22 +100,23 @@ def _encode(value: Any, name: str, tensors: dict[str, Tensor]) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, tuple):
-        return {"__tuple__": [_encode(v, f"{name}.{i}", tensors) for i, v in enumerate(value)]}
+        return {"__tuple__": [encode_state(v, f"{name}.{i}", tensors) for i, v in enumerate(value)]}
     if isinstance(value, list):
-        return [_encode(v, f"{name}.{i}", tensors) for i, v in enumerate(value)]
+        return [encode_state(v, f"{name}.{i}", tensors) for i, v in enumerate(value)]
     if isinstance(value, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in value):
-            return {k: _encode(v, f"{name}.{k}", tensors) for k, v in value.items()}
-        return {"__items__": [[_encode(k, f"{name}.key{i}", tensors), _encode(v, f"{name}.{k}", tensors)]
-                              for i, (k, v) in enumerate(value.items())]}
+            return {k: encode_state(v, f"{name}.{k}", tensors) for k, v in value.items()}
+        return {"__items__": [[encode_state(k, f"{name}.key{i}", tensors),
+                               encode_state(v, f"{name}.{k}", tensors)] for i, (k, v) in enumerate(value.items())]}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise TypeError(f"a checkpoint cannot hold a {type(value).__name__} ({name})")
 
 
-def _decode(value: Any, tensors: Mapping[str, Tensor]) -> Any:
+def decode_state(value: Any, tensors: Mapping[str, Tensor]) -> Any:
+    """The value `encode_state` encoded, its tensors taken from ``tensors`` (`KeyError` for a missing one)."""
     if isinstance(value, list):
-        return [_decode(v, tensors) for v in value]
+        return [decode_state(v, tensors) for v in value]
     if not isinstance(value, dict):
         return value
     if "__tensor__" in value:
@@ -122,10 +124,10 @@ def _decode(value: Any, tensors: Mapping[str, Tensor]) -> Any:
     if "__ndarray__" in value:
         return np.asarray(value["__ndarray__"], dtype=np.dtype(value["dtype"]))
     if "__tuple__" in value:
-        return tuple(_decode(v, tensors) for v in value["__tuple__"])
+        return tuple(decode_state(v, tensors) for v in value["__tuple__"])
     if "__items__" in value:
-        return {_decode(k, tensors): _decode(v, tensors) for k, v in value["__items__"]}
-    return {k: _decode(v, tensors) for k, v in value.items()}
+        return {decode_state(k, tensors): decode_state(v, tensors) for k, v in value["__items__"]}
+    return {k: decode_state(v, tensors) for k, v in value.items()}
 
 
 # -- writing and reading ---------------------------------------------------------------------------------------
@@ -139,12 +141,12 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     payload = {
         "format": FORMAT,
         "recipe": dict(recipe),
-        "trainable": _encode({n: p for n, p in model.named_parameters() if p.requires_grad}, "trainable", tensors),
-        "buffers": _encode(trained_buffers(model), "buffers", tensors),
-        "optimizer": _encode(optimizer.state_dict(), "optimizer", tensors),
-        "scheduler": _encode(scheduler.state_dict(), "scheduler", tensors),
-        "loop": _encode(dict(loop), "loop", tensors),
-        "rng": _encode(dict(rng), "rng", tensors),
+        "trainable": encode_state({n: p for n, p in model.named_parameters() if p.requires_grad}, "trainable", tensors),
+        "buffers": encode_state(trained_buffers(model), "buffers", tensors),
+        "optimizer": encode_state(optimizer.state_dict(), "optimizer", tensors),
+        "scheduler": encode_state(scheduler.state_dict(), "scheduler", tensors),
+        "loop": encode_state(dict(loop), "loop", tensors),
+        "rng": encode_state(dict(rng), "rng", tensors),
     }
     data = safetensors_bytes(tensors, {_METADATA_KEY: json.dumps(payload)})
     main = threading.current_thread() is threading.main_thread()
@@ -169,6 +171,9 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     damaged or incomplete one (fix: start without ``--resume``, or a new ``--output``)."""
     path = Path(path)
     if not path.is_file():
+        if (path.parent / SHARDED_DIR).is_dir():
+            raise TrainingError(f"--resume: {path.parent} holds the checkpoint of a train.sharding=fsdp run; "
+                                "resume it with train.sharding=fsdp")
         raise TrainingError(f"--resume: no checkpoint at {path}; start without --resume")
     payload = _read_legacy(path) if path.suffix == ".pt" else _read_current(path)
     missing = [key for key in REQUIRED if key not in payload and not (key == "buffers" and payload.get("format") == 1)]
@@ -196,7 +201,7 @@ def _read_current(path: Path) -> dict[str, Any]:
         payload = loads_json(metadata[_METADATA_KEY], f"{path}: checkpoint metadata")
         if not isinstance(payload, dict):
             raise AdapterError(f"{path}: checkpoint metadata is not a JSON object")
-        return _decode(payload, tensors)
+        return decode_state(payload, tensors)
     except AdapterError as err:
         raise TrainingError(f"--resume: checkpoint {path} is unreadable ({err}); start without --resume or use "
                             "a new --output") from None
@@ -267,6 +272,9 @@ def _temp_files(folder: Path) -> Iterator[tuple[Path, int | None]]:
             parts = entry.name.replace(".tmp-", ".").split(".")
             pid = next((int(p.split("-")[0]) for p in parts if p.split("-")[0].isdigit()), None)
             yield entry, pid
+    from .sharded_checkpoints import stale_entries  # late: that module builds on this one
+
+    yield from stale_entries(folder)  # a sharded run's staging folders and superseded step folders
 
 
 def clean_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
@@ -297,6 +305,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-__all__ = ["CHECKPOINT_FILE", "Checkpoint", "LEGACY_CHECKPOINT_FILE", "checkpoint_path", "clean_stale_temp_files",
-           "read_checkpoint", "restore_checkpoint", "rng_state", "save_checkpoint", "set_rng_state",
-           "trained_buffers"]
+__all__ = ["CHECKPOINT_FILE", "Checkpoint", "LEGACY_CHECKPOINT_FILE", "SHARDED_DIR", "checkpoint_path",
+           "clean_stale_temp_files", "decode_state", "encode_state", "read_checkpoint", "restore_checkpoint",
+           "rng_state", "save_checkpoint", "set_rng_state", "trained_buffers"]

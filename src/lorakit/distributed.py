@@ -57,6 +57,15 @@ def all_reduce_sum(value: torch.Tensor, world: World) -> torch.Tensor:
     return value
 
 
+def broadcast_ints(values: Sequence[int], world: World) -> list[int]:
+    """The main process's ``values`` (int64) on every process: e.g. a name every process must agree on."""
+    if not world.distributed:
+        return list(values)
+    tensor = torch.tensor(list(values), dtype=torch.int64, device=world.device)  # nccl: on the GPU
+    dist.broadcast(tensor, src=0)
+    return [int(v) for v in tensor.cpu()]
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

@@ -609,9 +609,6 @@ def _check_scale(recipe: Recipe, source: str) -> None:
     if recipe.method != "lora":
         raise ConfigError(f"{source}: train.sharding=fsdp trains LoRA adapters; full fine-tuning is not sharded "
                           "(fix: method=lora, or train.sharding=ddp)")
-    if args.checkpoint_every:
-        raise ConfigError(f"{source}: checkpoints of a sharded run are not written yet, so train.checkpoint_every "
-                          "cannot be honoured (fix: train.checkpoint_every=0, or train.sharding=ddp)")
 
 
 def load_recipe_model(recipe: Recipe, labels: Sequence[str] | None = None, device: Any = None) -> Any:

@@ -14,8 +14,9 @@ the whole base), `check_adapter` compares what was gathered with the sharded mod
 shapes, norms) so an empty or partial adapter is never written (peft #453, #2892), and the main process writes
 it in PEFT format with `lorakit.io.save_adapter` (``tensors=``).
 
-Not supported (refused by `lorakit.recipes` with what to do instead): a quantized base (packed integer buffers
-are not sharded), full fine-tuning, checkpoints and ``--resume``.
+Checkpoints and ``--resume``: `lorakit.sharded_checkpoints` (each process writes its shard; any number of
+processes resumes). Not supported (refused by `lorakit.recipes` with what to do instead): a quantized base
+(packed integer buffers are not sharded), full fine-tuning.
 """
 
 from __future__ import annotations

@@ -448,14 +448,17 @@ class RecipeLoop:
         self.interrupt: _DeferredInterrupt | None = None
 
     def resume(self) -> None:
-        if self.sharded:
-            raise TrainingError("--resume: a sharded run (train.sharding=fsdp) writes no checkpoint yet; start "
-                                "without --resume")
-        path = checkpoint_path(self.out)
-        saved = read_checkpoint(path)
-        restore_checkpoint(saved, path, self.model, self.optimizer, self.scheduler)
+        if self.recipe.train.sharding == "fsdp":  # one shard per process, re-cut for this number of processes
+            from .sharded_checkpoints import resume_sharded
+
+            path, loop = resume_sharded(self.out, self.world, self.model, self.optimizer, self.scheduler)
+        else:
+            path = checkpoint_path(self.out)
+            saved = read_checkpoint(path)
+            restore_checkpoint(saved, path, self.model, self.optimizer, self.scheduler)
+            loop = saved.loop
         try:
-            self.state = LoopState(**saved.loop)
+            self.state = LoopState(**loop)
         except TypeError as err:
             raise TrainingError(f"--resume: checkpoint {path}: its loop state does not fit ({err}); use a new "
                                 "--output") from None
@@ -542,8 +545,12 @@ class RecipeLoop:
         return False
 
     def save_checkpoint(self, rng: dict[str, Any]) -> None:
-        if self.world.is_main and not self.sharded:  # sharded tensors: no checkpoint format yet (recipes refuse
-            # train.checkpoint_every with fsdp)
+        if self.recipe.train.sharding == "fsdp":  # every process writes its own shard (and its RNG)
+            from .sharded_checkpoints import save_sharded_checkpoint
+
+            save_sharded_checkpoint(self.out, self.world, self.model, self.optimizer, self.scheduler,
+                                    dataclasses.asdict(self.state), self.recipe.to_dict(), rng)
+        elif self.world.is_main:
             save_checkpoint(self.checkpoint, self.model, self.optimizer, self.scheduler,
                             dataclasses.asdict(self.state), self.recipe.to_dict(), rng)
 
