@@ -184,6 +184,22 @@ def test_settings_a_sharded_run_cannot_honour_are_refused(overrides: list[str], 
         load_recipe("sentiment-minilm", overrides)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="offload is refused where there is no GPU")
+def test_cpu_offload_is_refused_without_a_gpu_before_anything_loads(tmp_path: Path) -> None:
+    """``train.fsdp_cpu_offload=true`` on a CPU run (its weights are in CPU memory already) or without fsdp: one
+    line, exit code 2, before the model or data are read."""
+    from lorakit.errors import ConfigError
+    from lorakit.recipes import load_recipe
+
+    with pytest.raises(ConfigError, match=r"train\.sharding=fsdp"):
+        load_recipe("sentiment-minilm", ["train.fsdp_cpu_offload=true"])
+    done = subprocess.run([sys.executable, "-m", "lorakit.cli", "train", "sentiment-minilm", "train.sharding=fsdp",
+                           "train.fsdp_cpu_offload=true", "-o", str(tmp_path / "run")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "fsdp_cpu_offload=false" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
 # -- checkpoints and --resume of sharded runs (lorakit.sharded_checkpoints) ------------------------------------------
 # `lorakit train` of the default recipe on a tiny random BERT folder (MiniLM's tokenizer): 6 steps, a checkpoint
 # every 2, no dropout. Runs are killed for real (SIGKILL, nothing gets to clean up) and resumed with --resume.

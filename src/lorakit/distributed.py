@@ -72,22 +72,32 @@ def barrier(world: World) -> None:
 
 
 def teardown(world: World) -> None:
-    if world.distributed and dist.is_initialized():
+    if dist.is_initialized():  # also the group of one `single_process_group` made
         dist.destroy_process_group()
 
 
+def single_process_group(device: torch.device) -> None:
+    """A process group of this process alone (an in-memory store: no port, no network), for FSDP over one
+    device: a world of one that offloads its weights to CPU memory (`wrap` with ``offload=True``)."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+
+
 def wrap(model: torch.nn.Module, world: World, sharding: str = "ddp", blocks: Sequence[str] | None = None,
-         precision: str = "fp32") -> torch.nn.Module:
+         precision: str = "fp32", offload: bool = False) -> torch.nn.Module:
     """The module a training step runs: ``DistributedDataParallel`` over the processes of ``world`` (gradients
     averaged in backward), or with ``sharding="fsdp"`` the model itself sharded in place by FSDP2 per block
-    (`lorakit.sharding.shard`; ``blocks``: class names of the units, default the model's ``_no_split_modules``);
-    the model itself in a world of one. The one place a model is wrapped for training, so every loop
-    (`lorakit.train.run_training`) shards or replicates it the same way. Call it before building the optimizer:
-    FSDP replaces the parameters."""
-    if not world.distributed:
+    (`lorakit.sharding.shard`; ``blocks``: class names of the units, default the model's ``_no_split_modules``;
+    ``offload``: the shards kept in CPU memory, also for one process); the model itself in a world of one. The
+    one place a model is wrapped for training, so every loop (`lorakit.train.run_training`) shards or
+    replicates it the same way. Call it before building the optimizer: FSDP replaces the parameters."""
+    if sharding == "fsdp" and offload and not world.distributed:
+        single_process_group(world.device)  # one GPU whose model does not fit it: FSDP offloads over a group of 1
+    elif not world.distributed:
         return model
     if sharding == "fsdp":
         from .sharding import shard
 
-        return shard(model, world.device.type, world.size, blocks, precision)
+        return shard(model, world.device.type, world.size, blocks, precision, offload)
     return torch.nn.parallel.DistributedDataParallel(model)

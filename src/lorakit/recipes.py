@@ -64,6 +64,7 @@ class TrainArgs:
     dtype: str = "fp32"  # fp32 | bf16 | fp16: storage of the frozen base (adapters, heads, AdamW state stay fp32)
     sharding: str = "ddp"  # ddp | fsdp under torchrun: FSDP2 shards the base and adapters per block (H7)
     fsdp_blocks: list | None = None  # module class names sharded as units (default: the model's _no_split_modules)
+    fsdp_cpu_offload: bool = False  # fsdp on a GPU: shards live in CPU memory, copied to the GPU per block
     # LoRA: train the base's normalisation layers with running statistics (BatchNorm...) as modules_to_save
     # copies, saved with the adapter; default: they stay frozen and run with their running statistics
     train_norm_stats: bool = False
@@ -600,6 +601,8 @@ def _check_scale(recipe: Recipe, source: str) -> None:
                           "weight (fix: train.dtype=fp32, with train.precision=bf16 for bf16 compute)")
     if args.sharding not in ("ddp", "fsdp"):
         raise ConfigError(f"{source}: train.sharding must be ddp or fsdp, got {args.sharding!r}")
+    if args.fsdp_cpu_offload:
+        _check_offload(args, source)
     if args.sharding != "fsdp":
         return
     if recipe.quantize:
@@ -609,6 +612,18 @@ def _check_scale(recipe: Recipe, source: str) -> None:
     if recipe.method != "lora":
         raise ConfigError(f"{source}: train.sharding=fsdp trains LoRA adapters; full fine-tuning is not sharded "
                           "(fix: method=lora, or train.sharding=ddp)")
+
+
+def _check_offload(args: TrainArgs, source: str) -> None:
+    """``train.fsdp_cpu_offload``: FSDP2's CPU offload of the shards, only where there is a GPU to offload from."""
+    import torch
+
+    if args.sharding != "fsdp":
+        raise ConfigError(f"{source}: train.fsdp_cpu_offload offloads the shards of a sharded run (fix: "
+                          "train.sharding=fsdp, or train.fsdp_cpu_offload=false)")
+    if args.device == "cpu" or not torch.cuda.is_available():
+        raise ConfigError(f"{source}: train.fsdp_cpu_offload moves a GPU run's weights to CPU memory; this run's "
+                          "weights are in CPU memory already (fix: train.fsdp_cpu_offload=false, or run on a GPU)")
 
 
 def load_recipe_model(recipe: Recipe, labels: Sequence[str] | None = None, device: Any = None) -> Any:

@@ -52,18 +52,23 @@ def block_modules(model: nn.Module, class_names: Sequence[str] | None = None) ->
 
 
 def shard(model: nn.Module, mesh_device: str, world_size: int, class_names: Sequence[str] | None = None,
-          precision: str = "fp32") -> nn.Module:
+          precision: str = "fp32", offload: bool = False) -> nn.Module:
     """``fully_shard`` every block of `block_modules` and then the root, in place; returns ``model``.
 
-    Build the optimizer afterwards: sharding replaces the parameters with ``DTensor`` ones.
+    ``precision="bf16"`` on ``cuda``: blocks compute in bf16, gradients are reduced in fp32. ``offload``: FSDP2's
+    ``CPUOffloadPolicy``: every shard (frozen base and adapters) and its gradient live in CPU memory and are
+    copied to the GPU per block; the optimizer steps on the CPU. Build the optimizer afterwards: sharding
+    replaces the parameters with ``DTensor`` ones.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(mesh_device, (world_size,))
     kwargs: dict = {"mesh": mesh}
     if mesh_device == "cuda" and precision == "bf16":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
     for block in block_modules(model, class_names):
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)

@@ -434,8 +434,9 @@ class RecipeLoop:
         lengths = row_lengths(recipe.task, data.train, tokenizer) if args.group_by_length else None
         self.order = DataOrder(len(data.train), args, lengths)
         # the one place the model is wrapped for N processes; first, as FSDP replaces the parameters
-        self.train_model = distributed.wrap(model, world, args.sharding, args.fsdp_blocks, args.precision)
-        self.sharded = world.distributed and args.sharding == "fsdp"
+        self.train_model = distributed.wrap(model, world, args.sharding, args.fsdp_blocks, args.precision,
+                                            args.fsdp_cpu_offload)
+        self.sharded = args.sharding == "fsdp" and (world.distributed or args.fsdp_cpu_offload)
         self.optimizer = build_optimizer(model, args)
         self.scheduler = build_scheduler(self.optimizer, args, self.total_steps)
         self.state = LoopState()
