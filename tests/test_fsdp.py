@@ -200,6 +200,23 @@ def test_cpu_offload_is_refused_without_a_gpu_before_anything_loads(tmp_path: Pa
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
+def test_gpu_benchmark_script_runs_its_dry_path_on_cpu(tmp_path: Path) -> None:
+    """benchmarks/fsdp_gpu.py (the lead's one GPU run) end to end on a CPU: a tiny Llama config, a world of one
+    over gloo, the model really sharded, finite losses, the plan's estimate and the JSON written."""
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps({**TINY_LLAMA, "architectures": ["LlamaForCausalLM"]}))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "fsdp_gpu.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parents[1] / "src")}
+    done = subprocess.run([sys.executable, str(script), "--config", str(tmp_path / "cfg"), "--device", "cpu",
+                           "--batch", "2", "--seq", "16", "--steps", "2", "--output", str(tmp_path / "out.json")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "out.json").read_text())
+    (row,) = result["rows"]
+    assert row["sharded"] and len(row["losses"]) == 2 and all(0 < x < 20 for x in row["losses"])
+    assert result["plan_estimate_bytes"] > row["frozen_bytes"] > 0 and "measured peak" in done.stdout
+
+
 # -- checkpoints and --resume of sharded runs (lorakit.sharded_checkpoints) ------------------------------------------
 # `lorakit train` of the default recipe on a tiny random BERT folder (MiniLM's tokenizer): 6 steps, a checkpoint
 # every 2, no dropout. Runs are killed for real (SIGKILL, nothing gets to clean up) and resumed with --resume.
