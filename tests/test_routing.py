@@ -25,8 +25,10 @@ def test_routing_for_rows_keeps_a_host_copy_of_its_index() -> None:
     assert members.tolist()[:2] == [0, 3] and keep.tolist() == [1.0, 0.0, 1.0, 1.0]
 
 
-@pytest.mark.parametrize("rows", [["a", "b", None, "a", "c"], ["a", "a", "b", "b"], ["c", None, None, "c"]])
-def test_grouped_product_equals_each_row_with_its_own_adapter(rows) -> None:
+@pytest.mark.parametrize("tokens", [1, 7])  # fewer tokens per row than the rank: groups; more: per-row weights
+@pytest.mark.parametrize("rows", [["a", "b", None, "a", "c"], ["a", "a", "b", "b"], ["c", None, None, "c"],
+                                  ["a", "b", "c"], ["b", "c", "a", "b"]])
+def test_grouped_product_equals_each_row_with_its_own_adapter(rows, tokens) -> None:
     gen = torch.Generator().manual_seed(0)
     ranks = {"a": 2, "b": 4, "c": 3}
     weights = {n: (torch.randn(r, 6, generator=gen), torch.randn(5, r, generator=gen), 0.5 + r) for n, r in
@@ -34,18 +36,21 @@ def test_grouped_product_equals_each_row_with_its_own_adapter(rows) -> None:
     names = list(weights)
     A_stack, B_stack = stack_adapters([weights[n] for n in names])
     assert A_stack.shape == (3, 4, 6) and B_stack.shape == (3, 5, 4)  # ranks padded to the largest
-    x = torch.randn(len(rows), 7, 6, generator=gen)
-    base = torch.zeros(len(rows), 7, 5)
-    got = grouped_lora(x, Routing.for_rows(rows, "cpu"), names, A_stack, B_stack, base)
+    x = torch.randn(len(rows), tokens, 6, generator=gen)
+    base = torch.zeros(len(rows), tokens, 5)
+    routing = Routing.for_rows(rows, "cpu")
+    got = grouped_lora(x, routing, names, A_stack, B_stack, base)
+    in_order = rows == names  # one row per adapter, in order: views, whatever the token count
+    assert (("rows", *names) in routing._memo) == (tokens >= 4 and not in_order)  # which layout ran
     for i, name in enumerate(rows):
-        want = torch.zeros(7, 5) if name is None else weights[name][2] * x[i] @ weights[name][0].T @ \
+        want = torch.zeros(tokens, 5) if name is None else weights[name][2] * x[i] @ weights[name][0].T @ \
             weights[name][1].T
         torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
-    out = torch.ones(len(rows), 7, 5)
+    out = torch.ones(len(rows), tokens, 5)
     assert grouped_lora(x, Routing.for_rows(rows, "cpu"), names, A_stack, B_stack, base, out=out) is out
     torch.testing.assert_close(out, got + 1)
-    with pytest.raises(ValueError, match="3 adapter names for a batch of"):
-        grouped_lora(x, Routing.for_rows(rows[:3], "cpu"), names, A_stack, B_stack, base)
+    with pytest.raises(ValueError, match=f"{len(rows) - 1} adapter names for a batch of"):
+        grouped_lora(x, Routing.for_rows(rows[:-1], "cpu"), names, A_stack, B_stack, base)
 
 
 @pytest.mark.parametrize("rows", [["a", None, "b", "a"], ["a", "a", "b", None]])

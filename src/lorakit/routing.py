@@ -79,6 +79,20 @@ class Routing:
             self._memo[key] = self._plan_groups(order)
         return self._memo[key]
 
+    def rows_in(self, order: Sequence[str]) -> tuple[Tensor, Tensor | None]:
+        """Each row's adapter as a position in ``order``: ``slot`` (``(batch,)`` long; 0 for rows whose adapter is not
+        in ``order``) and ``keep`` (``(batch,)``: 0 for those rows; None when there are none), for products that
+        read each row's own A and B. Memoized per ``order``: every layer with the same adapters shares it."""
+        key = ("rows", *order)
+        if key not in self._memo:
+            position = {name: i for i, name in enumerate(order)}
+            lookup = [position.get(n, -1) for n in self.names] + [-1]
+            slot = [lookup[i] for i in self.host_index()]  # index -1 (base row) reads the trailing entry
+            device = self.index.device
+            keep = None if min(slot, default=0) >= 0 else torch.tensor([float(s >= 0) for s in slot], device=device)
+            self._memo[key] = (torch.tensor([max(s, 0) for s in slot], device=device), keep)
+        return self._memo[key]
+
     def _plan_groups(self, order: Sequence[str]) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         position = {name: i for i, name in enumerate(order)}
         lookup = [position.get(n, len(order)) for n in self.names] + [len(order)]
@@ -117,32 +131,65 @@ def stack_adapters(parts: Sequence[tuple[Tensor, Tensor, float]]) -> tuple[Tenso
 
 def grouped_lora(x: Tensor, routing: Routing, names: Sequence[str], A_stack: Tensor, B_stack: Tensor,
                  base_result: Tensor, out: Tensor | None = None) -> Tensor:
-    """Each row's ``s · B A x`` for linear-like layers: two batched matmuls over groups of rows sharing an adapter.
+    """Each row's ``s · B A x`` for linear-like layers, as two batched matmuls.
 
     ``x``: ``(batch, ..., in)``; ``A_stack``/``B_stack`` from `stack_adapters` over ``names``; ``base_result``:
     ``(batch, ..., out)`` (its shape and dtype are the result's). With ``out`` (no autograd) the update is added
-    into it and it is returned; when the groups are the batch's rows in order, the second matmul accumulates
-    straight into it (baddbmm).
+    into it and it is returned.
+
+    Two layouts, chosen by which moves fewer bytes. Rows with at least ``r_max`` tokens each (prefill, training)
+    meet their own adapter's A and B, gathered per row (`_per_row`): ``r x (in + out)`` weights per row, no more
+    than the row's activations, and the update accumulates straight into ``out``. Shorter rows (decoding: one token
+    each) are grouped by adapter instead (`_per_group`): their activations are gathered, not each row's weights.
     """
     batch = x.shape[0]
     if routing.index.shape[0] != batch:
         raise ValueError(f"mixed batch: {routing.index.shape[0]} adapter names for a batch of {batch} rows")
-    # rows are grouped by adapter and each group meets its adapter's A and B once: copying activations
-    # (rows x in) instead of each row's weights (rows x r x (in + out)), which dominated decoding steps
-    used, members, place, keep = routing.groups_in(names)
+    x3 = x.reshape(batch, -1, x.shape[-1]).to(A_stack.dtype)
+    groups = routing.groups_in(names)
+    # every adapter used, equal contiguous groups in order: plain views, nothing to gather
+    in_order = groups[0] is None and groups[1] is None and groups[3] is None
+    if x3.shape[1] >= A_stack.shape[1] and not in_order:
+        return _per_row(x3, routing, names, A_stack, B_stack, base_result, out)
+    return _per_group(x3, groups, A_stack, B_stack, base_result, out)
+
+
+def _per_row(x3: Tensor, routing: Routing, names: Sequence[str], A_stack: Tensor, B_stack: Tensor,
+             base_result: Tensor, out: Tensor | None) -> Tensor:
+    """`grouped_lora` with each row's own A ``(batch, r, in)`` and B ``(batch, out, r)`` gathered from the stacks:
+    ``x3`` ``(batch, tokens, in)`` is read in place (no gathered copy of the activations, no update-sized
+    temporaries: the second product accumulates into ``out``)."""
+    slot, keep = routing.rows_in(names)
+    h = torch.bmm(x3, A_stack.index_select(0, slot).transpose(1, 2))  # (batch, tokens, r)
+    if keep is not None:  # rows whose adapter is not in this layer add nothing (h is small: rank-wide)
+        h = h * keep.to(h.dtype).view(-1, 1, 1)
+    B_rows = B_stack.index_select(0, slot).transpose(1, 2).to(h.dtype)  # (batch, r, out)
+    if out is not None and out.dtype == h.dtype and out.is_contiguous():
+        out.view(x3.shape[0], -1, B_rows.shape[2]).baddbmm_(h, B_rows)
+        return out
+    delta = torch.bmm(h, B_rows).reshape(base_result.shape).to(base_result.dtype)
+    return delta if out is None else out.add_(delta)
+
+
+def _per_group(x3: Tensor, groups: tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None],
+               A_stack: Tensor, B_stack: Tensor, base_result: Tensor, out: Tensor | None) -> Tensor:
+    """`grouped_lora` over groups of rows sharing an adapter (`Routing.groups_in`): each group meets its adapter's
+    A and B once, copying activations (rows x in) instead of each row's weights (rows x r x (in + out)), which
+    dominated decoding steps; when the groups are the batch's rows in order, the second matmul accumulates
+    straight into ``out`` (baddbmm)."""
+    used, members, place, keep = groups
     if used is not None:
         A_stack, B_stack = A_stack.index_select(0, used), B_stack.index_select(0, used)
-    x3 = x.reshape(batch, -1, x.shape[-1]).to(A_stack.dtype)
-    tokens, groups = x3.shape[1], A_stack.shape[0]
+    tokens, groups_n = x3.shape[1], A_stack.shape[0]
     if members is not None:
         x3 = x3.index_select(0, members)
-    grouped = x3.reshape(groups, -1, x3.shape[-1])  # (groups, size * tokens, in)
+    grouped = x3.reshape(groups_n, -1, x3.shape[-1])  # (groups, size * tokens, in)
     # A (r, in) and B (out, r) used transposed, as F.linear uses them: same rounding as one adapter alone
     h = torch.bmm(grouped, A_stack.transpose(1, 2))  # (groups, size * tokens, r)
     if out is not None and place is None and keep is None and out.dtype == h.dtype and out.is_contiguous():
-        out.view(groups, -1, B_stack.shape[1]).baddbmm_(h, B_stack.transpose(1, 2))
+        out.view(groups_n, -1, B_stack.shape[1]).baddbmm_(h, B_stack.transpose(1, 2).to(h.dtype))
         return out
-    delta = torch.bmm(h, B_stack.transpose(1, 2)).reshape(-1, tokens, B_stack.shape[1])
+    delta = torch.bmm(h, B_stack.transpose(1, 2).to(h.dtype)).reshape(-1, tokens, B_stack.shape[1])
     if place is not None:
         delta = delta.index_select(0, place)  # (batch, tokens, out)
     if keep is not None:
