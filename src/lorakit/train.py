@@ -519,6 +519,9 @@ class RecipeLoop:
             self.save_checkpoint(self.rng_at_step)
         if self.user_hook is not None:
             self.user_hook(s, result.loss)
+        if self.sharded:  # a sharded checkpoint is a collective: stop every process at the same step
+            flag = torch.tensor([float(self.interrupt.requested)], device=self.world.device)
+            self.interrupt.requested = bool(distributed.all_reduce_sum(flag, self.world).item())
         self.interrupt.check()  # a Ctrl-C during the step stops here, at a step boundary
         return stop
 
