@@ -42,6 +42,7 @@ def _check_runtime(recipe: Any) -> None:
 def run_multitask(args: argparse.Namespace) -> int:
     """Train several tasks on one base at once: one adapter per task in mixed batches, or shared + per task;
     writes adapters/TASK, metrics.json and report.md."""
+    from .. import distributed
     from ..errors import ConfigError
     from ..multitask import load_multitask_recipe, run_multitask as run
 
@@ -50,9 +51,13 @@ def run_multitask(args: argparse.Namespace) -> int:
     if args.benchmark_only and not args.benchmark:
         raise ConfigError("--benchmark-only needs --benchmark STEPS")
     output = Path(args.output or Path("runs") / recipe.name)
-    metrics = run(recipe, output, benchmark_steps=args.benchmark, benchmark_repeats=args.benchmark_repeats,
-                  benchmark_only=args.benchmark_only)
-    if not args.benchmark_only:
+    world = distributed.setup(recipe.train.device)  # torchrun: every process runs this, the main one reports
+    try:
+        metrics = run(recipe, output, benchmark_steps=args.benchmark, benchmark_repeats=args.benchmark_repeats,
+                      benchmark_only=args.benchmark_only)
+    finally:
+        distributed.teardown(world)
+    if world.is_main and not args.benchmark_only:
         print(f"\n{recipe.name}: {recipe.design} design, {metrics['steps']} steps in "
               f"{metrics['train_time_s']:.1f} s; report: {output / 'report.md'}")
     return 0
@@ -61,12 +66,17 @@ def run_multitask(args: argparse.Namespace) -> int:
 def run_continual(args: argparse.Namespace) -> int:
     """Tasks one after another: forgetting matrix for full fine-tuning, one LoRA, one adapter per task;
     writes metrics.json and report.md."""
+    from .. import distributed
     from ..multitask import STRATEGY_LABELS, load_multitask_recipe, run_continual as run
 
     recipe = load_multitask_recipe(args.recipe, args.overrides)
     _check_runtime(recipe)
     output = Path(args.output or Path("runs") / f"{recipe.name}-continual")
-    results = run(recipe, output)
+    world = distributed.setup(recipe.train.device)
+    try:
+        results = run(recipe, output)  # refuses torchrun before loading anything
+    finally:
+        distributed.teardown(world)
     for strategy, res in results["strategies"].items():
         s = res["summary"]
         print(f"{STRATEGY_LABELS[strategy]:>30}: average final {s['metric']} {s['average_final']:.4f}, "

@@ -65,7 +65,7 @@ def continual_strategy(model: nn.Module, recipe: MultitaskRecipe, tasks: Sequenc
                        tokenizer: Any = None, base_path: str | None = None) -> dict[str, Any]:
     """Train ``tasks`` in order with ``strategy`` (full | lora | per-task); after each stage score every task.
     ``matrix[0]`` is the base model, ``matrix[i]`` the model after stage i (task i-1)."""
-    device = next(model.parameters()).device
+    world = distributed.World(device=next(model.parameters()).device)  # one process (`run_continual`)
     bank = _prepare(model, recipe, tasks, strategy, base_path)
 
     def score(stage: int) -> list[dict[str, float]]:
@@ -92,9 +92,9 @@ def continual_strategy(model: nn.Module, recipe: MultitaskRecipe, tasks: Sequenc
         args, steps = task_recipe.train, task.steps()
         optimizer = build_optimizer(model, args)
         scheduler = build_scheduler(optimizer, args, steps)
-        settings = StepSettings.from_args(task_recipe.task, args, distributed.World(device=device))
+        settings = StepSettings.from_args(task_recipe.task, args, world)
         started = time.perf_counter()
-        results = run_training(model, optimizer, scheduler, lambda step, t=task: t.batches(step, tokenizer, device),
+        results = run_training(model, optimizer, scheduler, lambda step, t=task: t.batches(step, tokenizer, world),
                                steps, settings, progress=f"{strategy}: {task.name}" if args.progress else None)
         times.append(time.perf_counter() - started)
         histories.append([r.loss for r in results])
@@ -125,7 +125,9 @@ def forgetting_summary(matrix: Sequence[Sequence[dict[str, float]]], task: str) 
 
 def run_continual(recipe: MultitaskRecipe, output_dir: str | Path) -> dict[str, Any]:
     """Every strategy of ``recipe.continual`` from the same base: ``metrics.json`` and ``report.md``."""
-    out, tasks, base = start_run(recipe, output_dir)
+    out, tasks, base = start_run(recipe, output_dir, one_process=(
+        "lorakit continual trains in one process: its stages copy and score the whole model (fix: run it without "
+        "torchrun, as `lorakit continual RECIPE`)"))
     pristine = copy.deepcopy(base.model)
     results: dict[str, Any] = {"recipe": recipe.name, "task": recipe.task, "model": recipe.model,
                                "tasks": [dataclasses.asdict(t.spec) for t in tasks],

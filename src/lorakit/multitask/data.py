@@ -46,11 +46,12 @@ class TaskData:
             self._order = DataOrder(len(self.train), r.train, lengths)
         return self._order
 
-    def batches(self, step: int, tokenizer: Any, device: torch.device) -> list[MicroBatch]:
-        """The micro-batches of optimizer step ``step`` (counted from 0), encoded, on ``device``."""
+    def batches(self, step: int, tokenizer: Any, world: distributed.World) -> list[MicroBatch]:
+        """The micro-batches of optimizer step ``step`` (counted from 0), encoded, on ``world.device``: this
+        process's share of each (rows ``rank::size``, as `lorakit train` splits a step over processes)."""
         r = self.recipe
         return encode_rows(r.task, self.train, self.order(tokenizer).micro_batches(step), tokenizer,
-                           r.train.max_length, r.image_size, distributed.World(device=device))
+                           r.train.max_length, r.image_size, world)
 
 
 def load_tasks(recipe: MultitaskRecipe, method: str = "lora") -> list[TaskData]:
@@ -76,11 +77,9 @@ class Base:
 def load_base(recipe: MultitaskRecipe, tasks: Sequence[TaskData]) -> Base:
     """The base model for all tasks (`lorakit.recipes.load_recipe_model`); a classification head gets as many
     classes as the largest task has; ``train.model_dropout`` and ``train.gradient_checkpointing`` applied (the
-    mixed step routes inside backward, so recomputed forwards are routed too). One process: multi-task runs
-    refuse torchrun."""
+    mixed step routes inside backward, so recomputed forwards are routed too). Under torchrun every process
+    loads the whole base; `lorakit.distributed.wrap` shards or replicates it once the adapters are added."""
     world = distributed.setup(recipe.train.device)
-    if world.distributed:
-        raise ConfigError("multitask and continual runs use one process; run them without torchrun")
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
     largest = max(tasks, key=lambda t: len(t.train.labels or []))
@@ -95,12 +94,53 @@ def load_base(recipe: MultitaskRecipe, tasks: Sequence[TaskData]) -> Base:
     return Base(model, loaded.tokenizer, loaded.path or loaded.name, world)
 
 
-def start_run(recipe: MultitaskRecipe, output_dir: str | Path) -> tuple[Path, list[TaskData], Base]:
-    """The start every multi-task and continual run shares: the output folder (stale temp files of a killed run
-    removed), the seeded RNGs, the tasks' data and the base model."""
+def check_processes(recipe: MultitaskRecipe, world: distributed.World, one_process: str | None = None) -> None:
+    """Refuse, before anything loads, a torchrun launch or sharding this run cannot use: ``one_process`` is why
+    the run needs a single, unsharded process (None: it can use many). Each process takes rows ``rank::size``
+    of every task's micro-batch, so every process must get at least one row of every task: a task's adapter
+    without rows on one process would have no gradient there, and the processes' gradient reductions would no
+    longer match."""
+    args = recipe.train
+    offload = args.fsdp_cpu_offload  # FSDP of one process, its shards in CPU memory
+    if one_process is not None and world.distributed:
+        raise ConfigError(one_process)
+    if one_process is not None and offload:
+        raise ConfigError("train.fsdp_cpu_offload offloads a sharded model; this run does not shard (fix: "
+                          "train.fsdp_cpu_offload=false)")
+    if world.distributed and args.batch_size < world.size:
+        raise ConfigError(f"train.batch_size={args.batch_size} rows of each task per micro-batch cannot be "
+                          f"shared by {world.size} processes: every process needs rows of every task (fix: "
+                          f"train.batch_size>={world.size}, or fewer processes)")
+    if not sharded(recipe, world):
+        return
+    if recipe.design == "shared":  # its export adds a combined adapter to the model: needs whole adapters
+        raise ConfigError("train.sharding=fsdp: design=shared exports each task as shared + task merged into one "
+                          "new adapter, which needs the adapters unsharded (fix: design=per-task, or "
+                          "train.sharding=ddp)")
+    if recipe.combine.methods:
+        raise ConfigError("train.sharding=fsdp: scoring combinations of the task adapters (combine.methods) adds "
+                          "new adapters to the model, which needs them unsharded (fix: combine.methods=[] and "
+                          "combine the saved adapters in one process, or train.sharding=ddp)")
+
+
+def sharded(recipe: MultitaskRecipe, world: distributed.World) -> bool:
+    """Whether `lorakit.distributed.wrap` shards the model with FSDP2: ``train.sharding: fsdp`` under torchrun,
+    or in one process that offloads its shards to CPU memory (``train.fsdp_cpu_offload``)."""
+    args = recipe.train
+    return args.sharding == "fsdp" and (world.distributed or args.fsdp_cpu_offload)
+
+
+def start_run(recipe: MultitaskRecipe, output_dir: str | Path, one_process: str | None = None
+              ) -> tuple[Path, list[TaskData], Base]:
+    """The start every multi-task and continual run shares: the processes checked (`check_processes`; the
+    message ``one_process`` refuses torchrun), the output folder (stale temp files of a killed run removed by
+    the main process), the seeded RNGs, the tasks' data and the base model."""
+    world = distributed.setup(recipe.train.device)
+    check_processes(recipe, world, one_process)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    clean_stale_temp_files(out)
+    if world.is_main:
+        clean_stale_temp_files(out)
     seed_everything(recipe.train.seed)
     tasks = load_tasks(recipe)
     return out, tasks, load_base(recipe, tasks)

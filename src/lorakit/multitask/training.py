@@ -31,11 +31,13 @@ def concat_batches(batches: Sequence[dict[str, Tensor]], pad_id: int | None) -> 
     return {k: torch.cat([pad(b[k], fill[k]) for b in batches]) for k in batches[0]}
 
 
-def mixed_batches(tasks: Sequence[TaskData], step: int, tokenizer: Any, device: torch.device,
+def mixed_batches(tasks: Sequence[TaskData], step: int, tokenizer: Any, world: distributed.World,
                   shared: Sequence[str] = ()) -> list[MicroBatch]:
-    """The micro-batches of mixed step ``step``: micro-batch i holds micro-batch i of every task's own step
-    ``step``, each task's rows a loss group routed to its adapter (``shared`` adapters on every row)."""
-    per_task = [t.batches(step, tokenizer, device) for t in tasks]  # [task][micro]
+    """The micro-batches of mixed step ``step``: micro-batch i holds this process's rows (``rank::size``) of
+    micro-batch i of every task's own step ``step``, each task's rows a loss group routed to its adapter
+    (``shared`` adapters on every row). Every process lists every task's group, in the recipe's order, so the
+    processes' per-group loss counts (`lorakit.train.train_step`) line up."""
+    per_task = [t.batches(step, tokenizer, world) for t in tasks]  # [task][micro]
     pad_id = getattr(tokenizer, "pad_token_id", None)
     out = []
     for i in range(len(per_task[0])):
@@ -46,39 +48,49 @@ def mixed_batches(tasks: Sequence[TaskData], step: int, tokenizer: Any, device: 
     return out
 
 
+def _world(model: nn.Module, world: distributed.World | None) -> distributed.World:
+    return world if world is not None else distributed.World(device=next(model.parameters()).device)
+
+
 def train_mixed(model: nn.Module, tasks: Sequence[TaskData], steps: int, tokenizer: Any = None,
-                shared: Sequence[str] = (), progress: str | None = None) -> list[dict[str, Any]]:
+                shared: Sequence[str] = (), progress: str | None = None, world: distributed.World | None = None
+                ) -> list[dict[str, Any]]:
     """Train every task's adapter (and the ``shared`` ones) together for ``steps`` mixed-batch steps
     (`lorakit.train.run_training`): one AdamW over all of them, the loss ``sum_t L_t / N_t``, gradient norms
-    clipped per adapter. Returns the loss history (``{"step", "loss": {task: loss}, "lr"}`` per step)."""
+    clipped per adapter. Returns the loss history (``{"step", "loss": {task: loss}, "lr"}`` per step).
+
+    ``model``: the module a step runs. Under torchrun (``world``) that is `lorakit.distributed.wrap` of the
+    model with every adapter already added (DDP, or sharded in place by FSDP2); each process then trains on
+    its share of every task's rows, and the result equals one process's."""
+    inner = getattr(model, "module", model)  # DDP's wrapper holds the model; FSDP shards it in place
+    world = _world(inner, world)
     args = tasks[0].recipe.train
     names = [*shared, *(t.name for t in tasks)]
-    set_adapter(model, names)
-    optimizer = build_optimizer(model, args)
+    set_adapter(inner, names)
+    optimizer = build_optimizer(inner, args)
     scheduler = build_scheduler(optimizer, args, steps)
-    device = next(model.parameters()).device
-    settings = StepSettings.from_args(tasks[0].recipe.task, args, distributed.World(device=device),
-                                      clip_groups=[adapter_parameters(model, name) for name in names])
-    results = run_training(model, optimizer, scheduler, lambda step: mixed_batches(tasks, step, tokenizer, device,
+    settings = StepSettings.from_args(tasks[0].recipe.task, args, world,
+                                      clip_groups=[adapter_parameters(inner, name) for name in names])
+    results = run_training(model, optimizer, scheduler, lambda step: mixed_batches(tasks, step, tokenizer, world,
                                                                                    shared),
                            steps, settings, progress=progress if args.progress else None)
     return [{"step": k + 1, "loss": r.losses, "lr": r.lr} for k, r in enumerate(results)]
 
 
-def train_one_after_another(model: nn.Module, tasks: Sequence[TaskData], steps: int, tokenizer: Any = None
-                            ) -> list[dict[str, Any]]:
+def train_one_after_another(model: nn.Module, tasks: Sequence[TaskData], steps: int, tokenizer: Any = None,
+                            world: distributed.World | None = None) -> list[dict[str, Any]]:
     """The reference: each task's adapter trained alone by `lorakit.train.run_training` with its own AdamW and
-    schedule, on the same rows as `train_mixed`."""
-    device = next(model.parameters()).device
+    schedule, on the same rows as `train_mixed` (one process)."""
+    world = _world(model, world)
     history = []
     for task in tasks:
         set_adapter(model, task.name)
         args = task.recipe.train
         optimizer = build_optimizer(model, args)
         scheduler = build_scheduler(optimizer, args, steps)
-        settings = StepSettings.from_args(task.recipe.task, args, distributed.World(device=device))
+        settings = StepSettings.from_args(task.recipe.task, args, world)
         results: list[StepResult] = run_training(
-            model, optimizer, scheduler, lambda step, task=task: task.batches(step, tokenizer, device), steps,
+            model, optimizer, scheduler, lambda step, task=task: task.batches(step, tokenizer, world), steps,
             settings)
         history += [{"task": task.name, "step": k + 1, "loss": r.loss} for k, r in enumerate(results)]
     return history
