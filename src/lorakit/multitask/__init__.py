@@ -27,6 +27,13 @@ one optimizer over all adapters moves each as its own optimizer would; and every
 task as a single-task run. LoRA biases (``bias: lora_only/all``) would be shared between tasks and are refused.
 With dropout > 0 the masks differ, so the equality then holds in distribution only.
 
+Several processes (``torchrun``, ``train.sharding: ddp | fsdp``): `runs.run_multitask` wraps the model once,
+after every adapter is added (`lorakit.distributed.wrap`); each process takes rows ``rank::size`` of every task's
+micro-batch (`training.mixed_batches`), the step's loss counts are summed over processes, so the run equals one
+process's; under FSDP each task adapter is gathered and checked before the main process writes it. What cannot
+run that way is refused before loading (`data.check_processes`): continual runs, ``--benchmark``, fewer rows per
+task than processes, and under FSDP the shared design's export and the combinations.
+
 Normalisation layers of the frozen base run with their running statistics (`lorakit.train.train_mode`): batch
 statistics would couple rows of different tasks, and updating running statistics would change the base under
 earlier tasks' adapters.
