@@ -347,15 +347,22 @@ def test_kill_while_saving_keeps_the_previous_checkpoint_and_fewer_processes_res
     assert _latest_step(tmp_path) == 6
 
 
-def test_ctrl_c_seen_by_one_process_stops_all_at_the_same_step(tmp_path: Path, tiny_bert: Path,
-                                                               straight: Path) -> None:
-    """SIGINT to one of 2 processes after step 3: both stop after that step with one checkpoint of step 3 (the
-    checkpoint is a collective: a process that went on would hang it), and --resume ends on the uninterrupted
-    adapter."""
-    stopped = _launch(tmp_path, "ctrl-c-one", 2, tiny_bert)
+@pytest.mark.parametrize("sharding", ["fsdp", "ddp"])
+def test_ctrl_c_seen_by_one_process_stops_all_at_the_same_step(tmp_path: Path, tiny_bert: Path, straight: Path,
+                                                               sharding: str) -> None:
+    """SIGINT to one of 2 processes after step 3: both stop after that step with a checkpoint of step 3 (a
+    process that went on would wait forever in the next step's collectives, and a sharded checkpoint is a
+    collective itself), and --resume ends on the uninterrupted adapter."""
+    from lorakit.checkpoints import CHECKPOINT_FILE, read_checkpoint
+
+    mode = f"train.sharding={sharding}"
+    stopped = _launch(tmp_path, "ctrl-c-one", 2, tiny_bert, mode)
     assert stopped.returncode != 0 and "checkpoint saved at step 3" in stopped.stdout + stopped.stderr
-    assert _latest_step(tmp_path) == KILL_AT
-    _ok(_launch(tmp_path, "resume", 2, tiny_bert))
+    if sharding == "fsdp":
+        assert _latest_step(tmp_path) == KILL_AT
+    else:
+        assert read_checkpoint(tmp_path / CHECKPOINT_FILE).loop["global_step"] == KILL_AT
+    _ok(_launch(tmp_path, "resume", 2, tiny_bert, mode))
     assert _max_diff(_adapter(straight), _adapter(tmp_path)) <= 1e-6
 
 

@@ -519,7 +519,7 @@ class RecipeLoop:
             self.save_checkpoint(self.rng_at_step)
         if self.user_hook is not None:
             self.user_hook(s, result.loss)
-        if self.sharded:  # a sharded checkpoint is a collective: stop every process at the same step
+        if self.world.distributed:  # stop every process at the same step (one that went on would hang)
             flag = torch.tensor([float(self.interrupt.requested)], device=self.world.device)
             self.interrupt.requested = bool(distributed.all_reduce_sum(flag, self.world).item())
         self.interrupt.check()  # a Ctrl-C during the step stops here, at a step boundary
