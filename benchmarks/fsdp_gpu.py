@@ -20,6 +20,7 @@ the script, e.g. ``--config`` a tiny config, in tests/test_fsdp.py).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import sys
@@ -111,6 +112,7 @@ def run_one(args: argparse.Namespace, offload: bool) -> dict[str, Any]:
            "seconds": seconds, "frozen_bytes": whole, "frozen_bytes_local": local,
            "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
     del model, optimizer, batch
+    gc.collect()  # the next row's peak starts from an empty device
     return row
 
 
