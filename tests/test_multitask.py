@@ -231,3 +231,27 @@ def test_multitask_honours_bf16_and_group_by_length_and_refuses_single_run_setti
     for override, message in refused.items():
         with pytest.raises(ConfigError, match=message):
             load_multitask_recipe("multitask-smollm2", [override])
+
+
+def test_adapters_train_in_fp32_on_a_bf16_stored_base(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                                      tmp_path: Path) -> None:
+    """``train.dtype=bf16`` stores the frozen base in bf16; the task adapters (and AdamW's state) stay fp32, as in
+    `lorakit train`. Continual full fine-tuning would train the bf16 weights themselves: refused before loading."""
+    import lorakit.multitask.data as data
+
+    recipe = load_multitask_recipe("multitask-smollm2", [
+        "train.dtype=bf16", "tasks=[{name: instruct, data: faq-en}, {name: translate, data: faq-en-sv}]"])
+    model, _ = _tiny_llama()
+    model.to(torch.bfloat16)
+    add_task_adapters(model, recipe)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert len(trained) == 2 * 2 * 7 * 2 and {p.dtype for p in trained} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("data was read before the refusal")
+
+    monkeypatch.setattr(data, "load_tasks", no_loading)
+    assert cli_main(["continual", "multitask-smollm2", "train.dtype=bf16", "-o", str(tmp_path / "out")]) == 2
+    assert "continual.strategies=[lora, per-task]" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

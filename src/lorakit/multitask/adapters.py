@@ -12,13 +12,15 @@ from ..adapters import (add_weighted_adapter, copy_modules_to_save, delete_adapt
                         lora_state, set_adapter)
 from ..evaluate import evaluate
 from ..inject import add_adapter
+from ..precision import keep_trainable_fp32
 from .data import TaskData
 from .recipe import SHARED, CombineArgs, MultitaskRecipe
 
 
 def add_task_adapters(model: nn.Module, recipe: MultitaskRecipe, base_path: str | None = None) -> list[str]:
     """Add one adapter per task (and the shared one for ``design: shared``); returns the names, shared first.
-    The shared adapter is initialised from seed ``train.seed``, task k's from ``train.seed + 1 + k``."""
+    The shared adapter is initialised from seed ``train.seed``, task k's from ``train.seed + 1 + k``. On a base
+    stored in bf16/fp16 (``train.dtype``) the adapters and heads are kept in fp32, as `lorakit train` keeps them."""
     names = []
     if recipe.design == "shared":
         torch.manual_seed(recipe.train.seed)
@@ -29,6 +31,8 @@ def add_task_adapters(model: nn.Module, recipe: MultitaskRecipe, base_path: str 
         add_adapter(model, spec.name, recipe.task_recipe(spec).lora_config(base_path))
         names.append(spec.name)
     set_adapter(model, names)
+    if recipe.train.dtype != "fp32":
+        keep_trainable_fp32(model)
     return names
 
 

@@ -15,8 +15,10 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..adapters import set_adapter
+from ..errors import ConfigError
 from ..files import write_bytes, write_json
 from ..inject import add_adapter
+from ..precision import keep_trainable_fp32
 from ..tasks import primary_metric
 from ..train import StepSettings, build_optimizer, build_scheduler, run_training, seed_everything
 from .adapters import evaluate_task
@@ -58,6 +60,7 @@ def _prepare(model: nn.Module, recipe: MultitaskRecipe, tasks: Sequence[TaskData
         torch.manual_seed(recipe.train.seed)
         add_adapter(model, "default", tasks[0].recipe.lora_config(base_path))
         set_adapter(model, "default")
+        keep_trainable_fp32(model)  # a bf16/fp16-stored base (train.dtype): the adapter trains in fp32
     return HeadBank(model, heads_of) if strategy != "per-task" and heads_of else None
 
 
@@ -85,6 +88,7 @@ def continual_strategy(model: nn.Module, recipe: MultitaskRecipe, tasks: Sequenc
             torch.manual_seed(recipe.train.seed + 1 + i)
             add_adapter(model, task.name, task_recipe.lora_config(base_path))
             set_adapter(model, task.name)
+            keep_trainable_fp32(model)  # a bf16/fp16-stored base (train.dtype): the adapter trains in fp32
         elif strategy == "lora":
             set_adapter(model, "default")
         if bank is not None:
@@ -125,6 +129,9 @@ def forgetting_summary(matrix: Sequence[Sequence[dict[str, float]]], task: str) 
 
 def run_continual(recipe: MultitaskRecipe, output_dir: str | Path) -> dict[str, Any]:
     """Every strategy of ``recipe.continual`` from the same base: ``metrics.json`` and ``report.md``."""
+    if "full" in recipe.continual.strategies and recipe.train.dtype != "fp32":
+        raise ConfigError(f"train.dtype={recipe.train.dtype} stores a frozen base; the continual strategy 'full' "
+                          "trains every weight (fix: continual.strategies=[lora, per-task], or train.dtype=fp32)")
     out, tasks, base = start_run(recipe, output_dir, one_process=(
         "lorakit continual trains in one process: its stages copy and score the whole model (fix: run it without "
         "torchrun, as `lorakit continual RECIPE`)"))
