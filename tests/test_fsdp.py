@@ -419,6 +419,66 @@ def test_sharded_checkpoint_files_are_never_unpickled(tmp_path: Path, straight: 
     assert not marker.exists()
 
 
+def test_checkpoint_holds_only_the_trained_state_split_between_processes(straight: Path) -> None:
+    """Each rank file holds its rows of the adapter, the classifier copy and their AdamW moments (the frozen base
+    is read from the model's files again): no frozen tensor, every trained one split into two row ranges that
+    join to the whole."""
+    from lorakit.files import read_safetensors_header
+    from lorakit.sharded_checkpoints import rank_file, read_sharded_checkpoint
+
+    checkpoint = read_sharded_checkpoint(straight)
+    params = checkpoint.manifest["params"]
+    assert params and all("lora_" in n or "modules_to_save" in n for n in params)
+    keys = [set(read_safetensors_header(checkpoint.folder / rank_file(r, 2))[0]) for r in (0, 1)]
+    trained = {f"param.{n}" for n in params} | {f"optim.{n}.{k}" for n in params for k in ("exp_avg", "exp_avg_sq")}
+    assert trained <= keys[0] and trained <= keys[1]  # every tensor has rows on both (none has fewer than 2 rows)
+    assert {k for k in keys[0] | keys[1] if not k.startswith("rng.")} == trained | {f"optim.{n}.step" for n in params}
+    for key in trained:
+        pieces = sorted((p.lo, p.shape[0]) for p in checkpoint.pieces[key])
+        assert pieces[0][0] == 0 and pieces[0][1] == pieces[1][0] and sum(n for _, n in pieces) == \
+            checkpoint.shapes[key][0]
+
+
+def test_stale_folders_of_killed_runs_are_removed_and_the_live_ones_kept(tmp_path: Path, straight: Path) -> None:
+    """At the next start: a staging folder and a complete folder that latest.json does not name (a kill between
+    the rename and the pointer), both of a dead process, are removed; the current checkpoint and a running
+    process's staging folder are kept."""
+    import shutil
+
+    from lorakit.checkpoints import clean_stale_temp_files
+    from lorakit.sharded_checkpoints import read_sharded_checkpoint
+
+    root = tmp_path / "sharded-checkpoint"
+    shutil.copytree(straight / "sharded-checkpoint", root)
+    current = read_sharded_checkpoint(tmp_path).folder
+    dead, live = 2**22 + 12345, os.getpid()  # above Linux's pid_max: never a running process
+    orphan = root / f"step-00000004-{dead}-{'a' * 16}"
+    staged = root / f".step-00000006-{dead}-{'b' * 16}.tmp"
+    running = root / f".step-00000006-{live}-{'c' * 16}.tmp"
+    for folder in (orphan, staged, running):
+        shutil.copytree(current, folder)
+    removed = clean_stale_temp_files(tmp_path)
+    assert sorted(removed) == sorted([orphan, staged])
+    assert current.is_dir() and running.is_dir() and not orphan.exists() and not staged.exists()
+    assert read_sharded_checkpoint(tmp_path).folder == current
+
+
+def test_resume_with_another_recipe_is_refused_in_one_line(tmp_path: Path, tiny_bert: Path, straight: Path) -> None:
+    """--resume of the 2-process checkpoint with another rank (other adapter shapes): exit code 2 and one line
+    naming the checkpoint, never a traceback or a half-restored run."""
+    import shutil
+
+    shutil.copytree(straight / "sharded-checkpoint", tmp_path / "sharded-checkpoint")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "lorakit.cli", "train", "sentiment-minilm", *RECIPE,
+                           f"model={tiny_bert}", "lora.r=4", "-o", str(tmp_path), "--resume"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    error = [line for line in done.stderr.splitlines() if line.startswith("lorakit: error")]
+    assert len(error) == 1 and "sharded-checkpoint" in error[0] and "Traceback" not in done.stderr
+    assert not (tmp_path / "adapter").exists()
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "recipe":
         recipe_worker(Path(sys.argv[2]), sys.argv[3], sys.argv[4:])

@@ -395,6 +395,11 @@ def resume_sharded(out: str | os.PathLike, world: distributed.World, model: nn.M
     if set(manifest["params"]) != set(trainable) or not saved_buffers <= set(buffers):
         raise TrainingError(f"--resume: checkpoint {folder} was written for another recipe/model (recipe "
                             f"{manifest['recipe'].get('name')!r}); use a new --output")
+    for name in trainable:  # every shape before any copy: a refused resume changes nothing
+        if checkpoint.shapes.get(f"param.{name}") != list(params[name].shape):
+            raise TrainingError(f"--resume: checkpoint {folder} holds {name} with shape "
+                                f"{checkpoint.shapes.get(f'param.{name}')}, the model's is "
+                                f"{list(params[name].shape)} (another recipe); use a new --output")
     try:
         with torch.no_grad():
             for name in trainable:
