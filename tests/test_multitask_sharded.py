@@ -17,10 +17,11 @@ import torch
 from lorakit import distributed
 from lorakit.cli import main as cli_main
 
-# two text tasks of the shipped recipe on a 2-layer Llama with SmolLM2's tokenizer; no dropout anywhere; a tiny
-# max_grad_norm, so every adapter's clip group really clips (on sharded gradients under FSDP)
+# two text tasks of the shipped recipe on a 2-layer Llama with SmolLM2's tokenizer; no dropout anywhere; two
+# micro-batches per step; a tiny max_grad_norm, so every adapter's clip group really clips (on sharded gradients
+# under FSDP)
 OVERRIDES = ["tasks=[{name: instruct, data: faq-en}, {name: translate, data: faq-en-sv}]", "train.batch_size=2",
-             "train.max_steps=3", "train.max_length=64", "train.lr=1e-2", "train.warmup_ratio=0",
+             "train.grad_accum=2", "train.max_steps=3", "train.max_length=64", "train.lr=1e-2", "train.warmup_ratio=0",
              "train.max_grad_norm=1e-3", "lora.dropout=0", "train.model_dropout=0", "eval.max_examples=4",
              "eval.batch_size=4", "combine.methods=[]", "train.progress=false", "train.num_threads=1"]
 RUNS = {"one": [], "fsdp": ["train.sharding=fsdp", "train.gradient_checkpointing=true"],
