@@ -66,8 +66,8 @@ def run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
-def _losses(out: Path) -> list[dict[str, float]]:
-    return [step["loss"] for step in json.loads((out / "metrics.json").read_text())["history"]]
+def _history(out: Path) -> list[dict]:
+    return json.loads((out / "metrics.json").read_text())["history"]
 
 
 @pytest.mark.parametrize("kind", ["fsdp", "ddp"])
@@ -77,9 +77,11 @@ def test_two_processes_train_every_task_as_one_process_does(run, kind: str) -> N
     one, two = run("one"), run(kind)
     metrics = json.loads((two / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and json.loads((one / "metrics.json").read_text())["world_size"] == 1
-    single, sharded = _losses(one), _losses(two)
+    single, sharded = [s["loss"] for s in _history(one)], [s["loss"] for s in _history(two)]
     assert len(single) == len(sharded) == 3 and all(set(s) == {"instruct", "translate"} for s in sharded)
     assert max(abs(a[t] - b[t]) for a, b in zip(single, sharded) for t in a) < 1e-4
+    norms = [(a["grad_norm"], b["grad_norm"]) for a, b in zip(_history(one), _history(two))]
+    assert all(a > 1e-2 and b == pytest.approx(a, rel=1e-4) for a, b in norms)  # clipped to 1e-3 per adapter
     for task in ("instruct", "translate"):
         a, b = read_adapter(one / "adapters" / task).tensors, read_adapter(two / "adapters" / task).tensors
         assert set(a) == set(b) and len(a) == 2 * 7 * 2  # A and B of 7 projections in 2 blocks

@@ -57,7 +57,8 @@ def train_mixed(model: nn.Module, tasks: Sequence[TaskData], steps: int, tokeniz
                 ) -> list[dict[str, Any]]:
     """Train every task's adapter (and the ``shared`` ones) together for ``steps`` mixed-batch steps
     (`lorakit.train.run_training`): one AdamW over all of them, the loss ``sum_t L_t / N_t``, gradient norms
-    clipped per adapter. Returns the loss history (``{"step", "loss": {task: loss}, "lr"}`` per step).
+    clipped per adapter. Returns the history: per step ``{"step", "loss": {task: loss}, "lr", "grad_norm"}``
+    (the norm over all adapters before clipping).
 
     ``model``: the module a step runs. Under torchrun (``world``) that is `lorakit.distributed.wrap` of the
     model with every adapter already added (DDP, or sharded in place by FSDP2); each process then trains on
@@ -74,7 +75,7 @@ def train_mixed(model: nn.Module, tasks: Sequence[TaskData], steps: int, tokeniz
     results = run_training(model, optimizer, scheduler, lambda step: mixed_batches(tasks, step, tokenizer, world,
                                                                                    shared),
                            steps, settings, progress=progress if args.progress else None)
-    return [{"step": k + 1, "loss": r.losses, "lr": r.lr} for k, r in enumerate(results)]
+    return [{"step": k + 1, "loss": r.losses, "lr": r.lr, "grad_norm": r.grad_norm} for k, r in enumerate(results)]
 
 
 def train_one_after_another(model: nn.Module, tasks: Sequence[TaskData], steps: int, tokenizer: Any = None,
