@@ -12,6 +12,7 @@ from lorakit.data import IGNORE_INDEX, DataError, load_dataset
 from lorakit.errors import ConfigError
 from lorakit.evaluate import (
     check_sampling,
+    chunked_cross_entropy,
     encode,
     end_of_turn_ids,
     evaluate,
@@ -36,6 +37,51 @@ def test_loss_terms_counts_shifted_answer_tokens_or_rows() -> None:
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1),
                                                  ignore_index=IGNORE_INDEX, reduction="sum")
     assert torch.allclose(total, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_equals_the_plain_loss_and_gradients(dtype: torch.dtype) -> None:
+    """Blocks of 3 rows over 37 rows (a partial last block), a third of the rows ignored: the loss and the
+    gradient match ``F.cross_entropy(logits.float(), ...)`` within fp32 rounding (bf16: the same fp32 gradient
+    rounded to bf16), and ignored rows get exactly 0."""
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(37, 50, generator=generator) * 4).to(dtype)
+    targets = torch.randint(0, 50, (37,), generator=generator)
+    targets[::3] = IGNORE_INDEX
+    plain_in = logits.clone().requires_grad_(True)
+    chunked_in = logits.clone().requires_grad_(True)
+    plain = torch.nn.functional.cross_entropy(plain_in.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    chunked = chunked_cross_entropy(chunked_in, targets, block_elements=3 * 50)
+    assert chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-5)
+    (plain * 0.7).backward()
+    (chunked * 0.7).backward()
+    assert chunked_in.grad.dtype == dtype
+    tolerance = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-6}
+    torch.testing.assert_close(chunked_in.grad, plain_in.grad, **tolerance)
+    assert torch.equal(chunked_in.grad[::3], torch.zeros_like(chunked_in.grad[::3]))
+    nothing = chunked_cross_entropy(logits, torch.full((37,), IGNORE_INDEX))
+    assert float(nothing) == 0.0
+
+
+def test_causal_lm_loss_sum_gradients_equal_the_shifted_plain_loss() -> None:
+    """`loss_sum` shifts the labels instead of slicing the logits: same loss and logits gradient as the
+    slice-and-flatten cross-entropy it replaced (batch 3, seq 6, vocab 40)."""
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 6, 40, generator=generator)
+    labels = torch.randint(0, 40, (3, 6), generator=generator)
+    labels[0, :3] = IGNORE_INDEX
+    labels[2, 4:] = IGNORE_INDEX
+    ours = logits.clone().requires_grad_(True)
+    reference = logits.clone().requires_grad_(True)
+    total, count = loss_sum("causal-lm", ours, labels)
+    expected = torch.nn.functional.cross_entropy(reference[:, :-1].reshape(-1, 40), labels[:, 1:].reshape(-1),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+    torch.testing.assert_close(total, expected, rtol=1e-6, atol=1e-5)
+    total.backward()
+    expected.backward()
+    torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-5, atol=1e-7)
+    assert count == 3 + 5 + 3
 
 
 def test_evaluate_refuses_zero_examples(tiny) -> None:

@@ -108,3 +108,89 @@ def test_training_recipe_on_a_quantized_base(tmp_path) -> None:
     assert cli_main(["eval", str(tmp_path), "--max-examples", "8"]) == 0  # reloads: quantize, then the adapter
     with pytest.raises(lorakit.ConfigError, match="quantize needs method=lora"):
         load_recipe("sentiment-minilm", ["quantize=int8", "method=full"])
+
+
+# -- quantize while reading (lorakit.quant_load) ----------------------------------------------------------------
+def _same_model(new: nn.Module, old: nn.Module) -> None:
+    """Every tensor (state dict and non-persistent buffers), dtype, requires_grad, tying and mode equal."""
+    new_state, old_state = new.state_dict(), old.state_dict()
+    assert new_state.keys() == old_state.keys()
+    for key in new_state:
+        assert new_state[key].dtype == old_state[key].dtype and torch.equal(new_state[key], old_state[key]), key
+    for (name, buf), (_, other) in zip(new.named_buffers(), old.named_buffers()):
+        assert torch.equal(buf, other), name
+    assert [(n, p.requires_grad) for n, p in new.named_parameters()] == \
+        [(n, p.requires_grad) for n, p in old.named_parameters()]
+    assert [type(m).__name__ for m in new.modules()] == [type(m).__name__ for m in old.modules()]
+    assert new.training == old.training
+
+
+def _tiny_llama(folder, shard: str | None = None) -> None:
+    """A random 2-layer Llama with tied embeddings saved as safetensors (sharded when ``shard`` is a size)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
+
+
+def _maps_of(folder) -> list[str]:
+    with open("/proc/self/maps") as maps:
+        return [line for line in maps if str(folder) in line]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shard", [None, "60KB"])
+def test_quantize_while_reading_equals_loading_then_quantizing(tmp_path, scheme, dtype, shard) -> None:
+    """A Llama (tied lm_head, rotary buffers), whole or sharded (model.safetensors.index.json): the model built
+    while reading equals from_pretrained + quantize_model exactly, and no checkpoint file stays mapped."""
+    from lorakit.models import load_model
+
+    _tiny_llama(tmp_path, shard)
+    assert (tmp_path / "model.safetensors.index.json").is_file() == bool(shard)
+    new = load_model(str(tmp_path), "causal-lm", dtype=dtype, quantize=scheme).model
+    assert _maps_of(tmp_path) == []
+    old = quantize_model(load_model(str(tmp_path), "causal-lm", dtype=dtype).model, scheme)
+    _same_model(new, old)
+    assert new.get_output_embeddings().weight is new.get_input_embeddings().weight
+    assert sum(isinstance(m, QuantizedLinear) for m in new.modules()) == 2 * 7
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(new(input_ids=ids).logits, old(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_quantize_while_reading_a_classifier_draws_the_same_new_head(scheme) -> None:
+    """MiniLM (a BertModel checkpoint read into BertForSequenceClassification: key prefix added) with a new,
+    seeded classifier kept full precision: equal to the old path, head included."""
+    from lorakit.models import load_model
+
+    kwargs = dict(num_labels=3, seed=7, dtype=torch.bfloat16)
+    new = load_model("minilm", "sequence-classification", quantize=scheme, keep_full=("classifier",), **kwargs)
+    old = load_model("minilm", "sequence-classification", **kwargs)
+    quantize_model(old.model, scheme, skip=("classifier",))
+    _same_model(new.model, old.model)
+    assert type(new.model.classifier) is nn.Linear and new.model.classifier.weight.requires_grad
+
+
+def test_a_checkpoint_that_does_not_map_onto_the_model_falls_back(tmp_path) -> None:
+    """A weight missing outside the head (transformers would re-initialise it): `load_quantized` declines,
+    and `load_model` gives the old path's model."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lorakit.models import load_model
+    from lorakit.quant_load import load_quantized
+
+    _tiny_llama(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.0.mlp.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert load_quantized(tmp_path, AutoModelForCausalLM, config, "nf4") is None
+    torch.manual_seed(1)
+    new = load_model(str(tmp_path), "causal-lm", quantize="nf4", seed=1).model
+    old = quantize_model(load_model(str(tmp_path), "causal-lm", seed=1).model, "nf4")
+    _same_model(new, old)

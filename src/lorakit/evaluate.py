@@ -56,13 +56,73 @@ def loss_terms(task: str, labels: Tensor) -> int:
 
 def loss_sum(task: str, logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
     """Summed cross-entropy and `loss_terms` (rows, or answer tokens for causal LM), so that several
-    micro-batches and processes can be averaged exactly over the global batch."""
+    micro-batches and processes can be averaged exactly over the global batch.
+
+    Causal LM goes through `chunked_cross_entropy`: the fp32 log-probabilities of ``(batch, seq, vocab)``
+    logits never exist whole (SmolLM2's 8 x 192-token batch: 288 MiB each in fp32)."""
     if task == "causal-lm":
-        shifted_logits, shifted = logits[:, :-1], labels[:, 1:]  # token t predicts token t+1
-        total = F.cross_entropy(shifted_logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1),
-                                ignore_index=IGNORE_INDEX, reduction="sum")
+        # token t predicts token t+1: shift the labels rather than slice the logits, whose (batch, seq - 1)
+        # slice could not be flattened without a copy; the last position gets no target
+        targets = torch.full_like(labels, IGNORE_INDEX)
+        targets[:, :-1] = labels[:, 1:]
+        total = chunked_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return total, loss_terms(task, labels)
     return F.cross_entropy(logits.float(), labels, reduction="sum"), loss_terms(task, labels)
+
+
+#: fp32 elements of logits handled at once by `chunked_cross_entropy` (16 MiB a block)
+CE_BLOCK_ELEMENTS = 1 << 22
+
+
+def chunked_cross_entropy(logits: Tensor, targets: Tensor, block_elements: int = CE_BLOCK_ELEMENTS) -> Tensor:
+    """``F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")`` without its fp32
+    copies of the whole ``logits``.
+
+    Args:
+        logits: ``(N, V)`` in any float dtype (bf16 logits of a bf16 model stay bf16).
+        targets: ``(N,)`` class ids, ``IGNORE_INDEX`` for rows outside the loss.
+        block_elements: how many fp32 logits one block upcasts at a time.
+
+    Returns the fp32 scalar sum over the rows with a target. Only those rows are computed, a block of about
+    ``block_elements / V`` rows at a time, in fp32; forward keeps ``logsumexp`` ``(n,)`` and backward
+    recomputes each block's softmax, so the gradient ``softmax - onehot`` (the same formula as the plain
+    loss's) is written in ``logits``' dtype. Peak beyond ``logits``: one block, and the gradient in backward.
+    """
+    return _ChunkedCrossEntropy.apply(logits, targets, max(1, block_elements // max(1, logits.shape[-1])))
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Forward/backward of `chunked_cross_entropy` over blocks of ``rows`` rows (with a target)."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, targets: Tensor, rows: int) -> Tensor:
+        index = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (n,) rows in the loss
+        picked_targets = targets.index_select(0, index)
+        lse = torch.empty(index.numel(), dtype=torch.float32, device=logits.device)
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for start in range(0, index.numel(), rows):
+            block = logits.index_select(0, index[start:start + rows]).float()  # (rows, V)
+            lse[start:start + rows] = torch.logsumexp(block, dim=1)
+            gold = block.gather(1, picked_targets[start:start + rows, None]).squeeze(1)
+            total += (lse[start:start + rows] - gold).sum()
+            del block  # before the next block is made: one fp32 block at a time
+        ctx.rows = rows
+        ctx.save_for_backward(logits, index, picked_targets, lse)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: Tensor) -> tuple[Tensor, None, None]:
+        logits, index, picked_targets, lse = ctx.saved_tensors
+        grad = torch.zeros_like(logits)  # rows outside the loss get exactly 0, as in the plain loss
+        for start in range(0, index.numel(), ctx.rows):
+            rows = index[start:start + ctx.rows]
+            block = logits.index_select(0, rows).float()
+            block.sub_(lse[start:start + ctx.rows, None]).exp_()  # softmax, (rows, V), in place
+            block.scatter_add_(1, picked_targets[start:start + ctx.rows, None],
+                               torch.full((rows.numel(), 1), -1.0, device=block.device))
+            grad.index_copy_(0, rows, block.mul_(grad_total).to(grad.dtype))
+            del block
+        return grad, None, None
 
 
 def batches(rows: Sequence[dict], size: int) -> Iterator[Sequence[dict]]:

@@ -157,6 +157,15 @@ def _load_mobilenet(task: str, num_labels: int | None, dtype: torch.dtype, seed:
                        num_labels=num_labels or 1000, image_size=224)
 
 
+def _quantized_whole(loaded: LoadedModel, quantize: str | None, keep_full: tuple[str, ...]) -> LoadedModel:
+    """A model loaded whole (not from safetensors), quantized afterwards when asked."""
+    if quantize:
+        from .quant import quantize_model
+
+        quantize_model(loaded.model, quantize, skip=keep_full)  # type: ignore[arg-type]
+    return loaded
+
+
 # ---------------------------------------------------------------------------------------------------------
 # GGUF files -> plain safetensors cache, converted once per file content
 # ---------------------------------------------------------------------------------------------------------
@@ -404,9 +413,34 @@ def _report_loading(model: nn.Module, info: dict[str, Any], name: str) -> None:
                  ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else ""))
 
 
+def _from_pretrained(auto: Any, source: str | Path, dtype: torch.dtype, kwargs: dict[str, Any],
+                     quantize: str | None, keep_full: tuple[str, ...]) -> tuple[nn.Module, dict[str, Any]]:
+    """``auto.from_pretrained`` (model, loading info); with ``quantize``, a local folder's safetensors are read
+    tensor by tensor and quantized as they are read (`lorakit.quant_load`), so the full-precision model never
+    exists whole; other sources load whole, then `lorakit.quant.quantize_model` (same result)."""
+    if quantize and Path(source).is_dir():
+        import transformers
+
+        from .quant_load import load_quantized
+
+        config_kwargs = {k: v for k, v in kwargs.items() if k != "ignore_mismatched_sizes"}
+        config = transformers.AutoConfig.from_pretrained(source, **config_kwargs)
+        built = load_quantized(Path(source), auto, config, quantize, keep_full, dtype)  # type: ignore[arg-type]
+        if built is not None:
+            return built
+    model, info = auto.from_pretrained(source, dtype=dtype, output_loading_info=True, **kwargs)
+    if quantize:
+        from .quant import quantize_model
+
+        quantize_model(model, quantize, skip=keep_full)  # type: ignore[arg-type]
+    return model, info
+
+
 def _load_hf(source: str | Path, task: str, num_labels: int | None, dtype: torch.dtype, seed: int,
-             name: str, **hub_kwargs: Any) -> LoadedModel:
-    """Model + tokenizer from a HF folder or hub id, with the Auto class of ``task``."""
+             name: str, quantize: str | None = None, keep_full: tuple[str, ...] = (),
+             **hub_kwargs: Any) -> LoadedModel:
+    """Model + tokenizer from a HF folder or hub id, with the Auto class of ``task``; quantized (``quantize``:
+    int8 | nf4, except the modules named in ``keep_full``) when asked."""
     import transformers
 
     auto = getattr(transformers, auto_class(task))
@@ -418,7 +452,7 @@ def _load_hf(source: str | Path, task: str, num_labels: int | None, dtype: torch
         kwargs["num_labels"] = num_labels
         kwargs["ignore_mismatched_sizes"] = True  # a folder's own head of another size is replaced
     with _seeded(seed), _load_report_held_back():
-        model, info = auto.from_pretrained(source, dtype=dtype, output_loading_info=True, **kwargs)
+        model, info = _from_pretrained(auto, source, dtype, kwargs, quantize, keep_full)
     _report_loading(model, info, name)
     model.eval()
     tokenizer = None
@@ -469,16 +503,17 @@ def _hub_cache_folder(hub_id: str) -> Path | None:
     return folder if (folder / "config.json").is_file() else None
 
 
-def _load_hub(hub_id: str, task: str, num_labels: int | None, dtype: torch.dtype, seed: int) -> LoadedModel:
+def _load_hub(hub_id: str, task: str, num_labels: int | None, dtype: torch.dtype, seed: int,
+              **quantized: Any) -> LoadedModel:
     cached = _hub_cache_folder(hub_id)
     if cached is not None:  # loaded from the folder, so transformers makes no request either
-        return _load_hf(cached, task, num_labels, dtype, seed, hub_id, local_files_only=True)
+        return _load_hf(cached, task, num_labels, dtype, seed, hub_id, local_files_only=True, **quantized)
     if _hub_offline():
         raise _unknown_model(hub_id, "not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
     if not _hub_reachable():
         raise _unknown_model(hub_id, "not a folder here, and the Hugging Face hub cannot be reached")
     try:
-        return _load_hf(hub_id, task, num_labels, dtype, seed, hub_id)
+        return _load_hf(hub_id, task, num_labels, dtype, seed, hub_id, **quantized)
     except OSError as err:
         raise _unknown_model(hub_id, f"download failed: {str(err).splitlines()[0]}") from err
 
@@ -532,7 +567,8 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 def load_model(name_or_path: str, task: str = "base", num_labels: int | None = None,
-               dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
+               dtype: torch.dtype = torch.float32, seed: int = 0, quantize: str | None = None,
+               keep_full: tuple[str, ...] = ()) -> LoadedModel:
     """Load a base model for ``task`` in eval mode.
 
     Args:
@@ -545,7 +581,11 @@ def load_model(name_or_path: str, task: str = "base", num_labels: int | None = N
             head (1000 ImageNet classes for ``mobilenet-v2``; 2 for a text model without one).
         dtype: parameter dtype.
         seed: seed of newly initialized heads, so the same call gives the same model.
+        quantize: ``int8`` | ``nf4``: a frozen quantized base (`lorakit.quant`), built while a folder's
+            safetensors are read (`lorakit.quant_load`); modules whose names end in one of ``keep_full`` stay
+            in ``dtype``.
     """
+    quantized: dict[str, Any] = {"quantize": quantize, "keep_full": tuple(keep_full)}
     if task not in MODEL_TASKS:
         raise ConfigError(f"unknown task {task!r} (fix: one of {', '.join(MODEL_TASKS)})")
     if num_labels is not None and num_labels < 1:
@@ -555,22 +595,24 @@ def load_model(name_or_path: str, task: str = "base", num_labels: int | None = N
         if task not in spec.tasks:
             raise ConfigError(f"packaged model {spec.name!r} supports tasks {', '.join(spec.tasks)}, not {task!r}")
         if spec.name == "mobilenet-v2":
-            return _load_mobilenet(task, num_labels, dtype, seed)
-        return _load_hf(spec.folder(), task, num_labels, dtype, seed, spec.name, local_files_only=True)
+            return _quantized_whole(_load_mobilenet(task, num_labels, dtype, seed), quantize, keep_full)
+        return _load_hf(spec.folder(), task, num_labels, dtype, seed, spec.name, local_files_only=True, **quantized)
 
     path = Path(name_or_path).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise _unknown_model(str(name_or_path), "a file that is not a .gguf (a model is a folder or a .gguf file)")
-        return _load_hf(gguf_folder(path), task, num_labels, dtype, seed, str(name_or_path), local_files_only=True)
+        return _load_hf(gguf_folder(path), task, num_labels, dtype, seed, str(name_or_path), local_files_only=True,
+                        **quantized)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise _unknown_model(str(name_or_path), f"folder {path} has no config.json")
         try:
-            return _load_hf(path, task, num_labels, dtype, seed, str(name_or_path), local_files_only=True)
+            return _load_hf(path, task, num_labels, dtype, seed, str(name_or_path), local_files_only=True,
+                            **quantized)
         except (OSError, ValueError, KeyError) as err:
             raise ModelLoadError(f"cannot load {task} model from {path}: {err}") from err
     # a hub id is "name" or "org/name"; anything else that is not a folder here is a missing path
     if path.exists() or not _HUB_ID.fullmatch(str(name_or_path)):
         raise _unknown_model(str(name_or_path), "no such folder")
-    return _load_hub(str(name_or_path), task, num_labels, dtype, seed)
+    return _load_hub(str(name_or_path), task, num_labels, dtype, seed, **quantized)

@@ -73,7 +73,7 @@ def dequantize(stored: dict[str, Tensor], scheme: Scheme, shape: tuple[int, int]
 class QuantizedLinear(nn.Module):
     """A frozen ``nn.Linear`` whose weight ``(out, in)`` is stored quantized; forward dequantizes it."""
 
-    def __init__(self, linear: nn.Linear, scheme: Scheme) -> None:
+    def __init__(self, linear: nn.Linear, scheme: Scheme, *, quantize_weight: bool = True) -> None:
         super().__init__()
         if scheme not in ("int8", "nf4"):
             raise ConfigError(f"quantization scheme must be 'int8' or 'nf4', got {scheme!r}")
@@ -81,7 +81,14 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.compute_dtype = linear.weight.dtype
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        self.quantize_(linear.weight)
+        if quantize_weight:
+            self.quantize_(linear.weight)
+
+    @classmethod
+    def empty(cls, linear: nn.Linear, scheme: Scheme) -> QuantizedLinear:
+        """A layer shaped like ``linear`` (typically on the meta device, `lorakit.quant_load`) with no stored
+        weight yet: `quantize_` stores it when it is read; the bias (if any) is replaced the same way."""
+        return cls(linear, scheme, quantize_weight=False)
 
     def quantize_(self, weight: Tensor) -> None:
         """(Re)store ``weight`` ``(out, in)`` in quantized form."""
@@ -151,16 +158,21 @@ class LoraQuantizedLinear(LoraLinear):
 register_layer(QuantizedLinear, LoraQuantizedLinear)
 
 
+def quantized_linear_names(model: nn.Module, skip: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Names of the layers `quantize_model` replaces: every ``nn.Linear`` except the output layer
+    (``get_output_embeddings``) and names ending in one of ``skip``."""
+    getter = getattr(model, "get_output_embeddings", None)
+    output = getter() if callable(getter) else None
+    return [name for name, module in model.named_modules() if type(module) is nn.Linear and module is not output
+            and not any(name == s or name.endswith("." + s) for s in skip)]
+
+
 def quantize_model(model: nn.Module, scheme: Scheme, skip: list[str] | tuple[str, ...] = ()) -> nn.Module:
     """Replace every ``nn.Linear`` (except names ending in one of ``skip`` and the output layer) by a frozen
     `QuantizedLinear`, in place; returns the model."""
-    getter = getattr(model, "get_output_embeddings", None)
-    output = getter() if callable(getter) else None
     # names only: a list of the modules would keep every replaced full-precision weight alive until the end, so
     # the whole fp32 model and the whole quantized one would sit in memory together (SmolLM2: 975 MB)
-    names = [name for name, module in model.named_modules() if type(module) is nn.Linear and module is not output
-             and not any(name == s or name.endswith("." + s) for s in skip)]
-    for name in names:
+    for name in quantized_linear_names(model, skip):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, child)

@@ -646,14 +646,12 @@ def load_recipe_model(recipe: Recipe, labels: Sequence[str] | None = None, devic
         num_labels = len(labels) if labels else None
     from .precision import torch_dtype
 
+    # a bf16 base is never whole in fp32, nor a quantized one whole in full precision (quantized as it is read)
     loaded = load_model(recipe.model, task=recipe.task, num_labels=num_labels, seed=recipe.train.seed,
-                        dtype=torch_dtype(recipe.train.dtype))  # a bf16 base is never whole in fp32
+                        dtype=torch_dtype(recipe.train.dtype), quantize=recipe.quantize,
+                        keep_full=tuple(recipe.lora.get("modules_to_save") or ()))
     if device is not None:
         loaded.model.to(device)
-    if recipe.quantize:
-        from .quant import quantize_model
-
-        quantize_model(loaded.model, recipe.quantize, skip=recipe.lora.get("modules_to_save") or ())
     return loaded
 
 
