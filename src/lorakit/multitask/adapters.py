@@ -62,13 +62,15 @@ def restore(model: nn.Module, saved: dict[str, Tensor]) -> None:
             params[name].copy_(value)
 
 
-def evaluate_task(model: nn.Module, task: TaskData, adapters: Sequence[str] | None, tokenizer: Any = None
-                  ) -> dict[str, float]:
-    """Held-out metrics of ``task`` with ``adapters`` active (None: the model as it is, adapters disabled)."""
+def evaluate_task(model: nn.Module, task: TaskData, adapters: Sequence[str] | None, tokenizer: Any = None,
+                  device: torch.device | None = None) -> dict[str, float]:
+    """Held-out metrics of ``task`` with ``adapters`` active (None: the model as it is, adapters disabled).
+    ``device``: where the inputs go (default: the first parameter's; give the run's device when the model's
+    shards live elsewhere, as with FSDP's CPU offload)."""
     r = task.recipe
     kwargs = dict(tokenizer=tokenizer, batch_size=r.eval.batch_size, max_length=r.train.max_length,
                   image_size=r.image_size, generate_examples=r.eval.generate_examples,
-                  max_new_tokens=r.eval.max_new_tokens)
+                  max_new_tokens=r.eval.max_new_tokens, device=device)
     if adapters is None:
         if lora_state(model) is not None and lora_state(model).configs:
             with disable_adapters(model):

@@ -87,7 +87,7 @@ def _score(model: Any, recipe: MultitaskRecipe, tasks: Any, metrics: dict[str, A
     shared = [SHARED] if recipe.design == "shared" else []
     metrics["eval"] = {}
     for task in tasks:
-        metrics["eval"][task.name] = evaluate_task(model, task, [*shared, task.name], tokenizer)
+        metrics["eval"][task.name] = evaluate_task(model, task, [*shared, task.name], tokenizer, world.device)
         if world.is_main:
             print(f"[{recipe.name}] {task.name}: {format_metrics(metrics['eval'][task.name])}", flush=True)
     if shared:
