@@ -1,6 +1,8 @@
 """Sharded LoRA training (FSDP2 over gloo, 2 CPU processes under torchrun) against one process: the same loss
 trajectory, the same saved adapter, each process holding about half of the frozen base, broken gathers refused,
-and the recipe settings no sharded path can honour refused before anything loads."""
+the recipe settings no sharded path can honour refused before anything loads; sharded checkpoints (killed runs
+resumed on 2 or 1 processes, a kill during the commit, Ctrl-C seen by one process, no pickle read, stale folders
+cleaned); and the CPU dry path of benchmarks/fsdp_gpu.py."""
 
 from __future__ import annotations
 
