@@ -31,8 +31,14 @@ class World:
         return self.size > 1
 
 
-def setup(device: str | None = None) -> World:
-    """Join the process group when launched by torchrun; otherwise a world of one."""
+#: a GPU process group that can also run collectives on CPU tensors: FSDP's CPU offload keeps shards and
+#: gradients in CPU memory, and gathering them (clipping's norm, saving the adapter) runs there (gloo)
+GPU_AND_CPU_BACKEND = "cuda:nccl,cpu:gloo"
+
+
+def setup(device: str | None = None, cpu_collectives: bool = False) -> World:
+    """Join the process group when launched by torchrun; otherwise a world of one. ``cpu_collectives``: on a
+    GPU also a gloo backend for CPU tensors (``train.fsdp_cpu_offload``); the first call decides."""
     want_cuda = torch.cuda.is_available() if device in (None, "auto") else device.startswith("cuda")
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         chosen = device if want_cuda and device and device.startswith("cuda:") else "cuda" if want_cuda else "cpu"
@@ -40,7 +46,8 @@ def setup(device: str | None = None) -> World:
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+        dist.init_process_group(backend=(GPU_AND_CPU_BACKEND if cpu_collectives else "nccl") if want_cuda
+                                else "gloo")
     if want_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
@@ -80,8 +87,8 @@ def single_process_group(device: torch.device) -> None:
     """A process group of this process alone (an in-memory store: no port, no network), for FSDP over one
     device: a world of one that offloads its weights to CPU memory (`wrap` with ``offload=True``)."""
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                                world_size=1)
+        dist.init_process_group(GPU_AND_CPU_BACKEND if device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
 
 
 def wrap(model: torch.nn.Module, world: World, sharding: str = "ddp", blocks: Sequence[str] | None = None,

@@ -344,7 +344,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False,
     ``training.png``, ``checkpoint.safetensors``); returns the metrics. ``on_step(state, loss)`` runs after every
     optimizer step (an exception there stops the run with a checkpoint, as Ctrl-C does)."""
     args = recipe.train
-    world = distributed.setup(args.device)
+    world = distributed.setup(args.device, cpu_collectives=args.fsdp_cpu_offload)
     out = Path(output_dir)
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(name, overrides)
     check_runtime(recipe)
     output = Path(args.output or Path("runs") / recipe.name)
-    world = distributed.setup(recipe.train.device)
+    world = distributed.setup(recipe.train.device, cpu_collectives=recipe.train.fsdp_cpu_offload)
     try:
         metrics = train(recipe, output, resume=args.resume)
     except KeyboardInterrupt:
