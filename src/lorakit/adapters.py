@@ -19,6 +19,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import AdapterStateError, ConfigError
+from .hf import attach_model_methods, detach_model_methods
 from .layers import LoraLayer, ModulesToSave
 from .routing import Routing
 
@@ -38,7 +39,14 @@ def lora_state(model: nn.Module, create: bool = False) -> LoraState | None:
     if state is None and create:
         state = LoraState()
         model.__dict__[_STATE_ATTR] = state
+        attach_model_methods(model)  # a transformers model's save_pretrained writes the adapters (lorakit.hf)
     return state
+
+
+def _drop_state(model: nn.Module) -> None:
+    """The model holds no adapter any more: forget its state; transformers' own methods apply again."""
+    del model.__dict__[_STATE_ATTR]
+    detach_model_methods(model)
 
 
 @dataclass
@@ -210,7 +218,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     if state.configs:
         update_trainable(model)
     else:
-        del model.__dict__[_STATE_ATTR]
+        _drop_state(model)
 
 
 @contextmanager
@@ -317,7 +325,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
             replace_module(model, name, module.base_layer)
         else:
             replace_module(model, name, module.active_module() if merge else module.original_module)
-    del model.__dict__[_STATE_ATTR]
+    _drop_state(model)
     for param in model.parameters():
         param.requires_grad_(True)
     return model

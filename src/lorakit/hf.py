@@ -1,17 +1,34 @@
-"""What an adapter file records about a transformers model: PEFT's ``task_type`` (from the model's class, through
-`lorakit.tasks`) and the hub id of its base, when that is known, instead of a local cache path.
+"""transformers models holding lorakit adapters: what their adapter files record, and what their own
+``save_pretrained`` / ``set_adapter`` / ``active_adapters`` do.
 
-PEFT's ``AutoPeftModelFor...`` classes pick the model class from ``task_type``, and ``base_model_name_or_path``
-is what they download; a path that only exists on the machine that trained the adapter helps nobody else.
+Files: PEFT's ``task_type`` (from the model's class, through `lorakit.tasks`) and the hub id of the base when it
+is known, instead of a local cache path. PEFT's ``AutoPeftModelFor...`` classes pick the model class from
+``task_type``, and ``base_model_name_or_path`` is what they download; a path that only exists on the machine that
+trained the adapter helps nobody else.
+
+Methods: transformers' ``save_pretrained`` writes an adapter folder only for models whose layers are peft's own
+(``_hf_peft_config_loaded``; ``get_adapter_state_dict`` walks peft's ``BaseTunerLayer``), and peft is no dependency
+of lorakit; on a lorakit model it would write every base weight under wrapper keys (``q_proj.base_layer.weight``)
+that ``from_pretrained`` silently re-initialises. So while a transformers model holds lorakit adapters, the model
+*object* (never its class: other models in the process are untouched) carries its own ``save_pretrained`` that
+writes the adapters in PEFT's format, as ``PeftModel.save_pretrained`` does; HF ``Trainer`` and TRL save through it,
+so their checkpoints and ``save_model`` hold the adapter only. ``set_adapter`` and ``active_adapters`` are
+lorakit's; the rest of transformers' PEFT methods refuse, naming the lorakit call. `lorakit.adapters` attaches
+them when a model gets its first adapter and removes them when it has none left (``unload``, ``delete_adapter``).
+Resuming a Trainer run from such a checkpoint: `lorakit.hf_trainer`.
 """
 
 from __future__ import annotations
 
 import re
+import sys
+import types
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
+from .errors import AdapterStateError, ConfigError
 from .tasks import TASKS
 
 #: a Hugging Face hub cache folder: ``.../models--ORG--NAME/snapshots/REVISION``
@@ -65,4 +82,157 @@ def base_model_id(model: nn.Module) -> str | None:
     return _packaged_hub_id(path) or source
 
 
-__all__ = ["base_model_id", "peft_task_type"]
+# -- transformers' own methods on a model holding lorakit adapters ---------------------------------------------
+#: ``save_pretrained`` options lorakit writes as transformers does at their default value -> why another value is
+#: refused (never ignored)
+_SAVE_DEFAULTS: dict[str, tuple[Any, str]] = {
+    "push_to_hub": (False, "the hub is not reached from here: save, then upload the folder "
+                           "(huggingface_hub.upload_folder)"),
+    "token": (None, "it is for pushing to the hub, which lorakit's save_pretrained does not do"),
+    "variant": (None, "adapter files have no variants (PEFT writes adapter_model.safetensors)"),
+    "safe_serialization": (True, "lorakit writes safetensors only: a pickle file can run code when loaded"),
+    "save_peft_format": (True, "lorakit writes PEFT's keys (base_model.model....) only"),
+    "save_original_format": (True, "adapter keys are always the loaded model's module names, as PEFT writes them"),
+    "distributed_checkpoint": (False, "gather a sharded adapter with lorakit.sharding and save it with "
+                                      "lorakit.save_adapter(model, folder, tensors=...)"),
+}
+_DEFAULT_SHARD = "50GB"  # transformers' default max_shard_size
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    """A transformers ``PreTrainedModel`` (without importing transformers: such a model means it is imported)."""
+    modeling = sys.modules.get("transformers.modeling_utils")
+    return modeling is not None and isinstance(model, modeling.PreTrainedModel)
+
+
+def save_pretrained(model: nn.Module, save_directory: str | Path, is_main_process: bool = True,
+                    state_dict: dict[str, Tensor] | None = None, selected_adapters: Sequence[str] | None = None,
+                    max_shard_size: int | str = _DEFAULT_SHARD, **options: Any) -> None:
+    """``model.save_pretrained`` of a transformers model holding lorakit adapters: the adapters (default: all,
+    or ``selected_adapters``) in PEFT's layout, as ``PeftModel.save_pretrained`` writes them (``default`` at the
+    top, the others in sub-folders; ``adapter_config.json`` + ``adapter_model.safetensors``), atomically, through
+    `lorakit.save_adapters`. No base weight and no ``config.json`` is written: ``from_pretrained`` of the folder
+    with peft installed loads the base named in ``adapter_config.json`` plus the adapter; without peft it stops
+    for want of a ``config.json``; it never loads a half-initialised model.
+
+    ``is_main_process=False`` writes nothing (another process does). ``state_dict`` (HF Trainer passes one under
+    FSDP/DeepSpeed: the model's state-dict keys, whole tensors) is honoured: the adapter's tensors are taken from
+    it, for one adapter at a time. ``max_shard_size`` is honoured by refusing an adapter larger than it (adapters
+    are one file, as in PEFT). Every other transformers option is accepted at its default value only; another
+    value raises `ConfigError` saying why (never ignored), an unknown keyword `TypeError`.
+    """
+    from .adapters import adapter_names
+    from .io import save_adapter, save_adapters
+
+    for key, value in options.items():
+        if key not in _SAVE_DEFAULTS:
+            raise TypeError(f"save_pretrained() of a model holding lorakit adapters got an unexpected keyword "
+                            f"{key!r} (it writes the adapters in PEFT's format; options: is_main_process, "
+                            f"state_dict, selected_adapters, max_shard_size, {', '.join(_SAVE_DEFAULTS)})")
+        default, why = _SAVE_DEFAULTS[key]
+        if value != default:
+            raise ConfigError(f"save_pretrained({key}={value!r}) is not supported on a model holding lorakit "
+                              f"adapters: {why}")
+    names = list(adapter_names(model) if selected_adapters is None else selected_adapters)
+    if not names:
+        raise AdapterStateError("selected_adapters is empty: name the adapters to save")
+    if state_dict is not None and len(names) != 1:
+        raise ConfigError(f"save_pretrained(state_dict=...) saves one adapter; this model has {names}: pass "
+                          "selected_adapters=[name] (once per adapter)")
+    tensors = _state_dict_adapter(model, names[0], state_dict) if state_dict is not None else None
+    _check_shard_size(model, names, max_shard_size, tensors)
+    if not is_main_process:
+        return
+    if tensors is not None:
+        save_adapter(model, save_directory, names, tensors=tensors)
+    else:
+        save_adapters(model, save_directory, names)
+
+
+def _state_dict_adapter(model: nn.Module, name: str, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Adapter ``name``'s tensors taken from ``state_dict`` (keyed like ``model.state_dict()``), under PEFT's keys.
+    The model's own tensors tell which state-dict key holds which file key."""
+    from .peft_format import adapter_tensors
+
+    key_of = {id(tensor): key for key, tensor in model.state_dict(keep_vars=True).items()}
+    wanted = {file_key: key_of.get(id(tensor)) for file_key, tensor in adapter_tensors(model, name).items()}
+    missing = sorted(str(key) for key in wanted.values() if key is None or key not in state_dict)
+    if missing:
+        raise ConfigError(f"save_pretrained(state_dict=...) lacks {len(missing)} tensor(s) of adapter {name!r}, "
+                          f"e.g. {missing[:3]}; pass the model's whole state dict (or none)")
+    return {file_key: state_dict[key] for file_key, key in wanted.items()}
+
+
+def _check_shard_size(model: nn.Module, names: list[str], max_shard_size: int | str,
+                      tensors: dict[str, Tensor] | None) -> None:
+    """Refuse adapters larger than ``max_shard_size``: adapter files are never split (PEFT does not split them)."""
+    if max_shard_size == _DEFAULT_SHARD:
+        return
+    from transformers.utils.hub import convert_file_size_to_int
+
+    from .peft_format import adapter_tensors
+
+    limit = convert_file_size_to_int(max_shard_size)
+    for name in names:
+        found = tensors if tensors is not None else adapter_tensors(model, name)
+        size = sum(t.numel() * t.element_size() for t in found.values())
+        if size > limit:
+            raise ConfigError(f"adapter {name!r} is {size:,} bytes, above max_shard_size={max_shard_size!r}: "
+                              "adapter files are written whole, as PEFT writes them; raise max_shard_size")
+
+
+def _set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
+    """transformers' ``model.set_adapter(name or [names])``: `lorakit.set_adapter` (only active adapters train,
+    as with peft's layers)."""
+    from .adapters import set_adapter
+
+    set_adapter(model, adapter_name)
+
+
+def _active_adapters(model: nn.Module) -> list[str]:
+    """transformers' ``model.active_adapters()``: `lorakit.active_adapters`."""
+    from .adapters import active_adapters
+
+    return active_adapters(model)
+
+
+def _refusal(method: str, instead: str) -> Callable[..., None]:
+    def refuse(model: nn.Module, *args: Any, **kwargs: Any) -> None:
+        raise AdapterStateError(f"model.{method}() is transformers' PEFT integration, which needs peft's own layers; "
+                                f"this model holds lorakit adapters: use {instead}")
+
+    refuse.__name__ = method
+    return refuse
+
+
+#: the methods a transformers model holding lorakit adapters carries on its instance
+MODEL_METHODS: dict[str, Callable[..., Any]] = {
+    "save_pretrained": save_pretrained,
+    "set_adapter": _set_adapter,
+    "active_adapters": _active_adapters,
+    "load_adapter": _refusal("load_adapter", "lorakit.load_adapter(model, folder)"),
+    "add_adapter": _refusal("add_adapter", "lorakit.add_adapter(model, name, lorakit.LoraConfig(...))"),
+    "delete_adapter": _refusal("delete_adapter", "lorakit.delete_adapter(model, name)"),
+    "enable_adapters": _refusal("enable_adapters", "lorakit.set_adapter(model, name)"),
+    "disable_adapters": _refusal("disable_adapters", "`with lorakit.disable_adapters(model): ...`"),
+    "get_adapter_state_dict": _refusal("get_adapter_state_dict", "lorakit.adapter_state_dict(model, name)"),
+}
+
+
+def attach_model_methods(model: nn.Module) -> None:
+    """Give a transformers model its lorakit ``save_pretrained``, ``set_adapter``... (see the module docstring);
+    other modules are left alone."""
+    if _is_transformers_model(model):
+        for name, function in MODEL_METHODS.items():
+            model.__dict__[name] = types.MethodType(function, model)
+
+
+def detach_model_methods(model: nn.Module) -> None:
+    """Remove what `attach_model_methods` put on ``model``: its class's methods apply again."""
+    for name, function in MODEL_METHODS.items():
+        if getattr(model.__dict__.get(name), "__func__", None) is function:
+            del model.__dict__[name]
+
+
+__all__ = ["MODEL_METHODS", "attach_model_methods", "base_model_id", "detach_model_methods", "peft_task_type",
+           "save_pretrained"]

@@ -77,6 +77,13 @@ def strip_wrappers(name: str) -> str:
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
     """Adapter ``adapter_name``'s tensors under PEFT's file keys (CPU copies), as written to
     ``adapter_model.safetensors``: LoRA tensors, ``modules_to_save`` copies and, per ``bias``, trained biases."""
+    return {k: v.detach().to("cpu").clone().contiguous() for k, v in adapter_tensors(model, adapter_name).items()}
+
+
+def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
+    """The model's own parameters and buffers (not copies) that make up adapter ``adapter_name``, under PEFT's
+    file keys: what a checkpoint is copied back into in place (`lorakit.hf_trainer.restore_adapters`), and how a
+    model's state-dict keys map to file keys (`lorakit.hf`)."""
     state = lora_state(model)
     if state is None or adapter_name not in state.configs:
         raise AdapterStateError(f"no adapter named {adapter_name!r} on this model "
@@ -92,13 +99,13 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
             if config.bias == "lora_only" and module.bias is not None:
                 out[f"{PREFIX}{module_name}.base_layer.bias"] = module.bias
         else:
-            for key, tensor in module.modules_to_save[adapter_name].state_dict().items():
+            for key, tensor in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
                 out[f"{PREFIX}{module_name}.{key}"] = tensor
     if config.bias == "all":
         for name, param in model.named_parameters():
             if name.rsplit(".", 1)[-1] == "bias" and is_base_param(name) and ".original_module." not in name:
                 out[PREFIX + name] = param
-    return {k: v.detach().to("cpu").clone().contiguous() for k, v in out.items()}
+    return out
 
 
 def adapter_modules(model: nn.Module, adapter_name: str) -> list[str]:
@@ -331,5 +338,5 @@ def read_adapter(directory: str | os.PathLike, allow_pickle: bool = False) -> Ad
 
 __all__ = ["CONFIG_FILE", "FILE_PARTS", "MAX_ALPHA", "MAX_ENTRIES", "MAX_RANK", "MAX_STRING", "METADATA_KEY",
            "PART_SUFFIX", "PICKLE_FILE", "PISSA_INIT_FILE", "PREFIX", "WEIGHTS_FILE", "AdapterFiles",
-           "adapter_modules", "adapter_state_dict", "check_config_dict", "layer_parts", "parse_metadata",
-           "read_adapter", "read_adapter_config", "strip_wrappers"]
+           "adapter_modules", "adapter_state_dict", "adapter_tensors", "check_config_dict", "layer_parts",
+           "parse_metadata", "read_adapter", "read_adapter_config", "strip_wrappers"]
