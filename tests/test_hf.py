@@ -139,3 +139,22 @@ def test_unloaded_or_plain_models_save_as_transformers_does(base_dir, tmp_path):
         again.set_adapter("default")
     net = lorakit.inject(TinyNet(), lorakit.LoraConfig(r=2, target_modules=["q"]))
     assert "save_pretrained" not in vars(net)  # not a transformers model: nothing attached
+
+
+def test_copied_and_pickled_models_save_their_own_adapter(base_dir, tmp_path):
+    import copy
+    import io
+
+    model = injected(base_dir)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        randomize_lora(other, seed=5)  # differs from the original: the save must be the copy's own
+        folder = tmp_path / str(id(other))
+        other.save_pretrained(folder)
+        assert not (folder / "model.safetensors").exists()
+        saved = load_file(folder / "adapter_model.safetensors")
+        assert saved.keys() == lorakit.adapter_state_dict(other).keys()
+        assert all(torch.equal(t, lorakit.adapter_state_dict(other)[k]) for k, t in saved.items())
+        assert not all(torch.equal(t, lorakit.adapter_state_dict(model)[k]) for k, t in saved.items())

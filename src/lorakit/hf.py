@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import re
 import sys
-import types
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -219,20 +218,40 @@ MODEL_METHODS: dict[str, Callable[..., Any]] = {
 }
 
 
+class ModelMethod:
+    """``MODEL_METHODS[name]`` bound to one model. Not a ``types.MethodType``: a bound method pickles as
+    ``getattr(model, name)``, which during unpickling finds the class's method (the instance's own is not restored
+    yet), so ``torch.save(model)`` / ``torch.load`` would bring transformers' ``save_pretrained`` back silently.
+    This pickles (and deep-copies) as itself, bound to the copy."""
+
+    def __init__(self, name: str, model: nn.Module) -> None:
+        self.name, self.model = name, model
+        self.__doc__ = MODEL_METHODS[name].__doc__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return MODEL_METHODS[self.name](self.model, *args, **kwargs)
+
+    def __reduce__(self) -> tuple:
+        return ModelMethod, (self.name, self.model)
+
+    def __repr__(self) -> str:
+        return f"<lorakit {self.name} of {type(self.model).__name__} holding lorakit adapters>"
+
+
 def attach_model_methods(model: nn.Module) -> None:
     """Give a transformers model its lorakit ``save_pretrained``, ``set_adapter``... (see the module docstring);
     other modules are left alone."""
     if _is_transformers_model(model):
-        for name, function in MODEL_METHODS.items():
-            model.__dict__[name] = types.MethodType(function, model)
+        for name in MODEL_METHODS:
+            model.__dict__[name] = ModelMethod(name, model)
 
 
 def detach_model_methods(model: nn.Module) -> None:
     """Remove what `attach_model_methods` put on ``model``: its class's methods apply again."""
-    for name, function in MODEL_METHODS.items():
-        if getattr(model.__dict__.get(name), "__func__", None) is function:
+    for name in MODEL_METHODS:
+        if isinstance(model.__dict__.get(name), ModelMethod):
             del model.__dict__[name]
 
 
-__all__ = ["MODEL_METHODS", "attach_model_methods", "base_model_id", "detach_model_methods", "peft_task_type",
+__all__ = ["MODEL_METHODS", "ModelMethod", "attach_model_methods", "base_model_id", "detach_model_methods", "peft_task_type",
            "save_pretrained"]
