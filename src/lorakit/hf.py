@@ -253,5 +253,5 @@ def detach_model_methods(model: nn.Module) -> None:
             del model.__dict__[name]
 
 
-__all__ = ["MODEL_METHODS", "ModelMethod", "attach_model_methods", "base_model_id", "detach_model_methods", "peft_task_type",
-           "save_pretrained"]
+__all__ = ["MODEL_METHODS", "ModelMethod", "attach_model_methods", "base_model_id", "detach_model_methods",
+           "peft_task_type", "save_pretrained"]
