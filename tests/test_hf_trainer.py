@@ -44,9 +44,9 @@ def model_with_adapter(adapter_seed: int = 0, config: lorakit.LoraConfig = CONFI
     return lorakit.inject(model, config)
 
 
-def args(out: Path, steps: int = 6, **extra) -> TrainingArguments:
+def args(out: Path, steps: int = 6, lr: float = 5e-3, **extra) -> TrainingArguments:
     return TrainingArguments(output_dir=str(out), max_steps=steps, save_steps=3, per_device_train_batch_size=4,
-                             learning_rate=5e-3, logging_steps=1, report_to="none", use_cpu=True, seed=7,
+                             learning_rate=lr, logging_steps=1, report_to="none", use_cpu=True, seed=7,
                              save_strategy="steps", disable_tqdm=True, **extra)
 
 
@@ -111,15 +111,19 @@ def test_resume_refuses_a_checkpoint_of_another_adapter_and_changes_nothing(tmp_
 
 def test_load_best_model_at_end_restores_the_best_adapter(tmp_path):
     model = model_with_adapter()
-    trainer = LoraTrainer(model=model, args=args(tmp_path / "run", eval_strategy="steps", eval_steps=3,
-                                                 load_best_model_at_end=True, metric_for_best_model="loss"),
+    # "best" is the highest eval loss: the step-3 checkpoint, while training on the eval rows lowers the loss after
+    trainer = LoraTrainer(model=model, args=args(tmp_path / "run", lr=3e-2, eval_strategy="steps", eval_steps=3,
+                                                 load_best_model_at_end=True, metric_for_best_model="loss",
+                                                 greater_is_better=True),
                           train_dataset=rows(), eval_dataset=rows(8))
     trainer.train()
     best = Path(trainer.state.best_model_checkpoint)
+    assert best.name == "checkpoint-3"
     assert_adapter_only(best)
-    saved = lorakit.read_adapter(best).tensors
-    for key, value in adapter_of(model).items():
-        assert torch.equal(value, saved[key]), key
+    saved, last = (lorakit.read_adapter(tmp_path / "run" / n).tensors for n in ("checkpoint-3", "checkpoint-6"))
+    now = adapter_of(model)
+    assert all(torch.equal(value, saved[key]) for key, value in now.items())
+    assert not all(torch.equal(value, last[key]) for key, value in now.items())  # not the end of training
 
 
 def test_trl_sft_trainer_saves_and_resumes_the_adapter(tmp_path):
