@@ -176,3 +176,34 @@ def test_docs_trainer_example(tmp_path):
     want, got = adapter_of(scope["model"]), adapter_of(scope["resumed"])
     for key in want:
         assert torch.allclose(got[key], want[key], atol=1e-6, rtol=0), key
+
+
+def test_restore_adapters_copies_every_adapter_in_place_or_changes_nothing(tmp_path):
+    from conftest import randomize_lora
+    from lorakit.hf_trainer import restore_adapters
+
+    model = model_with_adapter(config=BODY)
+    lorakit.add_adapter(model, "other", lorakit.LoraConfig(r=2, target_modules=["o_proj"]))
+    randomize_lora(model, seed=1)
+    model.save_pretrained(tmp_path / "ckpt")  # default at the top, other/ beside it
+    want = {name: lorakit.adapter_state_dict(model, name) for name in ("default", "other")}
+    params = dict(model.named_parameters())
+    randomize_lora(model, seed=2)
+    assert restore_adapters(model, tmp_path / "ckpt") == ["default", "other"]
+    assert dict(model.named_parameters()) == params  # the same objects: an optimizer's references stay valid
+    for name, tensors in want.items():
+        assert all(torch.equal(v, lorakit.adapter_state_dict(model, name)[k]) for k, v in tensors.items()), name
+    # refused before any value is copied: a missing adapter, another base
+    randomize_lora(model, seed=3)
+    before = {name: lorakit.adapter_state_dict(model, name) for name in ("default", "other")}
+    lorakit.save_adapter(model, tmp_path / "one")
+    with pytest.raises(AdapterError, match=r"holds adapters \['default'\], the model \['default', 'other'\]"):
+        restore_adapters(model, tmp_path / "one")
+    torch.manual_seed(9)
+    other_base = lorakit.inject(LlamaForCausalLM(tiny_llama_config()), BODY)
+    lorakit.add_adapter(other_base, "other", lorakit.LoraConfig(r=2, target_modules=["o_proj"]))
+    other_base.save_pretrained(tmp_path / "elsewhere")
+    with pytest.raises(AdapterError, match="another base model"):
+        restore_adapters(model, tmp_path / "elsewhere")
+    for name, tensors in before.items():
+        assert all(torch.equal(v, lorakit.adapter_state_dict(model, name)[k]) for k, v in tensors.items()), name
