@@ -78,3 +78,57 @@ def test_recipe_model_loads_in_the_storage_dtype() -> None:
     recipe = load_recipe("sentiment-minilm", ["train.dtype=bf16"])
     model = load_recipe_model(recipe, labels=["fresh", "rotten"]).model
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def _bert(dtype: torch.dtype, attention_dropout: float) -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(**{**BERT, "attention_probs_dropout_prob": attention_dropout})
+    model = transformers.AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
+    model = model.to(dtype)
+    inject(model, LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    return model.train()
+
+
+def _attention_probability_dtypes(model: torch.nn.Module, ids: torch.Tensor) -> set[torch.dtype]:
+    """dtypes of every (batch, heads, seq, seq) tensor a training forward + backward makes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: set[torch.dtype] = set()
+    square = (ids.shape[0], BERT["num_attention_heads"], ids.shape[1], ids.shape[1])
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for item in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(item, torch.Tensor) and tuple(item.shape) == square and item.is_floating_point():
+                    seen.add(item.dtype)
+            return out
+
+    with Watch():
+        model(input_ids=ids).logits.float().sum().backward()
+    return seen
+
+
+def test_a_bf16_base_on_cpu_keeps_attention_with_dropout_in_bf16() -> None:
+    """torch's CPU SDPA math kernel (attention dropout on) computed MiniLM's bf16 attention in fp32; after
+    `keep_trainable_fp32` the attention probabilities are bf16 and the model still trains (finite grads)."""
+    ids = torch.randint(0, 300, (3, 10), generator=torch.Generator().manual_seed(0))
+    before = _bert(torch.bfloat16, 0.1)
+    assert torch.float32 in _attention_probability_dtypes(before, ids)  # the old behaviour
+    model = _bert(torch.bfloat16, 0.1)
+    keep_trainable_fp32(model)
+    assert model.config._attn_implementation == "eager"
+    assert _attention_probability_dtypes(model, ids) == {torch.bfloat16}
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("dtype, dropout", [(torch.float32, 0.1), (torch.bfloat16, 0.0)])
+def test_attention_is_left_alone_when_sdpa_already_fits(dtype: torch.dtype, dropout: float) -> None:
+    """fp32 base, or no attention dropout (the fused CPU kernel runs in bf16): SDPA stays."""
+    from lorakit.precision import low_precision_attention
+
+    model = _bert(dtype, dropout)
+    assert not low_precision_attention(model)
+    assert model.config._attn_implementation == "sdpa"

@@ -140,28 +140,33 @@ def _maps_of(folder) -> list[str]:
         return [line for line in maps if str(folder) in line]
 
 
-@pytest.mark.parametrize("scheme", ["int8", "nf4"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scheme,dtype", [("int8", torch.float32), ("nf4", torch.float32), ("int8", torch.bfloat16),
+                                          ("nf4", torch.bfloat16), (None, torch.bfloat16)])
 @pytest.mark.parametrize("shard", [None, "60KB"])
 def test_quantize_while_reading_equals_loading_then_quantizing(tmp_path, scheme, dtype, shard) -> None:
     """A Llama (tied lm_head, rotary buffers), whole or sharded (model.safetensors.index.json): the model built
-    while reading equals from_pretrained + quantize_model exactly, and no checkpoint file stays mapped."""
+    while reading (quantized, or only cast to bf16) equals from_pretrained (+ quantize_model) exactly, and no
+    checkpoint file stays mapped."""
+    from transformers import AutoModelForCausalLM
+
     from lorakit.models import load_model
 
     _tiny_llama(tmp_path, shard)
     assert (tmp_path / "model.safetensors.index.json").is_file() == bool(shard)
     new = load_model(str(tmp_path), "causal-lm", dtype=dtype, quantize=scheme).model
     assert _maps_of(tmp_path) == []
-    old = quantize_model(load_model(str(tmp_path), "causal-lm", dtype=dtype).model, scheme)
+    old = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype).eval()
+    if scheme:
+        quantize_model(old, scheme)
     _same_model(new, old)
     assert new.get_output_embeddings().weight is new.get_input_embeddings().weight
-    assert sum(isinstance(m, QuantizedLinear) for m in new.modules()) == 2 * 7
+    assert sum(isinstance(m, QuantizedLinear) for m in new.modules()) == (2 * 7 if scheme else 0)
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():
         assert torch.equal(new(input_ids=ids).logits, old(input_ids=ids).logits)
 
 
-@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+@pytest.mark.parametrize("scheme", ["int8", "nf4", None])
 def test_quantize_while_reading_a_classifier_draws_the_same_new_head(scheme) -> None:
     """MiniLM (a BertModel checkpoint read into BertForSequenceClassification: key prefix added) with a new,
     seeded classifier kept full precision: equal to the old path, head included."""
@@ -170,26 +175,34 @@ def test_quantize_while_reading_a_classifier_draws_the_same_new_head(scheme) -> 
     kwargs = dict(num_labels=3, seed=7, dtype=torch.bfloat16)
     new = load_model("minilm", "sequence-classification", quantize=scheme, keep_full=("classifier",), **kwargs)
     old = load_model("minilm", "sequence-classification", **kwargs)
-    quantize_model(old.model, scheme, skip=("classifier",))
+    if scheme:
+        quantize_model(old.model, scheme, skip=("classifier",))
+    else:  # the old way: transformers' own bf16 load
+        import transformers
+
+        with torch.random.fork_rng():
+            torch.manual_seed(7)
+            old.model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                old.path, num_labels=3, dtype=torch.bfloat16).eval()
     _same_model(new.model, old.model)
     assert type(new.model.classifier) is nn.Linear and new.model.classifier.weight.requires_grad
 
 
 def test_a_checkpoint_that_does_not_map_onto_the_model_falls_back(tmp_path) -> None:
-    """A weight missing outside the head (transformers would re-initialise it): `load_quantized` declines,
+    """A weight missing outside the head (transformers would re-initialise it): `load_while_reading` declines,
     and `load_model` gives the old path's model."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lorakit.models import load_model
-    from lorakit.quant_load import load_quantized
+    from lorakit.quant_load import load_while_reading
 
     _tiny_llama(tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
     del tensors["model.layers.0.mlp.up_proj.weight"]
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     config = AutoConfig.from_pretrained(tmp_path)
-    assert load_quantized(tmp_path, AutoModelForCausalLM, config, "nf4") is None
+    assert load_while_reading(tmp_path, AutoModelForCausalLM, config, "nf4") is None
     torch.manual_seed(1)
     new = load_model(str(tmp_path), "causal-lm", quantize="nf4", seed=1).model
     old = quantize_model(load_model(str(tmp_path), "causal-lm", seed=1).model, "nf4")

@@ -415,17 +415,18 @@ def _report_loading(model: nn.Module, info: dict[str, Any], name: str) -> None:
 
 def _from_pretrained(auto: Any, source: str | Path, dtype: torch.dtype, kwargs: dict[str, Any],
                      quantize: str | None, keep_full: tuple[str, ...]) -> tuple[nn.Module, dict[str, Any]]:
-    """``auto.from_pretrained`` (model, loading info); with ``quantize``, a local folder's safetensors are read
-    tensor by tensor and quantized as they are read (`lorakit.quant_load`), so the full-precision model never
-    exists whole; other sources load whole, then `lorakit.quant.quantize_model` (same result)."""
-    if quantize and Path(source).is_dir():
+    """``auto.from_pretrained`` (model, loading info). With ``quantize`` or a dtype other than fp32, a local
+    folder's safetensors are read tensor by tensor (`lorakit.quant_load`) and quantized or cast as they are
+    read, so neither the full-precision model nor a mapped file sits in memory whole; other sources load whole,
+    then `lorakit.quant.quantize_model` (the same result)."""
+    if (quantize or dtype != torch.float32) and Path(source).is_dir():
         import transformers
 
-        from .quant_load import load_quantized
+        from .quant_load import load_while_reading
 
         config_kwargs = {k: v for k, v in kwargs.items() if k != "ignore_mismatched_sizes"}
         config = transformers.AutoConfig.from_pretrained(source, **config_kwargs)
-        built = load_quantized(Path(source), auto, config, quantize, keep_full, dtype)  # type: ignore[arg-type]
+        built = load_while_reading(Path(source), auto, config, quantize, keep_full, dtype)  # type: ignore[arg-type]
         if built is not None:
             return built
     model, info = auto.from_pretrained(source, dtype=dtype, output_loading_info=True, **kwargs)

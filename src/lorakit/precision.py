@@ -12,12 +12,15 @@ output back to the dtype it was given, so it sits between bf16 layers unchanged.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -58,9 +61,12 @@ def _bridge(module: nn.Module) -> None:
 
 def keep_trainable_fp32(model: nn.Module) -> int:
     """Cast every parameter that requires grad to fp32 (the frozen base keeps its dtype); trained modules that
-    are not LoRA layers get input/output casts (`_bridge`). Returns how many tensors were cast; 0 when the
-    model is fp32 already (then nothing else changes either)."""
+    are not LoRA layers get input/output casts (`_bridge`); on a CPU, attention with dropout runs in the base's
+    dtype (`low_precision_attention`). Returns how many tensors were cast; 0 when the model is fp32 already
+    (then nothing else changes either)."""
     from .layers import LoraLayer
+
+    low_precision_attention(model)
 
     lora_paths = tuple(name for name, module in model.named_modules() if isinstance(module, LoraLayer))
     cast = 0
@@ -91,3 +97,33 @@ def _outermost_trained(model: nn.Module, name: str) -> nn.Module:
         if params and all(p.requires_grad for p in params):
             return candidate
     return model.get_submodule(name)
+
+
+#: config fields transformers models keep their attention-probability dropout in
+ATTENTION_DROPOUT_FIELDS = ("attention_probs_dropout_prob", "attention_dropout")
+
+
+def low_precision_attention(model: nn.Module) -> bool:
+    """On a CPU, run the attention of a bf16/fp16-stored transformers model in that dtype; returns whether the
+    attention implementation was switched (SDPA -> transformers' eager).
+
+    Why: with dropout on the attention probabilities (training), torch's CPU SDPA cannot use its fused kernel
+    and falls back to the math kernel, which upcasts bf16/fp16 inputs and computes in fp32: MiniLM's bf16
+    training step keeps four fp32 ``(batch, heads, seq, seq)`` tensors a layer, 162 of its 302 MiB (measured in
+    docs/scaling.md). Eager attention computes the same in the inputs' dtype (the softmax kernel accumulates in
+    fp32 and rounds its output). Nothing changes on a GPU, without attention dropout (the fused CPU kernel
+    already runs in bf16, e.g. Llama), or for an fp32 base.
+    """
+    config, setter = getattr(model, "config", None), getattr(model, "set_attn_implementation", None)
+    if config is None or setter is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    frozen = next((p for p in model.parameters() if not p.requires_grad), None)
+    if frozen is None or frozen.dtype == torch.float32 or frozen.device.type != "cpu":
+        return False
+    configured = max(float(getattr(config, name, 0.0) or 0.0) for name in ATTENTION_DROPOUT_FIELDS)
+    if configured == 0 or all(m.p == 0 for m in model.modules() if isinstance(m, nn.Dropout)):
+        return False  # no attention dropout (or train.model_dropout=0): the fused kernel runs in bf16
+    setter("eager")
+    log.info("%s base on a CPU: attention runs in transformers' eager implementation in %s (torch's CPU SDPA "
+             "computes in fp32 when attention dropout is on)", frozen.dtype, frozen.dtype)
+    return True

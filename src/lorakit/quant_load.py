@@ -1,7 +1,7 @@
 """Quantize while reading: a Hugging Face model with a quantized base (`lorakit.quant`) built tensor by tensor
 from its safetensors file(s), so the full-precision model never sits in memory whole.
 
-`load_quantized` builds the model's skeleton with parameters on the meta device (accelerate's
+`load_while_reading` builds the model's skeleton with parameters on the meta device (accelerate's
 ``init_empty_weights``: buffers such as rotary frequencies are computed as usual), swaps each ``nn.Linear`` that
 `lorakit.quant.quantize_model` would quantize for an empty `QuantizedLinear`, then reads the checkpoint one tensor
 at a time (``model.safetensors``, or every shard of ``model.safetensors.index.json``): a Linear weight is
@@ -9,6 +9,9 @@ quantized as soon as it is read and its full-precision bytes are dropped; every 
 model's dtype. Tensors are read with ``pread`` at the offsets the header gives, into memory the process owns, so
 no file stays memory-mapped: a mapped file's pages stay in the resident set for as long as any tensor from it
 lives (SmolLM2 nf4: 663 MiB resident while quantizing after a mapped load, measured in docs/scaling.md).
+
+Without a scheme it reads a base stored in another dtype than the file's (``train.dtype: bf16`` from an fp32
+checkpoint) the same way: no mapped file pages beside the bf16 copies (SmolLM2: 540 MB of fp32 pages).
 
 The result equals ``quantize_model(AutoModel.from_pretrained(folder, dtype=...), scheme, skip)`` exactly
 (tests/test_quant.py): the same rounding to the model's dtype before quantizing, the same tied weights, and a
@@ -73,6 +76,7 @@ def read_tensors(path: Path) -> Iterator[tuple[str, Tensor]]:
                     raise OSError(f"{path}: file ended while reading tensor {key!r}")
                 done += got
             yield key, buffer.view(ST_DTYPES[dtype]).reshape(shape)
+            del buffer, view  # the caller's reference is the last one: freed before the next read
     finally:
         os.close(fd)
 
@@ -107,7 +111,7 @@ def _key_map(file_keys: list[str], model_keys: set[str], prefix: str) -> dict[st
     return mapping
 
 
-def _skeleton(auto: Any, config: Any, dtype: torch.dtype, scheme: Scheme,
+def _skeleton(auto: Any, config: Any, dtype: torch.dtype, scheme: Scheme | None,
               skip: tuple[str, ...]) -> tuple[nn.Module, set[str]]:
     """The model with parameters on the meta device, its quantized Linears swapped for empty `QuantizedLinear`
     layers; returns it and the module names of those layers."""
@@ -116,7 +120,7 @@ def _skeleton(auto: Any, config: Any, dtype: torch.dtype, scheme: Scheme,
     with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
         model = auto.from_config(config, dtype=dtype)
     model.tie_weights()
-    names = quantized_linear_names(model, skip)
+    names = quantized_linear_names(model, skip) if scheme else []
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -125,11 +129,12 @@ def _skeleton(auto: Any, config: Any, dtype: torch.dtype, scheme: Scheme,
     return model, set(names)
 
 
-def load_quantized(folder: Path, auto: Any, config: Any, scheme: Scheme, skip: tuple[str, ...] = (),
-                   dtype: torch.dtype = torch.float32) -> tuple[nn.Module, dict[str, list]] | None:
-    """A model of class ``auto`` (a transformers Auto class) with ``config``, read from ``folder`` with its
-    Linear layers quantized as they are read; and transformers' loading info (missing / unexpected /
-    mismatched keys). New head weights are drawn from the global RNG (seed it around the call). None when the
+def load_while_reading(folder: Path, auto: Any, config: Any, scheme: Scheme | None, skip: tuple[str, ...] = (),
+                       dtype: torch.dtype = torch.float32) -> tuple[nn.Module, dict[str, list]] | None:
+    """A model of class ``auto`` (a transformers Auto class) with ``config``, read from ``folder`` in ``dtype``
+    with its Linear layers quantized as they are read (``scheme`` int8 | nf4; None: none quantized, e.g. a
+    bf16 base read from an fp32 file without mapping the file); and transformers' loading info (missing /
+    unexpected / mismatched keys). New head weights are drawn from the global RNG (seed it around the call). None when the
     checkpoint cannot be mapped onto the model without transformers' key conversions (then load it the old way).
     """
     files = checkpoint_files(folder)
