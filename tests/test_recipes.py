@@ -195,7 +195,7 @@ def test_load_recipe_model_sizes_the_head_from_the_data(monkeypatch: pytest.Monk
     recipe = load_recipe("sentiment-minilm", ["train.seed=5"])
     load_recipe_model(recipe, labels=["a", "b", "c"])
     assert calls[-1] == (("minilm",), {"task": "sequence-classification", "num_labels": 3, "seed": 5,
-                                       "dtype": torch.float32})
+                                       "dtype": torch.float32, "quantize": None, "keep_full": ("classifier",)})
     load_recipe_model(recipe)  # labels read from the recipe's data: fresh/rotten
     assert calls[-1][1]["num_labels"] == 2
     load_recipe_model(load_recipe("instruct-smollm2"))  # causal LM: no head
