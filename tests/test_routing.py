@@ -104,3 +104,29 @@ def test_route_on_every_layer_type_equals_each_adapter_alone(layer: str, option:
     want = torch.stack([alone[n][i] for i, n in enumerate(rows)])
     torch.testing.assert_close(mixed, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mixed_no_grad, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 6])
+@pytest.mark.parametrize("rows", [["a", "b"], ["b", None, "a", "b"]])
+def test_route_under_bf16_autocast_matches_each_adapter_alone(rows, tokens) -> None:
+    """Under autocast the rank-r intermediate is bf16 while the stacked B is fp32: the in-place accumulation must
+    cast B (the rows-in-order case raised "Bad in-place call" before, e.g. `bench.py --precision bf16`)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 8)).eval()
+    inject(model, LoraConfig(r=4, target_modules="all-linear"), "a")
+    lorakit.add_adapter(model, "b", LoraConfig(r=2, target_modules="all-linear"))
+    randomize_lora(model, std=0.3)
+    x = torch.randn(len(rows), tokens, 16)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        with lorakit.route(model, rows):
+            mixed = model(x)
+        alone = []
+        for i, name in enumerate(rows):
+            if name is None:
+                with lorakit.disable_adapters(model):
+                    alone.append(model(x[i:i + 1]))
+            else:
+                lorakit.set_adapter(model, name)
+                alone.append(model(x[i:i + 1]))
+    assert mixed.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed.float(), torch.cat(alone).float(), atol=0.05, rtol=0.02)
