@@ -12,7 +12,7 @@ linear layers carry the Hugging Face module names, so LoRA targets are matched a
 - **activations**: what autograd keeps for the backward pass, counted per token and layer from the tensors
   each block saves (`layer_activation_elements`; counted with ``torch.autograd.graph.saved_tensors_hooks`` on
   the packaged Llama and BERT models), or only the block inputs plus one block under gradient checkpointing;
-- **workspace**: transients at the peak: the loss head (logits, fp32 log-softmax and their gradients), one
+- **workspace**: transients at the peak: the loss head (logits, their gradient, one fp32 block), one
   block's backward buffers, the dequantized weight of a quantized layer, FSDP's gathered units.
 
 Sharding: ``ddp`` keeps everything whole on each device; ``fsdp`` divides weights, adapter, gradients and
@@ -265,9 +265,10 @@ def layer_activation_elements(arch: Architecture, trained: set[str], adapted: in
     intermediates (SwiGLU: gate, up and act(gate); ReLU/GELU: one); the input of a linear only when its weight
     trains or carries LoRA (a frozen weight needs no input for its gradient); LoRA's ``A x`` (r per adapted
     matrix); RMSNorm's normalized input before its weight when the norm weights train (full fine-tuning).
-    BERT's attention with dropout runs PyTorch's math kernel on a CPU, which keeps q, k, v and the
-    probabilities (with the dropout mask and the dropped copy: 3 x heads x seq per token) in fp32 whatever the
-    model's dtype; on CUDA a fused kernel keeps q, k, v, its output and a log-sum-exp. The post-norm block keeps
+    BERT's attention with dropout on a CPU keeps q, k, v and the probabilities (with the dropout mask and the
+    dropped copy: 3 x heads x seq per token) in the model's dtype (`lorakit.precision.low_precision_attention`
+    runs a bf16 base's attention eager: torch's math kernel would keep them in fp32); on CUDA a fused kernel
+    keeps q, k, v, its output and a log-sum-exp. The post-norm block keeps
     both dropout masks.
     """
     h, f, a = arch.hidden, arch.intermediate, arch.heads
@@ -279,8 +280,8 @@ def layer_activation_elements(arch: Architecture, trained: set[str], adapted: in
     fp32 = 0
     if arch.family == "encoder":
         n = 2 * h + f  # both LayerNorm inputs; GELU input
-        if device_type == "cpu" and arch.attention_dropout:
-            fp32 = 3 * h + a * seq * 3
+        if device_type == "cpu" and arch.attention_dropout:  # eager attention, in the model's dtype
+            n += 3 * h + a * seq * 3
             n += h * trains("attention.output.dense")  # the context, input of the output projection
         else:
             n += 3 * h + h + a
@@ -307,7 +308,7 @@ class _Parts:
     grads: int
     optimizer: int
     activations: int  # saved for backward at the start of the backward pass
-    head: int  # loss head at its peak: logits, fp32 log-softmax and two gradients (causal LM)
+    head: int  # loss head at its peak: logits, their gradient and one fp32 block (causal LM, chunked loss)
     logits: int  # logits held by the training step through backward and the optimizer step
     block_work: int  # one block's backward buffers (+ a dequantized weight, + FSDP's gathered blocks)
     step_work: int  # AdamW's temporaries
@@ -347,7 +348,11 @@ def _parts(arch: Architecture, req: PlanRequest) -> _Parts:
         acts = tokens * ((embed + 2 * h) * cb + arch.layers * block_bytes)
     causal = arch.task == "causal-lm"
     logits = tokens * v * cb if causal else 0
-    head = tokens * v * (cb + 12) if causal else 0
+    # `lorakit.evaluate.chunked_cross_entropy`: the logits and their gradient in the compute dtype, plus one
+    # fp32 block of CE_BLOCK_ELEMENTS (its softmax is computed in place) instead of a whole fp32 log-softmax
+    from .evaluate import CE_BLOCK_ELEMENTS
+
+    head = tokens * v * 2 * cb + min(tokens, max(1, CE_BLOCK_ELEMENTS // v)) * v * 4 if causal else 0
     attn_grad = arch.heads * req.seq if arch.family == "encoder" else 0
     block_work = 2 * tokens * (arch.intermediate + attn_grad) * cb
     if scheme is not None:  # the frozen weight is dequantized for each product, one layer at a time
