@@ -8,7 +8,8 @@ at a time (``model.safetensors``, or every shard of ``model.safetensors.index.js
 quantized as soon as it is read and its full-precision bytes are dropped; every other tensor is stored in the
 model's dtype. Tensors are read with ``pread`` at the offsets the header gives, into memory the process owns, so
 no file stays memory-mapped: a mapped file's pages stay in the resident set for as long as any tensor from it
-lives (SmolLM2 nf4: 663 MiB resident while quantizing after a mapped load, measured in docs/scaling.md).
+lives (SmolLM2 nf4 loading peak: 559 MiB mapped and quantized afterwards, 236 MiB read and quantized tensor by
+tensor; docs/scaling.md).
 
 Without a scheme it reads a base stored in another dtype than the file's (``train.dtype: bf16`` from an fp32
 checkpoint) the same way: no mapped file pages beside the bf16 copies (SmolLM2: 540 MB of fp32 pages).
