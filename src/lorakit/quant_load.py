@@ -142,6 +142,9 @@ def load_while_reading(folder: Path, auto: Any, config: Any, scheme: Scheme | No
     if files is None:
         return None
     model, quantized = _skeleton(auto, config, dtype, scheme, skip)
+    if dtype != torch.float32 and (getattr(model, "_keep_in_fp32_modules", None)
+                                   or getattr(model, "_keep_in_fp32_modules_strict", None)):
+        return None  # transformers keeps some modules fp32 in a low-precision load: its own loader decides
     owners = _owners(model)
     weight_keys = {f"{name}.weight": name for name in quantized}
     headers = {path: read_safetensors_header(path)[0] for path in files}
