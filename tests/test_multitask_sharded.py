@@ -98,7 +98,7 @@ def _launched_as_two(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the CLI see a torchrun launch of 2 processes, and fail if any task's data is read."""
     import lorakit.multitask.data as data
 
-    monkeypatch.setattr(distributed, "setup", lambda device=None: distributed.World(rank=0, size=2))
+    monkeypatch.setattr(distributed, "setup", lambda device=None, cpu_collectives=False: distributed.World(rank=0, size=2))
 
     def no_loading(*args: object, **kwargs: object) -> None:
         raise AssertionError("data was read before the refusal")

@@ -91,6 +91,12 @@ def single_process_group(device: torch.device) -> None:
                                 rank=0, world_size=1)
 
 
+def is_sharded(sharding: str, world: World, offload: bool = False) -> bool:
+    """Whether `wrap` shards the model with FSDP2: ``sharding="fsdp"`` under torchrun, or in one process that
+    offloads its shards to CPU memory (``offload``, ``train.fsdp_cpu_offload``)."""
+    return sharding == "fsdp" and (world.distributed or offload)
+
+
 def wrap(model: torch.nn.Module, world: World, sharding: str = "ddp", blocks: Sequence[str] | None = None,
          precision: str = "fp32", offload: bool = False) -> torch.nn.Module:
     """The module a training step runs: ``DistributedDataParallel`` over the processes of ``world`` (gradients

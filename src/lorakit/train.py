@@ -436,7 +436,7 @@ class RecipeLoop:
         # the one place the model is wrapped for N processes; first, as FSDP replaces the parameters
         self.train_model = distributed.wrap(model, world, args.sharding, args.fsdp_blocks, args.precision,
                                             args.fsdp_cpu_offload)
-        self.sharded = args.sharding == "fsdp" and (world.distributed or args.fsdp_cpu_offload)
+        self.sharded = distributed.is_sharded(args.sharding, world, args.fsdp_cpu_offload)
         self.optimizer = build_optimizer(model, args)
         self.scheduler = build_scheduler(self.optimizer, args, self.total_steps)
         self.state = LoopState()

@@ -51,7 +51,8 @@ def run_multitask(args: argparse.Namespace) -> int:
     if args.benchmark_only and not args.benchmark:
         raise ConfigError("--benchmark-only needs --benchmark STEPS")
     output = Path(args.output or Path("runs") / recipe.name)
-    world = distributed.setup(recipe.train.device)  # torchrun: every process runs this, the main one reports
+    # torchrun: every process runs this, the main one reports
+    world = distributed.setup(recipe.train.device, cpu_collectives=recipe.train.fsdp_cpu_offload)
     try:
         metrics = run(recipe, output, benchmark_steps=args.benchmark, benchmark_repeats=args.benchmark_repeats,
                       benchmark_only=args.benchmark_only)
@@ -72,7 +73,7 @@ def run_continual(args: argparse.Namespace) -> int:
     recipe = load_multitask_recipe(args.recipe, args.overrides)
     _check_runtime(recipe)
     output = Path(args.output or Path("runs") / f"{recipe.name}-continual")
-    world = distributed.setup(recipe.train.device)
+    world = distributed.setup(recipe.train.device, cpu_collectives=recipe.train.fsdp_cpu_offload)
     try:
         results = run(recipe, output)  # refuses torchrun before loading anything
     finally:

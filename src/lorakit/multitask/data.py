@@ -79,7 +79,7 @@ def load_base(recipe: MultitaskRecipe, tasks: Sequence[TaskData]) -> Base:
     classes as the largest task has; ``train.model_dropout`` and ``train.gradient_checkpointing`` applied (the
     mixed step routes inside backward, so recomputed forwards are routed too). Under torchrun every process
     loads the whole base; `lorakit.distributed.wrap` shards or replicates it once the adapters are added."""
-    world = distributed.setup(recipe.train.device)
+    world = distributed.setup(recipe.train.device, cpu_collectives=recipe.train.fsdp_cpu_offload)
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
     largest = max(tasks, key=lambda t: len(t.train.labels or []))
@@ -126,8 +126,7 @@ def check_processes(recipe: MultitaskRecipe, world: distributed.World, one_proce
 def sharded(recipe: MultitaskRecipe, world: distributed.World) -> bool:
     """Whether `lorakit.distributed.wrap` shards the model with FSDP2: ``train.sharding: fsdp`` under torchrun,
     or in one process that offloads its shards to CPU memory (``train.fsdp_cpu_offload``)."""
-    args = recipe.train
-    return args.sharding == "fsdp" and (world.distributed or args.fsdp_cpu_offload)
+    return distributed.is_sharded(recipe.train.sharding, world, recipe.train.fsdp_cpu_offload)
 
 
 def start_run(recipe: MultitaskRecipe, output_dir: str | Path, one_process: str | None = None
@@ -135,7 +134,7 @@ def start_run(recipe: MultitaskRecipe, output_dir: str | Path, one_process: str 
     """The start every multi-task and continual run shares: the processes checked (`check_processes`; the
     message ``one_process`` refuses torchrun), the output folder (stale temp files of a killed run removed by
     the main process), the seeded RNGs, the tasks' data and the base model."""
-    world = distributed.setup(recipe.train.device)
+    world = distributed.setup(recipe.train.device, cpu_collectives=recipe.train.fsdp_cpu_offload)
     check_processes(recipe, world, one_process)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
