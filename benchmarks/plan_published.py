@@ -1,6 +1,7 @@
 """`lorakit plan` against published memory figures: estimate, published value and ratio (docs/scaling.md).
 
-    .venv/bin/python benchmarks/plan_published.py
+    .venv/bin/python benchmarks/plan_published.py           # estimate vs published
+    .venv/bin/python benchmarks/plan_published.py --sizes   # the 1B / 8B / 70B table (what `lorakit plan` prints)
 
 The models are written as config.json files under benchmarks/model_configs/ (the shapes from each model's paper
 or released config); each row's setting is the one the source states, and the assumptions are in ``note``.
@@ -9,10 +10,10 @@ or released config); each row's setting is the one the source states, and the as
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from lorakit.plan import PlanRequest, estimate_memory, read_architecture
+from lorakit.plan import PlanRequest, estimate_memory, parse_bytes, read_architecture, smallest_fit
 
 CONFIGS = Path(__file__).resolve().parent / "model_configs"
 
@@ -64,7 +65,50 @@ ROWS = [
 ]
 
 
+#: docs/scaling.md's "1B, 8B and 70B": bf16 base, batch 4 x 2048, checkpointing, r=8 all-linear, 80 GB devices
+SIZES = [("Llama 3.2 1B", "llama-3.2-1b"), ("Llama 3 8B", "llama-3-8b"), ("Llama 3 70B", "llama-3-70b")]
+SIZE_SETTINGS = [("full", None, 1), ("lora", None, 1), ("qlora", "nf4", 1), ("full", None, 8), ("lora", None, 8)]
+
+
+def sizes_table() -> None:
+    """Each row is ``lorakit plan benchmarks/model_configs/MODEL --method M [--devices 8 --sharding fsdp]
+    --batch 4 --seq 2048 --gradient-checkpointing --device-memory 80GB``, in GiB."""
+    print("| model | method | devices | base | adapter | gradients | AdamW | activations | workspace | peak | "
+          "fits 80 GB | smallest that fits |\n|---|---|---|" + "---:|" * 7 + "---|---|")
+    for label, folder in SIZES:
+        arch = read_architecture(str(CONFIGS / folder))
+        for method, quantize, devices in SIZE_SETTINGS:
+            req = PlanRequest(method=method, quantize=quantize, devices=devices,
+                              sharding="fsdp" if devices > 1 else "ddp", batch=4, seq=2048,
+                              gradient_checkpointing=True, dtype="bf16", device_memory=parse_bytes("80GB"))
+            est = estimate_memory(arch, req)
+            parts = [est.base_weights, est.adapter, est.gradients, est.optimizer_state, est.activations,
+                     est.workspace, est.total]
+            fits = est.total <= req.device_memory
+            smallest = "" if fits else _smallest(arch, req)
+            print(f"| {label} | {method}{' ' + quantize if quantize else ''} | "
+                  f"{devices}{' fsdp' if devices > 1 else ''} | " + " | ".join(_gib(v) for v in parts) +
+                  f" | {'yes' if fits else 'no'} | {smallest} |")
+
+
+def _gib(n: int) -> str:
+    return "0" if n == 0 else f"{n / 2**30:,.1f}"
+
+
+def _smallest(arch, req: PlanRequest) -> str:
+    found = smallest_fit(arch, replace(req))
+    if found is None:
+        return "nothing up to 1,024 devices"
+    option, _ = found
+    method = option.method + (f" {option.quantize or 'nf4'}" if option.method == "qlora" else "")
+    return f"{method}, {option.devices} device{'s' if option.devices > 1 else ''}" + \
+        (", fsdp" if option.sharding == "fsdp" else "") + (f", batch {option.batch}" if option.batch != req.batch else "")
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--sizes"]:
+        sizes_table()
+        return 0
     print("| model | setting | estimate GB | published | ratio | source |\n|---|---|---:|---|---:|---|")
     for row in ROWS:
         arch = read_architecture(str(CONFIGS / row.model))

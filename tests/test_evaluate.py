@@ -148,7 +148,8 @@ def test_a_model_without_chat_template_trains_and_generates_in_the_plain_format(
     labels = batch["labels"][0]
     trained = labels != IGNORE_INDEX
     assert tokenizer.decode(labels[trained]) == rows[0]["completion"] + tokenizer.eos_token
-    assert tokenizer.decode(batch["input_ids"][0][~trained]) == rows[0]["prompt"] + "\n### Answer:\n"
+    prompt = ~trained & batch["attention_mask"][0].bool()  # the batch is padded to a multiple of 8 tokens
+    assert tokenizer.decode(batch["input_ids"][0][prompt]) == rows[0]["prompt"] + "\n### Answer:\n"
     losses = train_steps(model, tokenizer, rows, steps=3, separator="\n### Answer:\n")
     assert losses[-1] < losses[0]
     answers = generate(model, tokenizer, [rows[0]["prompt"]], max_new_tokens=8, separator="\n### Answer:\n")
@@ -164,6 +165,41 @@ def test_chat_rows_without_chat_template_are_refused(smollm2) -> None:
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
     with pytest.raises(DataError, match="need a tokenizer with a chat template"):
         encode("causal-lm", rows, tokenizer, 64, None)
+
+
+def test_text_batches_are_padded_to_a_multiple_of_8_without_changing_outputs(minilm, smollm2) -> None:
+    """Batch lengths come in steps of 8 (at most max_length): fewer distinct matmul shapes (oneDNN keeps a
+    compiled primitive per shape: the bf16 default recipe held 1,595 MiB resident, 772 MiB padded). The extra
+    positions are padding: a row's outputs and the loss are those of the unpadded batch."""
+    from lorakit.data import encode_causal_lm, encode_classification
+
+    model, tokenizer = minilm
+    rows = [{"text": "a fine film", "label": 1}, {"text": "dull, long and " * 3 + "slow", "label": 0}]
+    plain = encode_classification(tokenizer, rows, max_length=64)
+    padded = encode("sequence-classification", rows, tokenizer, 64, None)
+    length = plain["input_ids"].shape[1]
+    assert length % 8 != 0 and padded["input_ids"].shape[1] == -(-length // 8) * 8
+    assert torch.equal(padded["input_ids"][:, :length], plain["input_ids"])
+    assert padded["attention_mask"][:, length:].sum() == 0 and torch.equal(padded["labels"], plain["labels"])
+    assert encode("sequence-classification", rows, tokenizer, length + 1, None)["input_ids"].shape[1] == length + 1
+    with torch.no_grad():
+        short = model(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"]).last_hidden_state
+        long = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).last_hidden_state
+    real = plain["attention_mask"].bool()
+    torch.testing.assert_close(long[:, :length][real], short[real], rtol=0, atol=1e-5)
+
+    lm, lm_tokenizer = smollm2
+    chat = [{"prompt": "Name a colour.", "completion": "Blue."}, {"prompt": "Count to three.", "completion": "1 2 3"}]
+    plain = encode_causal_lm(lm_tokenizer, chat, max_length=96)
+    padded = encode("causal-lm", chat, lm_tokenizer, 96, None)
+    length = plain["input_ids"].shape[1]
+    assert length % 8 != 0 and padded["input_ids"].shape[1] == -(-length // 8) * 8
+    assert (padded["labels"][:, length:] == IGNORE_INDEX).all()
+    with torch.no_grad():
+        losses = [loss_sum("causal-lm", lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                           b["labels"]) for b in (plain, padded)]
+    assert losses[0][1] == losses[1][1]
+    torch.testing.assert_close(losses[1][0], losses[0][0], rtol=1e-5, atol=1e-5)
 
 
 def test_encode_reads_the_task_table() -> None:

@@ -26,12 +26,15 @@ from .tasks import get_task
 def encode(task: str, rows: Sequence[dict], tokenizer: Any, max_length: int, image_size: int | None,
            separator: str = PLAIN_SEPARATOR) -> dict[str, Tensor]:
     """Rows -> model inputs plus ``labels`` (classification: ``(batch,)``; causal LM: ``(batch, seq)``, -100 on
-    prompt and padding tokens). ``separator`` joins prompt and completion for a model without chat template."""
+    prompt and padding tokens), text padded to a multiple of `lkdata.PAD_MULTIPLE` tokens. ``separator`` joins
+    prompt and completion for a model without chat template."""
     get_task(task)  # an unknown name is a ConfigError naming the tasks
     if task == "sequence-classification":
-        return lkdata.encode_classification(tokenizer, rows, max_length)
+        return lkdata.pad_to_multiple(lkdata.encode_classification(tokenizer, rows, max_length),
+                                      tokenizer.pad_token_id, max_length)
     if task == "causal-lm":
-        return lkdata.encode_causal_lm(tokenizer, rows, max_length, separator)
+        return lkdata.pad_to_multiple(lkdata.encode_causal_lm(tokenizer, rows, max_length, separator),
+                                      tokenizer.pad_token_id, max_length)
     return lkdata.collate_images(rows, image_size, channels=3, normalize="imagenet")
 
 

@@ -157,6 +157,32 @@ def encode_causal_lm(tokenizer: Any, rows: Sequence[dict], max_length: int,
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+#: text batches are padded to a multiple of this many tokens (at most ``max_length``): with rows padded to the
+#: longest only, every batch length is a new matmul shape, and on a CPU oneDNN (torch's bf16/fp16 matmuls)
+#: keeps a compiled primitive per shape in a cache of up to 1,024 entries; the default recipe with a bf16 base
+#: held 1,595 MiB of resident memory, 1,031 MiB with that cache off (benchmarks/dtype_memory.py). GPUs prefer
+#: multiples of 8 as well (tensor-core tiles; HF's ``pad_to_multiple_of=8``).
+PAD_MULTIPLE = 8
+
+
+def pad_to_multiple(batch: dict[str, Tensor], pad_token_id: int, max_length: int,
+                    multiple: int = PAD_MULTIPLE) -> dict[str, Tensor]:
+    """``batch`` (right-padded ``input_ids``, ``attention_mask`` and, for causal LM, ``labels`` ``(N, L)``)
+    padded on the right to the next multiple of ``multiple`` tokens, at most ``max_length``: the extra positions
+    are padding (mask 0, label ``IGNORE_INDEX``), so no row's outputs or loss change."""
+    length = batch["input_ids"].shape[1]
+    target = max(length, min(max_length, -(-length // multiple) * multiple))
+    if target == length:
+        return batch
+    extra = target - length
+    padded = dict(batch)
+    padded["input_ids"] = torch.nn.functional.pad(batch["input_ids"], (0, extra), value=pad_token_id)
+    padded["attention_mask"] = torch.nn.functional.pad(batch["attention_mask"], (0, extra), value=0)
+    if batch["labels"].dim() == 2:
+        padded["labels"] = torch.nn.functional.pad(batch["labels"], (0, extra), value=IGNORE_INDEX)
+    return padded
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
