@@ -167,10 +167,51 @@ def test_recipe_under_torchrun_fsdp_equals_one_process(tmp_path: Path) -> None:
         return [row["loss"] for row in rows if "loss" in row]
 
     assert len(losses("one")) == 4 and max(abs(a - b) for a, b in zip(losses("one"), losses("two"))) < 1e-4
+    # the sharded run scores the base once sharded (its adapters as initialised add nothing): the same numbers
+    one, two = (json.loads((tmp_path / run / "metrics.json").read_text())["base_eval"] for run in ("one", "two"))
+    assert one["examples"] == two["examples"] and one["accuracy"] == two["accuracy"]
+    assert abs(one["loss"] - two["loss"]) < 1e-5
     a, b = read_adapter(tmp_path / "one" / "adapter").tensors, read_adapter(tmp_path / "two" / "adapter").tensors
     assert set(a) == set(b) and a
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)
+
+
+def test_a_sharded_run_never_moves_the_whole_base_to_the_device(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    """FSDP is for a base larger than one device: `lorakit train` and `lorakit multitask` under fsdp load it into
+    CPU memory and leave the move to `fully_shard`, which brings it to the device one block at a time, sharded.
+    Before, the whole base went to the device first (and was evaluated there), so it had to fit one device.
+    DDP still loads onto the device (every process holds the whole base there anyway)."""
+    import types
+
+    import lorakit.multitask.data as multitask_data
+    import lorakit.train as lktrain
+    from lorakit import distributed
+    from lorakit.multitask import load_multitask_recipe
+    from lorakit.recipes import load_recipe
+
+    on_gpus = distributed.World(rank=0, size=2, device=torch.device("meta"))  # stands for a process's GPU
+    monkeypatch.setattr(distributed, "setup", lambda device=None, cpu_collectives=False: on_gpus)
+    asked: list[object] = []
+
+    class Loaded(Exception):
+        pass
+
+    def load_recipe_model(recipe: object, labels: object = None, device: object = None) -> None:
+        asked.append(device)
+        raise Loaded
+
+    monkeypatch.setattr(lktrain, "load_recipe_model", load_recipe_model)
+    monkeypatch.setattr(multitask_data, "load_recipe_model", load_recipe_model)
+    for sharding in ("fsdp", "ddp"):
+        with pytest.raises(Loaded):
+            lktrain.train(load_recipe("sentiment-minilm", [f"train.sharding={sharding}", *E2E]), tmp_path / sharding)
+        recipe = load_multitask_recipe("multitask-smollm2", [f"train.sharding={sharding}", "combine.methods=[]"])
+        task = types.SimpleNamespace(train=types.SimpleNamespace(labels=None), recipe=recipe)
+        with pytest.raises(Loaded):
+            multitask_data.load_base(recipe, [task])
+    assert asked == [None, None, on_gpus.device, on_gpus.device]
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -354,25 +354,40 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False,
     seed_everything(args.seed)
     started = time.perf_counter()
     data = load_run_data(recipe)
-    loaded = load_recipe_model(recipe, labels=data.full_train.labels, device=world.device)
+    sharded = distributed.is_sharded(args.sharding, world, args.fsdp_cpu_offload)
+    # sharded, the base stays in CPU memory until `fully_shard` moves it to the device one block at a time, each
+    # block cut into its shards as it arrives: no device ever holds the whole base (what FSDP is for)
+    loaded = load_recipe_model(recipe, labels=data.full_train.labels, device=None if sharded else world.device)
     model = loaded.model
     config = recipe.lora_config(loaded.path or loaded.name) if recipe.method == "lora" else None
     if config is not None:  # a target matching nothing fails now, not after the baseline evaluation
         targeting_report(model, config)
     eval_kwargs = dict(tokenizer=loaded.tokenizer, batch_size=recipe.eval.batch_size, max_length=args.max_length,
                        image_size=recipe.image_size, max_new_tokens=recipe.eval.max_new_tokens, device=world.device)
-    _log(world, f"[{recipe.name}] evaluating the base model on {len(data.test)} held-out rows")
-    base_eval = evaluate(model, recipe.task, data.test, generate_examples=recipe.eval.generate_examples,
-                         progress=f"{recipe.name}: base model" if args.progress and world.is_main else None,
-                         **eval_kwargs)
-    _log(world, f"[{recipe.name}] before training: {format_metrics(base_eval)}")
+    base_eval = None if sharded else _evaluate_base(recipe, world, model, data, eval_kwargs)
     extras = _prepare_model(recipe, model, config, loaded.tokenizer)
     loop = RecipeLoop(recipe, world, out, model, loaded.tokenizer, data, eval_kwargs)
+    if sharded:  # on the device only now, sharded; the adapters as initialised (B = 0) add nothing to the base
+        from .sharding import reshard
+
+        base_eval = _evaluate_base(recipe, world, model, data, eval_kwargs)
+        reshard(model)  # an evaluation leaves the root unit gathered: the optimizer and --resume hold the shards
     if resume:
         loop.resume()
     loop.run(on_step)
     metrics = {"base_eval": base_eval, "train_time_s": time.perf_counter() - started, **_param_counts(recipe, model)}
     return loop.finish(loaded, metrics, extras)
+
+
+def _evaluate_base(recipe: Recipe, world: distributed.World, model: nn.Module, data: RunData,
+                   eval_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Held-out metrics of the model before training (every process: a sharded forward is a collective)."""
+    _log(world, f"[{recipe.name}] evaluating the base model on {len(data.test)} held-out rows")
+    base_eval = evaluate(model, recipe.task, data.test, generate_examples=recipe.eval.generate_examples,
+                         progress=f"{recipe.name}: base model" if recipe.train.progress and world.is_main else None,
+                         **eval_kwargs)
+    _log(world, f"[{recipe.name}] before training: {format_metrics(base_eval)}")
+    return base_eval
 
 
 def _prepare_model(recipe: Recipe, model: nn.Module, config: LoraConfig | None, tokenizer: Any) -> dict[str, Any]:

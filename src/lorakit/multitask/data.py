@@ -78,12 +78,14 @@ def load_base(recipe: MultitaskRecipe, tasks: Sequence[TaskData]) -> Base:
     """The base model for all tasks (`lorakit.recipes.load_recipe_model`); a classification head gets as many
     classes as the largest task has; ``train.model_dropout`` and ``train.gradient_checkpointing`` applied (the
     mixed step routes inside backward, so recomputed forwards are routed too). Under torchrun every process
-    loads the whole base; `lorakit.distributed.wrap` shards or replicates it once the adapters are added."""
+    loads the whole base into CPU memory; `lorakit.distributed.wrap` shards it (moving it to the device block by
+    block, never whole) or replicates it once the adapters are added."""
     world = distributed.setup(recipe.train.device, cpu_collectives=recipe.train.fsdp_cpu_offload)
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
     largest = max(tasks, key=lambda t: len(t.train.labels or []))
-    loaded = load_recipe_model(largest.recipe, labels=largest.train.labels or None, device=world.device)
+    loaded = load_recipe_model(largest.recipe, labels=largest.train.labels or None,
+                               device=None if sharded(recipe, world) else world.device)
     if recipe.train.model_dropout is not None:
         for module in loaded.model.modules():
             if isinstance(module, torch.nn.Dropout):

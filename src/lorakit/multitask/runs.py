@@ -36,7 +36,9 @@ def run_multitask(recipe: MultitaskRecipe, output_dir: str | Path, benchmark_ste
         "lorakit multitask --benchmark times one process (fix: run the benchmark without torchrun)"
         if benchmark_steps else None))
     model, tokenizer, world = base.model, base.tokenizer, base.world
-    base_eval = {} if benchmark_only else {t.name: evaluate_task(model, t, None, tokenizer) for t in tasks}
+    is_sharded = sharded(recipe, world)  # then the base is scored once sharded, on the device (`load_base`)
+    base_eval = {} if benchmark_only or is_sharded else {
+        t.name: evaluate_task(model, t, None, tokenizer) for t in tasks}
     names = add_task_adapters(model, recipe, base.path)
     shared = [SHARED] if recipe.design == "shared" else []
     steps = max(t.steps() for t in tasks)
@@ -55,17 +57,18 @@ def run_multitask(recipe: MultitaskRecipe, output_dir: str | Path, benchmark_ste
         write_json(out / "metrics.json", metrics)
         write_multitask_report(metrics, out)
         return metrics
-    is_sharded = sharded(recipe, world)
     # of the whole base, before it is sharded; the main process writes the files
     fingerprints = {n: base_fingerprint(model, adapter_modules(model, n), tokenizer) for n in names
                     } if is_sharded and world.is_main else {}
     args = recipe.train
     train_model = distributed.wrap(model, world, args.sharding, args.fsdp_blocks, args.precision,
                                    args.fsdp_cpu_offload)
-    if is_sharded:  # this process's part of the frozen base, and the whole base
-        from ..sharding import shard_bytes
+    if is_sharded:  # this process's part of the frozen base, and the whole base; the base's scores (adapters off)
+        from ..sharding import reshard, shard_bytes
 
         metrics["frozen_bytes_per_process"], metrics["frozen_bytes"] = shard_bytes(model)
+        base_eval.update({t.name: evaluate_task(model, t, None, tokenizer, world.device) for t in tasks})
+        reshard(model)  # an evaluation leaves the root unit gathered; the optimizer must get the shards
     started = time.perf_counter()
     metrics["history"] = train_mixed(train_model, tasks, steps, tokenizer, shared, progress=recipe.name, world=world)
     metrics["train_time_s"] = time.perf_counter() - started
