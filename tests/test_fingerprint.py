@@ -138,3 +138,36 @@ def test_fingerprint_of_merged_weights_is_refused(tiny) -> None:
     lorakit.merge(tiny)
     with pytest.raises(AdapterStateError, match="unmerge"):
         base_fingerprint(tiny, ["layers.0.q"])
+
+
+def test_an_adapter_trained_on_a_bf16_copy_loads_on_the_fp32_base(minilm, tmp_path, caplog) -> None:
+    """`train.dtype: bf16` stores the fp32 checkpoint's weights in bf16; the adapter it saves records the bf16
+    weights' hash. On the fp32 base it was refused as "another base model" (the everyday path: train on a bf16
+    copy, apply to the original, as PEFT users do); now the fp32 weights rounded to bf16 are hashed and match.
+    Another checkpoint is still refused, and a bf16 base cannot be checked against an fp32 fingerprint."""
+    import logging
+
+    model, tokenizer = minilm
+    config = LoraConfig(r=4, target_modules=["query", "value"])
+    trained = copy.deepcopy(model).to(torch.bfloat16)
+    inject(trained, config)
+    save_adapter(trained, tmp_path / "bf16", tokenizer=tokenizer)
+    with caplog.at_level(logging.INFO, logger="lorakit.io"):
+        load_adapter(copy.deepcopy(model), tmp_path / "bf16", tokenizer=tokenizer)
+    assert "bfloat16 copy of these float32 weights" in caplog.text
+    stored = adapter_info(tmp_path / "bf16")["fingerprint"]
+    assert stored["dtype"] == "bfloat16"
+    assert base_fingerprint(model, config, tokenizer, as_dtype=torch.bfloat16) == stored
+
+    other = copy.deepcopy(model)  # another checkpoint: a change that survives rounding to bf16
+    with torch.no_grad():
+        other.encoder.layer[3].attention.self.query.weight[5, 7] += 0.5
+    with pytest.raises(AdapterError, match="another base model"):
+        load_adapter(other, tmp_path / "bf16", tokenizer=tokenizer)
+
+    fp32 = copy.deepcopy(model)
+    inject(fp32, config)
+    save_adapter(fp32, tmp_path / "fp32", tokenizer=tokenizer)
+    assert adapter_info(tmp_path / "fp32")["fingerprint"]["dtype"] == "float32"
+    with pytest.raises(AdapterError, match="another base model"):
+        load_adapter(copy.deepcopy(model).to(torch.bfloat16), tmp_path / "fp32", tokenizer=tokenizer)

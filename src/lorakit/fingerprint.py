@@ -1,7 +1,10 @@
 """Fingerprint of the base model an adapter is applied to: which weights, exactly, it was trained on.
 
 `save_adapter` records it in the file; `load_adapter` recomputes it on the model at hand and refuses an adapter
-saved for other weights (another checkpoint, another dtype, a merged model) unless forced.
+saved for other weights (another checkpoint, a merged model) unless forced. An adapter trained on a rounded copy
+of a base (``train.dtype: bf16`` stores an fp32 checkpoint's weights in bf16) is accepted on the full-precision
+base when the base, rounded the same way, gives the recorded hash (`verify`): the same checkpoint, as PEFT users
+apply adapters trained on a bf16 or quantized copy to the original weights.
 """
 
 from __future__ import annotations
@@ -111,24 +114,30 @@ def _hash_all(tensors: Sequence[Tensor]) -> list[tuple[bytes, int]]:
     return [(hashlib.sha256(b"".join(parts)).digest(), len(view)) for parts, view in zip(per_item, views)]
 
 
-def digest(items: Sequence[tuple[str, Tensor]], cache: bool = False) -> tuple[str, int]:
+def digest(items: Sequence[tuple[str, Tensor]], cache: bool = False,
+           cast: torch.dtype | None = None) -> tuple[str, int]:
     """sha256 over ``(name, shape, dtype, sha256 of the bytes)`` per tensor, in order; also the byte count.
 
     With ``cache`` each tensor's hash is reused while its `_signature` is unchanged (base weights); without it
-    every byte is read (adapter tensors, fresh copies each time).
+    every byte is read (adapter tensors, fresh copies each time). ``cast``: hash each tensor as rounded to that
+    dtype, one rounded copy alive at a time (never cached).
     """
     hashes: list[tuple[bytes, int] | None] = [None] * len(items)
-    signatures = [_signature(t) for _, t in items] if cache else []
-    if cache:
+    signatures = [_signature(t) for _, t in items] if cache and cast is None else []
+    if signatures:
         hashes = [_CACHE.get(t, sig) for (_, t), sig in zip(items, signatures)]
     todo = [i for i, h in enumerate(hashes) if h is None]
-    for i, result in zip(todo, _hash_all([items[i][1] for i in todo])):
+    if cast is not None:  # a rounded copy of a large base at once would cost half the base again
+        results = [_hash_all([items[i][1].detach().to(cast)])[0] for i in todo]
+    else:
+        results = _hash_all([items[i][1] for i in todo])
+    for i, result in zip(todo, results):
         hashes[i] = result
-        if cache:
+        if signatures:
             _CACHE.put(items[i][1], signatures[i], *result)
     total = hashlib.sha256()
     for (name, tensor), (sha, _) in zip(items, hashes):
-        total.update(f"{name}\0{tuple(tensor.shape)}\0{str(tensor.dtype)}\0".encode())
+        total.update(f"{name}\0{tuple(tensor.shape)}\0{str(cast or tensor.dtype)}\0".encode())
         total.update(sha)
     return total.hexdigest(), sum(n for _, n in hashes)
 
@@ -176,12 +185,14 @@ def _parameter_owner(modules: dict[str, nn.Module], name: str) -> nn.Module | No
     return LoraParameter(module, param_name)  # not attached to the model: reads the parameter, changes nothing
 
 
-def base_fingerprint(model: nn.Module, targets: LoraConfig | Iterable[str], tokenizer: Any = None) -> dict[str, Any]:
+def base_fingerprint(model: nn.Module, targets: LoraConfig | Iterable[str], tokenizer: Any = None,
+                     as_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Fingerprint of the base weights an adapter is applied to.
 
     Hashes the name, shape, dtype and every byte of the ``weight`` of each targeted module (the base layer's, never
-    a LoRA tensor), plus the tokenizer's vocabulary size when given. ``targets`` is a `LoraConfig` (the modules
-    it selects) or module names. A base loaded in another dtype counts as another base.
+    a LoRA tensor), plus the tokenizer's vocabulary size when given; records the weights' dtype when they share
+    one. ``targets`` is a `LoraConfig` (the modules it selects) or module names. ``as_dtype``: the fingerprint of
+    the weights rounded to that dtype (what a base stored in it from these weights records; see `verify`).
 
     Each weight's hash is cached while the weight is unchanged (storage, version counter, layout and a sample of
     its elements), so saving or loading adapters of one base reads its bytes once. Compute it *before*
@@ -193,9 +204,33 @@ def base_fingerprint(model: nn.Module, targets: LoraConfig | Iterable[str], toke
     else:
         names = list(targets)
     items = _base_weights(model, names)
-    sha, nbytes = digest(items, cache=True)
+    sha, nbytes = digest(items, cache=True, cast=as_dtype)
+    dtypes = {as_dtype or tensor.dtype for _, tensor in items}
     return {"algorithm": FINGERPRINT_ALGORITHM, "sha256": sha, "modules": len(items), "bytes": nbytes,
-            "vocab_size": None if tokenizer is None else len(tokenizer)}
+            "vocab_size": None if tokenizer is None else len(tokenizer),
+            "dtype": str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else None}
+
+
+#: dtypes a base may be stored in for training (``train.dtype``), by the name fingerprints record
+ROUNDED_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def verify(model: nn.Module, names: Iterable[str], stored: Mapping[str, Any],
+           tokenizer: Any = None) -> tuple[str | None, str | None]:
+    """``(why the model's base is not the one ``stored`` was taken from, or None; a note when it is, but at
+    another precision)``. An adapter saved on a bf16/fp16 copy of a base matches the full-precision base when
+    the targeted weights, rounded to that dtype, give the recorded hash: the same checkpoint. The other way
+    round (a bf16 base, a fingerprint of fp32 weights) cannot be checked: the rounding lost the bytes."""
+    names = list(names)
+    current = base_fingerprint(model, names, tokenizer)
+    difference = fingerprint_difference(stored, current)
+    rounded = ROUNDED_DTYPES.get(str(stored.get("dtype")))
+    if difference is None or rounded is None or current.get("dtype") != "float32":
+        return difference, None
+    if fingerprint_difference(stored, base_fingerprint(model, names, tokenizer, as_dtype=rounded)) is not None:
+        return difference, None
+    return None, (f"trained on a {stored['dtype']} copy of these float32 weights (the same checkpoint, "
+                  f"rounded): applied to the float32 weights")
 
 
 def fingerprint_difference(stored: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
@@ -215,4 +250,5 @@ def fingerprint_difference(stored: Mapping[str, Any], current: Mapping[str, Any]
     return "; ".join(reasons) or None
 
 
-__all__ = ["FINGERPRINT_ALGORITHM", "base_fingerprint", "clear_cache", "digest", "fingerprint_difference"]
+__all__ = ["FINGERPRINT_ALGORITHM", "ROUNDED_DTYPES", "base_fingerprint", "clear_cache", "digest",
+           "fingerprint_difference", "verify"]

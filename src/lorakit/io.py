@@ -6,6 +6,7 @@ failure) and save them atomically. The folder format and reading it: `lorakit.pe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ from .adapters import ModelFlags, check_adapter_name, delete_adapter, lora_modul
 from .config import LoraConfig
 from .errors import AdapterError, AdapterStateError, ConfigError, LorakitError, TargetError
 from .files import atomic_directory, inside, json_default, safetensors_bytes, write_file
-from .fingerprint import base_fingerprint, digest, fingerprint_difference
+from .fingerprint import base_fingerprint, digest
+from .fingerprint import verify as verify_fingerprint
 from .hf import base_model_id, peft_task_type
 from .inject import (TargetingReport, WrapperSlot, add_adapter, dotted_suffixes, is_base_param, is_internal,
                      parameter_wrappers, suffix_match, targeting_report)
@@ -30,6 +32,8 @@ from .peft_format import (CONFIG_FILE, FILE_PARTS, METADATA_KEY, PICKLE_FILE, PI
 
 #: largest |value| accepted in an adapter tensor, and bound on the entries of a LoRA update ``s B A``
 MAX_ABS_WEIGHT = 1e5
+
+log = logging.getLogger(__name__)
 
 
 # =========================================================================================================
@@ -305,8 +309,9 @@ def _check_and_apply(model: nn.Module, files: AdapterFiles, name: str, trainable
     stored = files.fingerprint
     if stored is not None:
         names = sorted(plan.parameters[n].key if n in plan.parameters else n for n in plan.lora)
-        current = base_fingerprint(model, names, tokenizer)
-        difference = fingerprint_difference(stored, current)
+        difference, note = verify_fingerprint(model, names, stored, tokenizer)
+        if note is not None:
+            log.info("adapter %s: %s", files.directory, note)
         if difference is not None:
             message = (f"adapter {files.directory} was saved for another base model ({difference}); base model "
                        f"recorded: {files.config.base_model_name_or_path!r}")

@@ -255,7 +255,8 @@ def _fingerprint_ok(value: Any) -> bool:
     counts = [value.get(k) for k in ("modules", "bytes", "vocab_size")]
     return (isinstance(value.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", value["sha256"]) is not None
             and isinstance(value.get("algorithm"), str) and len(value["algorithm"]) <= 64
-            and all(c is None or (isinstance(c, int) and not isinstance(c, bool) and c >= 0) for c in counts))
+            and all(c is None or (isinstance(c, int) and not isinstance(c, bool) and c >= 0) for c in counts)
+            and (value.get("dtype") is None or isinstance(value["dtype"], str) and len(value["dtype"]) <= 32))
 
 
 #: lorakit's metadata key -> (check of a non-null value, what it must be)
