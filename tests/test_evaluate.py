@@ -168,20 +168,38 @@ def test_chat_rows_without_chat_template_are_refused(smollm2) -> None:
 
 
 def test_text_batches_are_padded_to_a_multiple_of_8_without_changing_outputs(minilm, smollm2) -> None:
-    """Batch lengths come in steps of 8 (at most max_length): fewer distinct matmul shapes (oneDNN keeps a
-    compiled primitive per shape: the bf16 default recipe held 1,595 MiB resident, 772 MiB padded). The extra
-    positions are padding: a row's outputs and the loss are those of the unpadded batch."""
-    from lorakit.data import encode_causal_lm, encode_classification
+    """Batch lengths come in steps of 8 (at most max_length) where it pays: a GPU, or bf16/fp16 compute on a CPU
+    (oneDNN keeps a compiled primitive per matmul shape: the bf16 default recipe held 1,595 MiB resident, 772 MiB
+    padded); not for fp32 on a CPU (only more work). The extra positions are padding: a row's outputs and the
+    loss are those of the unpadded batch."""
+    from lorakit.batching import encode_rows
+    from lorakit.data import encode_causal_lm, encode_classification, pad_multiple
+    from lorakit.distributed import World
+    from lorakit.recipes import TrainArgs
+
+    assert pad_multiple(torch.float32, "cpu") == 1 and pad_multiple(torch.bfloat16, "cpu") == 8
+    assert pad_multiple(torch.float16, "cpu") == 8 and pad_multiple(torch.float32, "cuda") == 8
+    from lorakit.evaluate import compute_dtype  # what evaluate() pads for: the base's dtype, not the adapters'
+
+    assert compute_dtype(minilm[0]) == torch.float32
+    assert compute_dtype(copy.deepcopy(minilm[0]).to(torch.bfloat16)) == torch.bfloat16
 
     model, tokenizer = minilm
     rows = [{"text": "a fine film", "label": 1}, {"text": "dull, long and " * 3 + "slow", "label": 0}]
     plain = encode_classification(tokenizer, rows, max_length=64)
-    padded = encode("sequence-classification", rows, tokenizer, 64, None)
+    padded = encode("sequence-classification", rows, tokenizer, 64, None, multiple=8)
     length = plain["input_ids"].shape[1]
     assert length % 8 != 0 and padded["input_ids"].shape[1] == -(-length // 8) * 8
     assert torch.equal(padded["input_ids"][:, :length], plain["input_ids"])
     assert padded["attention_mask"][:, length:].sum() == 0 and torch.equal(padded["labels"], plain["labels"])
-    assert encode("sequence-classification", rows, tokenizer, length + 1, None)["input_ids"].shape[1] == length + 1
+    assert encode("sequence-classification", rows, tokenizer, length + 1, None,
+                  multiple=8)["input_ids"].shape[1] == length + 1
+    assert torch.equal(encode("sequence-classification", rows, tokenizer, 64, None)["input_ids"], plain["input_ids"])
+    for dtype, precision, expected in (("fp32", "fp32", length), ("bf16", "fp32", padded["input_ids"].shape[1]),
+                                       ("fp32", "bf16", padded["input_ids"].shape[1])):
+        args = TrainArgs(max_length=64, dtype=dtype, precision=precision)
+        [micro] = encode_rows("sequence-classification", rows, [torch.tensor([0, 1])], tokenizer, args, None, World())
+        assert micro.inputs["input_ids"].shape[1] == expected, (dtype, precision)
     with torch.no_grad():
         short = model(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"]).last_hidden_state
         long = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).last_hidden_state
@@ -191,7 +209,7 @@ def test_text_batches_are_padded_to_a_multiple_of_8_without_changing_outputs(min
     lm, lm_tokenizer = smollm2
     chat = [{"prompt": "Name a colour.", "completion": "Blue."}, {"prompt": "Count to three.", "completion": "1 2 3"}]
     plain = encode_causal_lm(lm_tokenizer, chat, max_length=96)
-    padded = encode("causal-lm", chat, lm_tokenizer, 96, None)
+    padded = encode("causal-lm", chat, lm_tokenizer, 96, None, multiple=8)
     length = plain["input_ids"].shape[1]
     assert length % 8 != 0 and padded["input_ids"].shape[1] == -(-length // 8) * 8
     assert (padded["labels"][:, length:] == IGNORE_INDEX).all()

@@ -13,7 +13,9 @@ from torch import Tensor
 
 from . import distributed
 from .errors import ConfigError
+from .data import pad_multiple
 from .evaluate import encode, to_device
+from .precision import torch_dtype
 from .recipes import TrainArgs
 
 
@@ -77,13 +79,16 @@ class DataOrder:
         return [order[(first + i) * args.batch_size:(first + i + 1) * args.batch_size] for i in range(args.grad_accum)]
 
 
-def encode_rows(task: str, rows: Any, micro: Sequence[Tensor], tokenizer: Any, max_length: int,
+def encode_rows(task: str, rows: Any, micro: Sequence[Tensor], tokenizer: Any, args: TrainArgs,
                 image_size: int | None, world: distributed.World) -> list[MicroBatch]:
-    """`MicroBatch`es of global row indices ``micro``: this process takes every ``world.size``-th row."""
+    """`MicroBatch`es of global row indices ``micro``: this process takes every ``world.size``-th row; text
+    padded to ``args.max_length`` at most, in steps of `lorakit.data.pad_multiple` for the run's compute dtype."""
+    compute = "bf16" if args.dtype == "fp32" and args.precision == "bf16" else args.dtype  # autocast, or as stored
+    multiple = pad_multiple(torch_dtype(compute), world.device)
     out = []
     for indices in micro:
         mine = indices[world.rank::world.size].tolist()
-        inputs = encode(task, [rows[i] for i in mine], tokenizer, max_length, image_size)
+        inputs = encode(task, [rows[i] for i in mine], tokenizer, args.max_length, image_size, multiple=multiple)
         out.append(MicroBatch(to_device(inputs, world.device)))
     return out
 

@@ -24,18 +24,28 @@ from .tasks import get_task
 
 
 def encode(task: str, rows: Sequence[dict], tokenizer: Any, max_length: int, image_size: int | None,
-           separator: str = PLAIN_SEPARATOR) -> dict[str, Tensor]:
+           separator: str = PLAIN_SEPARATOR, multiple: int = 1) -> dict[str, Tensor]:
     """Rows -> model inputs plus ``labels`` (classification: ``(batch,)``; causal LM: ``(batch, seq)``, -100 on
-    prompt and padding tokens), text padded to a multiple of `lkdata.PAD_MULTIPLE` tokens. ``separator`` joins
-    prompt and completion for a model without chat template."""
+    prompt and padding tokens). ``separator`` joins prompt and completion for a model without chat template;
+    ``multiple``: text batches padded to a multiple of that many tokens (`lkdata.pad_multiple`)."""
     get_task(task)  # an unknown name is a ConfigError naming the tasks
     if task == "sequence-classification":
-        return lkdata.pad_to_multiple(lkdata.encode_classification(tokenizer, rows, max_length),
-                                      tokenizer.pad_token_id, max_length)
-    if task == "causal-lm":
-        return lkdata.pad_to_multiple(lkdata.encode_causal_lm(tokenizer, rows, max_length, separator),
-                                      tokenizer.pad_token_id, max_length)
-    return lkdata.collate_images(rows, image_size, channels=3, normalize="imagenet")
+        batch = lkdata.encode_classification(tokenizer, rows, max_length)
+    elif task == "causal-lm":
+        batch = lkdata.encode_causal_lm(tokenizer, rows, max_length, separator)
+    else:
+        return lkdata.collate_images(rows, image_size, channels=3, normalize="imagenet")
+    return batch if multiple == 1 else lkdata.pad_to_multiple(batch, tokenizer.pad_token_id, max_length, multiple)
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype most of ``model``'s parameter elements are stored in: the base's (a bf16 base with
+    fp32 adapters computes in bf16)."""
+    counts: dict[torch.dtype, int] = {}
+    for param in model.parameters():
+        if param.is_floating_point():
+            counts[param.dtype] = counts.get(param.dtype, 0) + param.numel()
+    return max(counts, key=counts.__getitem__) if counts else torch.float32
 
 
 def forward(model: nn.Module, task: str, batch: dict[str, Tensor]) -> Tensor:
@@ -152,6 +162,7 @@ def evaluate(model: nn.Module, task: str, rows: Sequence[dict], tokenizer: Any =
         raise DataError("no held-out examples to evaluate on: the split is empty (fix: more rows, or give a "
                         "validation/test file)")
     device = device or next(model.parameters()).device
+    multiple = lkdata.pad_multiple(compute_dtype(model), device)
     was_training = model.training
     model.eval()
     total, count, correct = 0.0, 0, 0
@@ -167,7 +178,7 @@ def evaluate(model: nn.Module, task: str, rows: Sequence[dict], tokenizer: Any =
             chunks = tqdm(chunks, total=-(-len(rows) // batch_size), desc=progress, unit="batch", file=sys.stderr,
                           leave=False, dynamic_ncols=True)
         for chunk in chunks:
-            batch = to_device(encode(task, chunk, tokenizer, max_length, image_size, separator), device)
+            batch = to_device(encode(task, chunk, tokenizer, max_length, image_size, separator, multiple), device)
             logits = forward(model, task, batch)
             part, n = loss_sum(task, logits, batch["labels"])
             total += float(part)

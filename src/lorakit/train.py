@@ -482,8 +482,8 @@ class RecipeLoop:
 
     def batches(self, step: int) -> list[MicroBatch]:
         r = self.recipe
-        return encode_rows(r.task, self.data.train, self.order.micro_batches(step), self.tokenizer,
-                           r.train.max_length, r.image_size, self.world)
+        return encode_rows(r.task, self.data.train, self.order.micro_batches(step), self.tokenizer, r.train,
+                           r.image_size, self.world)
 
     def run(self, on_step: Callable[[LoopState, float], None] | None = None) -> None:
         """Train from ``state`` to the end; a checkpoint on Ctrl-C (or an exception from ``on_step``) and at the

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from .datasets import FRACTIONS, KINDS, SPLIT_NAMES, DataError, Dataset, Splits, split_order
 from .encode import (IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, PLAIN_SEPARATOR, collate_images,
-                     encode_causal_lm, encode_classification, has_chat_template, pad_to_multiple, plain_prompt_ids)
+                     encode_causal_lm, encode_classification, has_chat_template, pad_multiple, pad_to_multiple,
+                     plain_prompt_ids)
 from .images import IMAGE_SUFFIXES
 from .packaged import DATASETS, FASHION_MNIST_CLASSES, PackagedDataset, fashion_mnist_dir
 from .readers import MAX_CLASSES, MAX_FIELD_CHARS, TEXT_SUFFIXES, ReadOptions
@@ -34,7 +35,7 @@ __all__ = [
     "IMAGE_SUFFIXES", "KINDS", "MAX_CLASSES", "MAX_FIELD_CHARS", "PLAIN_SEPARATOR", "SPLIT_NAMES", "TEXT_SUFFIXES",
     "DataError", "Dataset", "PackagedDataset", "ReadOptions", "SplitOptions", "Splits", "collate_images",
     "encode_causal_lm", "encode_classification", "fashion_mnist_dir", "has_chat_template", "load_dataset",
-    "pad_to_multiple", "plain_prompt_ids", "split_order",
+    "pad_multiple", "pad_to_multiple", "plain_prompt_ids", "split_order",
 ]
 
 

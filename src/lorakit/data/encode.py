@@ -157,12 +157,22 @@ def encode_causal_lm(tokenizer: Any, rows: Sequence[dict], max_length: int,
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-#: text batches are padded to a multiple of this many tokens (at most ``max_length``): with rows padded to the
-#: longest only, every batch length is a new matmul shape, and on a CPU oneDNN (torch's bf16/fp16 matmuls)
-#: keeps a compiled primitive per shape in a cache of up to 1,024 entries; the default recipe with a bf16 base
-#: held 1,595 MiB of resident memory, 1,031 MiB with that cache off (benchmarks/dtype_memory.py). GPUs prefer
-#: multiples of 8 as well (tensor-core tiles; HF's ``pad_to_multiple_of=8``).
+#: text batches are padded to a multiple of this many tokens where matmul shapes are worth keeping few (see
+#: `pad_multiple`)
 PAD_MULTIPLE = 8
+
+
+def pad_multiple(compute_dtype: torch.dtype, device: torch.device | str) -> int:
+    """How many tokens a text batch's length is rounded up to, for a model computing in ``compute_dtype`` on
+    ``device``: `PAD_MULTIPLE` on a GPU (tensor-core tiles; HF's ``pad_to_multiple_of=8``) and for bf16/fp16
+    compute on a CPU, where torch runs matmuls through oneDNN, which compiles a primitive per matmul shape and
+    caches up to 1,024 of them: with rows padded to the longest only, every batch length is a new set of shapes
+    (the default recipe on a bf16 base held 1,595 MiB resident, 772 MiB padded; benchmarks/dtype_memory.py).
+    1 for fp32 on a CPU: MKL keeps nothing per shape there and padding is only more work (the default recipe
+    trained 10% longer padded)."""
+    if torch.device(device).type != "cpu" or compute_dtype in (torch.bfloat16, torch.float16):
+        return PAD_MULTIPLE
+    return 1
 
 
 def pad_to_multiple(batch: dict[str, Tensor], pad_token_id: int, max_length: int,

@@ -50,8 +50,8 @@ class TaskData:
         """The micro-batches of optimizer step ``step`` (counted from 0), encoded, on ``world.device``: this
         process's share of each (rows ``rank::size``, as `lorakit train` splits a step over processes)."""
         r = self.recipe
-        return encode_rows(r.task, self.train, self.order(tokenizer).micro_batches(step), tokenizer,
-                           r.train.max_length, r.image_size, world)
+        return encode_rows(r.task, self.train, self.order(tokenizer).micro_batches(step), tokenizer, r.train,
+                           r.image_size, world)
 
 
 def load_tasks(recipe: MultitaskRecipe, method: str = "lora") -> list[TaskData]:
