@@ -167,6 +167,8 @@ def test_sharding_divides_the_model_state() -> None:
     assert fsdp.base_weights * 8 == pytest.approx(ddp.base_weights, rel=1e-6)
     assert fsdp.optimizer_state * 8 == pytest.approx(ddp.optimizer_state, rel=1e-6)
     assert fsdp.total < ddp.total / 4
+    # loading, each process holds the whole base in CPU memory, sharded or not (not sharded as it is read)
+    assert fsdp.host_loading == ddp.host_loading == ddp.base_weights
 
 
 def test_smallest_fit_fits_and_nothing_is_said_when_nothing_fits() -> None:
@@ -190,6 +192,9 @@ def test_plan_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
                  "--seq", "4096", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["fits"] is False and report["smallest_fit"] is not None
+    assert report["host_loading_per_process"] == report["components"]["base weights"]
+    assert main(["plan", "benchmarks/model_configs/llama-3-70b", "--devices", "8", "--sharding", "fsdp"]) == 0
+    assert "host (CPU) memory while the base loads: 131.42 GiB per process" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -220,6 +220,9 @@ class Estimate:
     workspace: int
     trainable_parameters: int
     total_parameters: int
+    #: CPU memory of one process while the base loads: the whole base in its stored dtype (quantized as it is
+    #: read), before it is sharded or moved to the device; N processes on a node hold N of it at once
+    host_loading: int = 0
 
     @property
     def total(self) -> int:
@@ -304,6 +307,7 @@ class _Parts:
     """Per-device bytes of one request before the peak is chosen."""
 
     base: int  # weights, sharded under fsdp
+    base_whole: int  # weights, unsharded
     adapter: int  # trained LoRA / head weights (full: 0, the base trains)
     grads: int
     optimizer: int
@@ -372,7 +376,7 @@ def _parts(arch: Architecture, req: PlanRequest) -> _Parts:
         step_work = 2 * (largest if full else lora_largest) * state_bytes
     if req.sharding == "ddp" and req.devices > 1:
         block_work += grads  # DDP's gradient buckets
-    return _Parts(base=base // n_dev, adapter=adapter // n_dev, grads=grads // n_dev,
+    return _Parts(base=base // n_dev, base_whole=base, adapter=adapter // n_dev, grads=grads // n_dev,
                   optimizer=2 * trainable * state_bytes // n_dev, activations=acts, head=head, logits=logits,
                   block_work=block_work, step_work=step_work, trainable=trainable,
                   total_params=arch.parameter_count())
@@ -392,8 +396,9 @@ def estimate_memory(arch: Architecture, req: PlanRequest) -> Estimate:
     step = p.grads + p.logits + p.step_work
     if backward >= step:
         return Estimate(static_w, static_a, 0, static_o, p.activations, backward - p.activations,
-                        p.trainable, p.total_params)
-    return Estimate(static_w, static_a, p.grads, static_o, 0, p.logits + p.step_work, p.trainable, p.total_params)
+                        p.trainable, p.total_params, p.base_whole)
+    return Estimate(static_w, static_a, p.grads, static_o, 0, p.logits + p.step_work, p.trainable, p.total_params,
+                    p.base_whole)
 
 
 def parse_bytes(text: str) -> int:
@@ -470,6 +475,9 @@ def format_plan(arch: Architecture, req: PlanRequest, estimate: Estimate) -> str
     for label, value in estimate.components().items():
         lines.append(f"| {label:<16} | {_size(value):>12} |")
     lines.append(f"| {'total (peak)':<16} | {_size(estimate.total):>12} |")
+    per_node = f"; {req.devices} processes on one node hold {req.devices}x that at once" if req.devices > 1 else ""
+    lines += ["", f"host (CPU) memory while the base loads: {_size(estimate.host_loading)} per process (the whole "
+                  f"base in its stored dtype, before it is sharded or moved to the device{per_node})"]
     if req.device_memory is not None:
         fits = estimate.total <= req.device_memory
         lines += ["", f"device memory {_size(req.device_memory)}: {'fits' if fits else 'does not fit'}"]

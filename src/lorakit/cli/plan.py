@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         fit = smallest_fit(arch, request)
         print(json.dumps({"model": arch.name, "request": asdict(request), "components": estimate.components(),
-                          "total": estimate.total, "trainable_parameters": estimate.trainable_parameters,
+                          "total": estimate.total, "host_loading_per_process": estimate.host_loading,
+                          "trainable_parameters": estimate.trainable_parameters,
                           "total_parameters": estimate.total_parameters,
                           "fits": None if request.device_memory is None else estimate.total <= request.device_memory,
                           "smallest_fit": None if fit is None else asdict(fit[0])}, indent=2))
