@@ -204,6 +204,10 @@ def evaluate(model: nn.Module, task: str, rows: Sequence[dict], tokenizer: Any =
         return metrics
     finally:
         model.train(was_training)
+        from .sharding import is_sharded, reshard
+
+        if is_sharded(model):  # a forward without backward leaves FSDP's root unit gathered: back to the shards
+            reshard(model)
 
 
 def macro_f1(predictions: Sequence[int], gold: Sequence[int]) -> float:

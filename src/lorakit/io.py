@@ -20,8 +20,7 @@ from .adapters import ModelFlags, check_adapter_name, delete_adapter, lora_modul
 from .config import LoraConfig
 from .errors import AdapterError, AdapterStateError, ConfigError, LorakitError, TargetError
 from .files import atomic_directory, inside, json_default, safetensors_bytes, write_file
-from .fingerprint import base_fingerprint, digest
-from .fingerprint import verify as verify_fingerprint
+from .fingerprint import base_fingerprint, digest, verify as verify_fingerprint
 from .hf import base_model_id, peft_task_type
 from .inject import (TargetingReport, WrapperSlot, add_adapter, dotted_suffixes, is_base_param, is_internal,
                      parameter_wrappers, suffix_match, targeting_report)

@@ -368,10 +368,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False,
     extras = _prepare_model(recipe, model, config, loaded.tokenizer)
     loop = RecipeLoop(recipe, world, out, model, loaded.tokenizer, data, eval_kwargs)
     if sharded:  # on the device only now, sharded; the adapters as initialised (B = 0) add nothing to the base
-        from .sharding import reshard
-
         base_eval = _evaluate_base(recipe, world, model, data, eval_kwargs)
-        reshard(model)  # an evaluation leaves the root unit gathered: the optimizer and --resume hold the shards
     if resume:
         loop.resume()
     loop.run(on_step)

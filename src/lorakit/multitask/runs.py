@@ -64,11 +64,10 @@ def run_multitask(recipe: MultitaskRecipe, output_dir: str | Path, benchmark_ste
     train_model = distributed.wrap(model, world, args.sharding, args.fsdp_blocks, args.precision,
                                    args.fsdp_cpu_offload)
     if is_sharded:  # this process's part of the frozen base, and the whole base; the base's scores (adapters off)
-        from ..sharding import reshard, shard_bytes
+        from ..sharding import shard_bytes
 
         metrics["frozen_bytes_per_process"], metrics["frozen_bytes"] = shard_bytes(model)
         base_eval.update({t.name: evaluate_task(model, t, None, tokenizer, world.device) for t in tasks})
-        reshard(model)  # an evaluation leaves the root unit gathered; the optimizer must get the shards
     started = time.perf_counter()
     metrics["history"] = train_mixed(train_model, tasks, steps, tokenizer, shared, progress=recipe.name, world=world)
     metrics["train_time_s"] = time.perf_counter() - started
