@@ -130,3 +130,55 @@ def test_route_under_bf16_autocast_matches_each_adapter_alone(rows, tokens) -> N
                 alone.append(model(x[i:i + 1]))
     assert mixed.dtype == torch.bfloat16
     torch.testing.assert_close(mixed.float(), torch.cat(alone).float(), atol=0.05, rtol=0.02)
+
+
+def test_pickers_select_the_batchs_adapters_from_per_adapter_lists() -> None:
+    routing = Routing.for_rows(["c", None, "a", "c"], "cpu")
+    used, pick_ab, pick = routing.pickers(["a", "b", "c"])
+    assert used == ["c", "a"]  # in the routing's order
+    assert pick_ab(["A_a", "A_b", "A_c", "B_a", "B_b", "B_c"]) == ("A_c", "A_a", "B_c", "B_a")
+    assert pick([1, 2, 3]) == (3, 1)
+    whole = Routing.for_rows(["a", "b"], "cpu").pickers(["a", "b"])
+    assert whole[0] == ["a", "b"] and whole[1]([1, 2, 3, 4]) == [1, 2, 3, 4]
+    one = Routing.for_rows(["b"], "cpu").pickers(["a", "b"])
+    assert one[1](["A_a", "A_b", "B_a", "B_b"]) == ("A_b", "B_b") and one[2]([1, 2]) == (2,)
+
+
+def test_inference_stacks_follow_every_kind_of_adapter_change(tiny, tiny_ids) -> None:
+    """Without autograd the layers reuse stacked adapters, checking only the batch's adapters each forward; every
+    way of changing an adapter is seen the next time a batch uses it."""
+    inject(tiny, LoraConfig(r=4, target_modules=["q", "v"]), "a")
+    for name in ("b", "c"):
+        lorakit.add_adapter(tiny, name, LoraConfig(r=4, alpha=8, target_modules=["q", "v"]))
+    randomize_lora(tiny)
+    q = tiny.layers[0]["q"]
+
+    def check(rows: list[str | None]) -> torch.Tensor:
+        with torch.no_grad():
+            with lorakit.route(tiny, rows):
+                mixed = tiny(tiny_ids)
+            for i, name in enumerate(rows):
+                lorakit.set_adapter(tiny, name)
+                torch.testing.assert_close(mixed[i:i + 1], tiny(tiny_ids[i:i + 1]), atol=1e-6, rtol=1e-5)
+        return mixed
+
+    before = check(["a", "b", "a", "b"])
+    changes = [
+        lambda: q.lora_B["c"].weight.add_(0.5),  # in place, on an adapter outside the last batch
+        lambda: q.lora_B["c"]._parameters.__setitem__("weight", nn.Parameter(q.lora_B["c"].weight + 0.2)),
+        lambda: q.lora_A.__setitem__("c", nn.Linear(16, 4, bias=False)),  # a new module, new weights
+        lambda: q.scaling.__setitem__("c", 3.0),
+        lambda: setattr(q.lora_B["c"], "bias", nn.Parameter(torch.full((16,), 0.7))),  # generic path from now on
+    ]
+    for change in changes:
+        check(["a", "b", "a", "b"])  # stacks built and checked without "c"
+        seen = check(["c", "b", "a", "c"])
+        with torch.no_grad():
+            change()
+        assert not torch.allclose(check(["c", "b", "a", "c"])[0], seen[0])
+    # written around autograd's version counter: seen after the eval() that follows such a write in training
+    check(["a", "b", "a", "b"])
+    with torch.no_grad():
+        q.lora_B["a"].weight.data.copy_(q.lora_B["a"].weight * 3 + 0.1)
+    tiny.eval()
+    assert not torch.allclose(check(["a", "b", "a", "b"]), before)

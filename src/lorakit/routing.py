@@ -7,6 +7,7 @@ own update in one pass over the batch, rows grouped by adapter (never one pass p
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -93,6 +94,22 @@ class Routing:
             self._memo[key] = (torch.tensor([max(s, 0) for s in slot], device=device), keep)
         return self._memo[key]
 
+    def pickers(self, order: Sequence[str]) -> tuple[list[str], Callable[[Sequence[Any]], Sequence[Any]],
+                                                     Callable[[Sequence[Any]], Sequence[Any]]]:
+        """The adapters of this batch that are in ``order`` (in this routing's order) and two functions that select
+        their entries from per-adapter lists laid out over ``order``: ``pick_ab`` from a list holding each adapter's
+        A then each adapter's B (``2 · len(order)`` entries), ``pick`` from a list with one entry per adapter. Each
+        returns a tuple (the list itself when that is all of it). Memoized per ``order``: every layer with the
+        same adapters shares them."""
+        key = ("pickers", *order)
+        if key not in self._memo:
+            where = {name: i for i, name in enumerate(order)}
+            used = [name for name in self.names if name in where]
+            positions = [where[name] for name in used]
+            n = len(order)
+            self._memo[key] = (used, _picker(positions + [n + i for i in positions], 2 * n), _picker(positions, n))
+        return self._memo[key]
+
     def _plan_groups(self, order: Sequence[str]) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         position = {name: i for i, name in enumerate(order)}
         lookup = [position.get(n, len(order)) for n in self.names] + [len(order)]
@@ -118,6 +135,20 @@ class Routing:
         if members == place == list(range(len(slot))):  # equal contiguous groups in order: plain reshapes
             return used, None, None, keep
         return used, torch.tensor(members, device=device), torch.tensor(place, device=device), keep
+
+
+def _picker(positions: list[int], length: int) -> Callable[[Sequence[Any]], Sequence[Any]]:
+    """A function returning the entries at ``positions`` of a sequence of ``length`` as a tuple (the sequence itself
+    when that is all of it), gathered in C (`operator.itemgetter`)."""
+    if positions == list(range(length)):
+        return _whole
+    if len(positions) <= 1:
+        return lambda seq: tuple(seq[i] for i in positions)
+    return operator.itemgetter(*positions)
+
+
+def _whole(seq: Sequence[Any]) -> Sequence[Any]:
+    return seq
 
 
 def stack_adapters(parts: Sequence[tuple[Tensor, Tensor, float]]) -> tuple[Tensor, Tensor]:
