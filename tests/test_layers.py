@@ -373,3 +373,45 @@ def test_layer_overriding_forward_is_skipped_with_the_reason(tiny) -> None:
                                         ).rows[0].skipped is None
     finally:
         lorakit.LAYER_REGISTRY.pop(ScaledLinear)
+
+
+def test_inference_on_many_tokens_folds_the_adapters_into_a_temporary_weight(monkeypatch) -> None:
+    """Without autograd, with at least three times as many activation values as weight values, a plain Linear
+    reads ``W + Σ s B A`` (built per forward, never stored) instead of adding the two skinny products; the output
+    equals the unfolded path up to rounding, and every case the fold does not cover takes the unfolded path."""
+    torch.manual_seed(0)
+    model = Holder(nn.Linear(8, 6)).eval()
+    inject(model, LoraConfig(r=2, alpha=4, target_modules=["layer"]), "a")
+    for name in ("b", "c"):
+        lorakit.add_adapter(model, name, LoraConfig(r=3, alpha=5, target_modules=["layer"]))
+    randomize_lora(model, std=0.3)
+    lorakit.merge(model, ["c"])  # already in W: not folded twice
+    lorakit.set_adapter(model, ["a", "b", "c"])
+    layer = model.layer
+    folds: list[bool] = []
+    fold = LoraLinear._folded_weight
+    monkeypatch.setattr(LoraLinear, "_folded_weight", lambda self, x: folds.append(fold(self, x) is not None) or
+                        fold(self, x))
+    many, few = torch.randn(4, 16, 8), torch.randn(1, 2, 8)  # 64 x (8 + 6) >= 3 x 48; 2 x 14 < 144
+    for x, folded in ((many, True), (few, False)):
+        unfolded = model(x)  # autograd on: the usual path
+        with torch.no_grad():
+            out = model(x)
+        assert folds.pop() is folded
+        torch.testing.assert_close(out, unfolded, atol=1e-6, rtol=1e-6)
+    with torch.no_grad(), lorakit.disable_adapters(model):
+        base = model(many)
+    with torch.no_grad():
+        lorakit.set_adapter(model, "a")
+        only_a = model(many)
+        a_alone = layer.base_layer(many) + layer.lora_output(many, "a")
+        torch.testing.assert_close(only_a, a_alone, atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(only_a, base)
+        model.train()  # training mode (dropout would apply): not folded
+        model(many)
+        model.eval()
+        plain = layer.base_layer(many)  # W with "c" merged in
+        hook = layer.base_layer.register_forward_hook(lambda module, args, out: out * 2)  # a hook: not bypassed
+        torch.testing.assert_close(model(many), 2 * plain + (a_alone - plain), atol=1e-6, rtol=1e-6)
+        hook.remove()
+    assert folds == [True, False, False]  # "a" alone folded; training mode and the hook not

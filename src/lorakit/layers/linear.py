@@ -43,6 +43,45 @@ class LoraLinear(LoraLayer):
         out_f, in_f = base_layer.weight.shape
         return out_f, in_f
 
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if not torch.is_grad_enabled() and self.routing is None and not self.disabled and not args and not kwargs:
+            weight = self._folded_weight(x)
+            if weight is not None:
+                return F.linear(x, weight, self.base_layer.bias)
+        return super().forward(x, *args, **kwargs)
+
+    def _folded_weight(self, x: Tensor) -> Tensor | None:
+        """For inference on many tokens: ``W + Σ s · B A`` over the active adapters, a temporary the base product
+        then reads instead of ``W`` — or None where the usual ``W x + s · B (A x)`` is cheaper or folding does not
+        apply.
+
+        The two rank-r products run as skinny matmuls at a fraction of the rate of the base one (MKL, 2 cores:
+        ``(1024 x 384) @ (384 x 8)`` at ~90 GFLOP/s against ~200), so with enough tokens per weight element
+        writing the folded weight once costs less: timed with the caches cold, per MiniLM layer at 1,024 tokens
+        +6.1% over the base layer unfolded against +1.1% folded (384 x 384), +6.1/+4.0% (384 -> 1,536), +7.1/+5.8%
+        (1,536 -> 384); SmolLM2 at 512 tokens: +14.1/+11.1% (576 -> 192), but folding loses at 576 x 576 (+6.6/+9.1%)
+        and 576 -> 1,536 (+5.0/+6.8%). Hence the rule ``tokens · (in + out) ≥ 3 · in · out``: activations at
+        least three times the weight (so the temporary is smaller than the activations already held). Only a
+        plain ``nn.Linear`` base on a CPU without hooks (unmeasured on GPUs), evaluation mode, no DoRA or
+        lora_bias, every tensor in one dtype; results equal the unfolded path up to float rounding, as a merge.
+        """
+        base = self.base_layer
+        weight = base.weight
+        if (type(base) is not nn.Linear or self.training or weight.device.type != "cpu" or base._forward_hooks
+                or base._forward_pre_hooks or self.lora_magnitude_vector or x.dtype != weight.dtype):
+            return None
+        out_f, in_f = weight.shape
+        if x.numel() // in_f * (in_f + out_f) < 3 * in_f * out_f:
+            return None
+        names = [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
+        parts = [(self.lora_A[n].weight, self.lora_B[n], self.scaling[n]) for n in names]
+        if not parts or any(B.bias is not None or A.dtype != weight.dtype for A, B, _ in parts):
+            return None
+        folded = torch.addmm(weight, parts[0][1].weight, parts[0][0], alpha=parts[0][2])
+        for A, B, scaling in parts[1:]:
+            folded.addmm_(B.weight, A, alpha=scaling)
+        return folded
+
     def _create(self, name: str, r: int, dtype: torch.dtype, device: torch.device, bias: bool = False) -> None:
         out_f, in_f = self.matrix_shape(self.base_layer)
         self.lora_A[name] = nn.Linear(in_f, r, bias=False, dtype=dtype, device=device)
