@@ -17,6 +17,10 @@ from torch import Tensor, nn
 from ..routing import Routing, grouped_lora, stack_adapters
 from .base import LoraLayer, TransposedWeight
 
+#: inference folds the adapters into a temporary weight once the activations hold this many times as many values
+#: as the weight (`LoraLinear._folded_weight`)
+FOLD_RATIO = 1
+
 _WEIGHT, _BIAS, _VERSION = (operator.itemgetter("weight"), operator.methodcaller("get", "bias"),
                               operator.attrgetter("_version"))
 
@@ -56,14 +60,13 @@ class LoraLinear(LoraLayer):
         apply.
 
         The two rank-r products run as skinny matmuls at a fraction of the rate of the base one (MKL, 2 cores:
-        ``(1024 x 384) @ (384 x 8)`` at ~90 GFLOP/s against ~200), so with enough tokens per weight element
-        writing the folded weight once costs less: timed with the caches cold, per MiniLM layer at 1,024 tokens
-        +6.1% over the base layer unfolded against +1.1% folded (384 x 384), +6.1/+4.0% (384 -> 1,536), +7.1/+5.8%
-        (1,536 -> 384); SmolLM2 at 512 tokens: +14.1/+11.1% (576 -> 192), but folding loses at 576 x 576 (+6.6/+9.1%)
-        and 576 -> 1,536 (+5.0/+6.8%). Hence the rule ``tokens · (in + out) ≥ 3 · in · out``: activations at
-        least three times the weight (so the temporary is smaller than the activations already held). Only a
-        plain ``nn.Linear`` base on a CPU without hooks (unmeasured on GPUs), evaluation mode, no DoRA or
-        lora_bias, every tensor in one dtype; results equal the unfolded path up to float rounding, as a merge.
+        ``(1024 x 384) @ (384 x 8)`` at ~90 GFLOP/s against ~200), so once the activations hold as many values as
+        the weight (``tokens · (in + out) ≥ in · out``, `FOLD_RATIO`), writing the folded weight costs less; the
+        temporary is then no larger than the activations already held. Unmerged all-linear inference over base,
+        in-process A/B of 16-40 alternated forwards: MiniLM (8 x 128 tokens) 1.084 -> 1.035-1.046, SmolLM2 (4 x 128)
+        1.039 -> 1.015; a threshold of 3 left SmolLM2's 576 x 576 and 576 -> 1,536 layers unfolded (1.037).
+        Only a plain ``nn.Linear`` base on a CPU without hooks (unmeasured on GPUs), evaluation mode, no DoRA or
+        lora_bias, one dtype; results equal the unfolded path up to float rounding, as a merge does.
         """
         base = self.base_layer
         weight = base.weight
@@ -71,7 +74,7 @@ class LoraLinear(LoraLayer):
                 or base._forward_pre_hooks or self.lora_magnitude_vector or x.dtype != weight.dtype):
             return None
         out_f, in_f = weight.shape
-        if x.numel() // in_f * (in_f + out_f) < 3 * in_f * out_f:
+        if x.numel() // in_f * (in_f + out_f) < FOLD_RATIO * in_f * out_f:
             return None
         names = [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
         parts = [(self.lora_A[n].weight, self.lora_B[n], self.scaling[n]) for n in names]
