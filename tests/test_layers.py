@@ -390,8 +390,8 @@ def test_inference_on_many_tokens_folds_the_adapters_into_a_temporary_weight(mon
     layer = model.layer
     folds: list[bool] = []
     fold = LoraLinear._folded_weight
-    monkeypatch.setattr(LoraLinear, "_folded_weight", lambda self, x: folds.append(fold(self, x) is not None) or
-                        fold(self, x))
+    monkeypatch.setattr(LoraLinear, "_folded_weight", lambda self, x, active: folds.append(
+        fold(self, x, active) is not None) or fold(self, x, active))
     many, few = torch.randn(4, 16, 8), torch.randn(1, 2, 8)  # 64 x (8 + 6) >= 48; 2 x 14 < 48
     for x, folded in ((many, True), (few, False)):
         unfolded = model(x)  # autograd on: the usual path
@@ -414,4 +414,13 @@ def test_inference_on_many_tokens_folds_the_adapters_into_a_temporary_weight(mon
         hook = layer.base_layer.register_forward_hook(lambda module, args, out: out * 2)  # a hook: not bypassed
         torch.testing.assert_close(model(many), 2 * plain + (a_alone - plain), atol=1e-6, rtol=1e-6)
         hook.remove()
-    assert folds == [True, False, False]  # "a" alone folded; training mode and the hook not
+    lorakit.unmerge(model)  # (mixed batches need unmerged adapters)
+    unfolded, plain = model(many), model.layer.base_layer(many)  # autograd on: "a" unfolded; the base
+    with torch.no_grad():
+        with lorakit.route(model, ["a"] * 4):  # a routed batch on one adapter is its single-adapter batch
+            torch.testing.assert_close(model(many), unfolded, atol=1e-6, rtol=1e-6)
+        with lorakit.route(model, ["a", "a", None, "a"]):  # a base row: routed as usual
+            routed = model(many)
+    torch.testing.assert_close(routed[2], plain[2], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(routed[[0, 1, 3]], unfolded[[0, 1, 3]], atol=1e-6, rtol=1e-6)
+    assert folds == [True, False, False, True]  # "a" alone folded; training mode and the hook not

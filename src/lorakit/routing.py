@@ -50,6 +50,14 @@ class Routing:
             self._memo["names"] = frozenset(self.names)
         return self._memo["names"]
 
+    def sole_adapter(self) -> list[str] | None:
+        """``[name]`` when every row uses adapter ``name`` and no adapter is shared (the batch is then that
+        adapter's single-adapter batch), else None. Memoized."""
+        if "sole" not in self._memo:
+            sole = len(self.names) == 1 and not self.shared and -1 not in self.host_index()
+            self._memo["sole"] = list(self.names) if sole else None
+        return self._memo["sole"]
+
     def runs(self) -> list[tuple[int, int, int]] | None:
         """``(adapter position or -1, start, stop)`` for each run of rows sharing an adapter, in row order, when
         every adapter's rows form one contiguous run (as in multi-task batches, one task after another);

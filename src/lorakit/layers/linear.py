@@ -48,14 +48,16 @@ class LoraLinear(LoraLayer):
         return out_f, in_f
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if not torch.is_grad_enabled() and self.routing is None and not self.disabled and not args and not kwargs:
-            weight = self._folded_weight(x)
+        if not torch.is_grad_enabled() and not self.disabled and not args and not kwargs:
+            # a routed batch whose rows all use one adapter is that adapter's single-adapter batch
+            names = self.active_adapters if self.routing is None else self.routing.sole_adapter()
+            weight = None if names is None else self._folded_weight(x, names)
             if weight is not None:
                 return F.linear(x, weight, self.base_layer.bias)
         return super().forward(x, *args, **kwargs)
 
-    def _folded_weight(self, x: Tensor) -> Tensor | None:
-        """For inference on many tokens: ``W + Σ s · B A`` over the active adapters, a temporary the base product
+    def _folded_weight(self, x: Tensor, active: Sequence[str]) -> Tensor | None:
+        """For inference on many tokens: ``W + Σ s · B A`` over the ``active`` adapters, a temporary the base product
         then reads instead of ``W`` — or None where the usual ``W x + s · B (A x)`` is cheaper or folding does not
         apply.
 
@@ -76,7 +78,7 @@ class LoraLinear(LoraLayer):
         out_f, in_f = weight.shape
         if x.numel() // in_f * (in_f + out_f) < FOLD_RATIO * in_f * out_f:
             return None
-        names = [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
+        names = [n for n in active if n in self.r and n not in self.merged_adapters]
         parts = [(self.lora_A[n].weight, self.lora_B[n], self.scaling[n]) for n in names]
         if not parts or any(B.bias is not None or A.dtype != weight.dtype for A, B, _ in parts):
             return None
