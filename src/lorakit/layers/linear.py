@@ -72,8 +72,11 @@ class LoraLinear(LoraLayer):
         """
         base = self.base_layer
         weight = base.weight
+        # the base layer's own call is skipped: only where it does nothing else (no hooks, no forward replaced
+        # on the instance as accelerate's offloading hooks do)
         if (type(base) is not nn.Linear or self.training or weight.device.type != "cpu" or base._forward_hooks
-                or base._forward_pre_hooks or self.lora_magnitude_vector or x.dtype != weight.dtype):
+                or base._forward_pre_hooks or "forward" in base.__dict__ or self.lora_magnitude_vector
+                or x.dtype != weight.dtype):
             return None
         out_f, in_f = weight.shape
         if x.numel() // in_f * (in_f + out_f) < FOLD_RATIO * in_f * out_f:
