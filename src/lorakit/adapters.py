@@ -233,7 +233,12 @@ def route(model: nn.Module, adapter_names: Sequence[str | None], shared: Sequenc
 
     ``modules``: the model's ``lora_modules`` listed by the caller, who keeps the list while the adapters do not
     change (the server routes every decoding step; walking the module tree each time cost ~0.2 s per step with
-    16 all-linear adapters on SmolLM2). Default: walk the model."""
+    16 all-linear adapters on SmolLM2). Default: walk the model.
+
+    Without autograd each linear layer reuses its stacked adapters while they are unchanged (in-place updates,
+    ``.data =``, replaced parameters or modules and new scalings are seen); a weight written around autograd's
+    version counter (``param.data.copy_(...)``, raw pointers as in bitsandbytes' optimizers) is read after the next
+    ``model.train()`` / ``model.eval()``."""
     state = _require_state(model)
     distinct = list(dict.fromkeys(n for n in adapter_names if n is not None))
     shared = list(dict.fromkeys(shared))
