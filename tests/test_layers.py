@@ -417,6 +417,11 @@ def test_inference_on_many_tokens_folds_the_adapters_into_a_temporary_weight(mon
         layer.base_layer.forward = lambda x: nn.Linear.forward(layer.base_layer, x) * 2  # as accelerate's hooks do
         torch.testing.assert_close(model(many), 2 * plain + (a_alone - plain), atol=1e-6, rtol=1e-6)
         del layer.base_layer.forward
+        calls: list[nn.Module] = []  # a hook on every module (profilers, FLOP counters) must see the base layer run
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: calls.append(module))
+        model(many)
+        handle.remove()
+        assert layer.base_layer in calls
     lorakit.unmerge(model)  # (mixed batches need unmerged adapters)
     unfolded, plain = model(many), model.layer.base_layer(many)  # autograd on: "a" unfolded; the base
     with torch.no_grad():
@@ -426,4 +431,4 @@ def test_inference_on_many_tokens_folds_the_adapters_into_a_temporary_weight(mon
             routed = model(many)
     torch.testing.assert_close(routed[2], plain[2], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(routed[[0, 1, 3]], unfolded[[0, 1, 3]], atol=1e-6, rtol=1e-6)
-    assert folds == [True, False, False, False, True]  # "a" alone folded; training mode and the hooks not
+    assert folds == [True, False, False, False, False, True]  # "a" alone folded; training mode and hooks not

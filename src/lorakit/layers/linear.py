@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 from ..routing import Routing, grouped_lora, stack_adapters
 from .base import LoraLayer, TransposedWeight
@@ -72,11 +73,11 @@ class LoraLinear(LoraLayer):
         """
         base = self.base_layer
         weight = base.weight
-        # the base layer's own call is skipped: only where it does nothing else (no hooks, no forward replaced
-        # on the instance as accelerate's offloading hooks do)
+        # the base layer's own call is skipped: only where it does nothing else (no hooks of its own or global
+        # ones, no forward replaced on the instance as accelerate's offloading hooks do)
         if (type(base) is not nn.Linear or self.training or weight.device.type != "cpu" or base._forward_hooks
-                or base._forward_pre_hooks or "forward" in base.__dict__ or self.lora_magnitude_vector
-                or x.dtype != weight.dtype):
+                or base._forward_pre_hooks or "forward" in base.__dict__ or _global_hooks()
+                or self.lora_magnitude_vector or x.dtype != weight.dtype):
             return None
         out_f, in_f = weight.shape
         if x.numel() // in_f * (in_f + out_f) < FOLD_RATIO * in_f * out_f:
@@ -246,6 +247,13 @@ class _RoutedStacks:
                 and tuple(map(Tensor.data_ptr, weights)) == pick_ab(self.storages)
                 and all(map(operator.is_, map(_BIAS, pick(self.B_dicts)), pick(self.biases)))
                 and tuple(map(layer.scaling.get, used)) == pick(self.scalings))
+
+
+def _global_hooks() -> bool:
+    """Whether forward hooks registered for every module (``torch.nn.modules.module.register_module_forward_hook``
+    and its pre-hook twin) exist; torch keeps them in module-level registries without a public reader."""
+    return bool(getattr(torch_module, "_global_forward_hooks", None)
+                or getattr(torch_module, "_global_forward_pre_hooks", None))
 
 
 def _row_major_t(B: Tensor) -> Tensor:
