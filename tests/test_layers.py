@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -388,16 +389,13 @@ def test_inference_on_many_tokens_folds_the_adapters_into_a_temporary_weight(mon
     lorakit.merge(model, ["c"])  # already in W: not folded twice
     lorakit.set_adapter(model, ["a", "b", "c"])
     layer = model.layer
-    folds: list[bool] = []
-    fold = LoraLinear._folded_weight
-    monkeypatch.setattr(LoraLinear, "_folded_weight", lambda self, x, active: folds.append(
-        fold(self, x, active) is not None) or fold(self, x, active))
+    folds = _count_folds(monkeypatch)
     many, few = torch.randn(4, 16, 8), torch.randn(1, 2, 8)  # 64 x (8 + 6) >= 48; 2 x 14 < 48
-    for x, folded in ((many, True), (few, False)):
+    for x, folded in ((many, 1), (few, 0)):
         unfolded = model(x)  # autograd on: the usual path
         with torch.no_grad():
             out = model(x)
-        assert folds.pop() is folded
+        assert folds.pop() == folded
         torch.testing.assert_close(out, unfolded, atol=1e-6, rtol=1e-6)
     with torch.no_grad(), lorakit.disable_adapters(model):
         base = model(many)
@@ -407,9 +405,11 @@ def test_inference_on_many_tokens_folds_the_adapters_into_a_temporary_weight(mon
         a_alone = layer.base_layer(many) + layer.lora_output(many, "a")
         torch.testing.assert_close(only_a, a_alone, atol=1e-6, rtol=1e-6)
         assert not torch.allclose(only_a, base)
+        assert folds.pop() == 1
         model.train()  # training mode (dropout would apply): not folded
         model(many)
         model.eval()
+        assert folds.pop() == 0
         plain = layer.base_layer(many)  # W with "c" merged in
         hook = layer.base_layer.register_forward_hook(lambda module, args, out: out * 2)  # a hook: not bypassed
         torch.testing.assert_close(model(many), 2 * plain + (a_alone - plain), atol=1e-6, rtol=1e-6)
@@ -422,13 +422,78 @@ def test_inference_on_many_tokens_folds_the_adapters_into_a_temporary_weight(mon
         model(many)
         handle.remove()
         assert layer.base_layer in calls
+        assert folds.pop() == 0
     lorakit.unmerge(model)  # (mixed batches need unmerged adapters)
     unfolded, plain = model(many), model.layer.base_layer(many)  # autograd on: "a" unfolded; the base
     with torch.no_grad():
         with lorakit.route(model, ["a"] * 4):  # a routed batch on one adapter is its single-adapter batch
             torch.testing.assert_close(model(many), unfolded, atol=1e-6, rtol=1e-6)
-        with lorakit.route(model, ["a", "a", None, "a"]):  # a base row: routed as usual
+        assert folds.pop() == 1
+        with lorakit.route(model, ["a", "a", None, "a"]):  # "a" in two runs: routed as usual
             routed = model(many)
+        assert folds.pop() == 0
     torch.testing.assert_close(routed[2], plain[2], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(routed[[0, 1, 3]], unfolded[[0, 1, 3]], atol=1e-6, rtol=1e-6)
-    assert folds == [True, False, False, False, False, True]  # "a" alone folded; training mode and hooks not
+
+
+def _count_folds(monkeypatch) -> list[int]:
+    """A list whose ``pop()`` returns how many folded weights were built since the last ``pop()``."""
+    from lorakit.layers import linear
+
+    count = [0]
+    fold = linear._fold
+
+    def counted(weight, parts):
+        count[-1] += 1
+        return fold(weight, parts)
+
+    monkeypatch.setattr(linear, "_fold", counted)
+
+    class Counter(list):
+        def pop(self, *args):
+            built, count[-1] = count[-1], 0
+            return built
+
+    return Counter()
+
+
+def test_mixed_batch_rows_grouped_by_adapter_fold_each_run_into_its_own_weight(monkeypatch) -> None:
+    """Rows grouped by adapter (one run each), each run long enough: one folded weight per adapter run, base rows
+    and an adapter the layer lacks read W alone; outputs equal each row alone with its adapter. A run too short to
+    fold, an adapter in two runs or a shared adapter: the routed products serve the whole batch."""
+    from lorakit.layers import linear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 6)).eval()
+    inject(model, LoraConfig(r=2, alpha=4, target_modules=["0"]), "a")
+    lorakit.add_adapter(model, "b", LoraConfig(r=3, alpha=5, target_modules=["0"]))
+    lorakit.add_adapter(model, "elsewhere", LoraConfig(r=2, alpha=2, target_modules=["1"]))
+    randomize_lora(model, std=0.3)
+    folds = _count_folds(monkeypatch)
+    monkeypatch.setattr(linear, "RUN_FOLD_TOKENS", 12)  # (2,048 on real layers)
+    x = torch.randn(7, 6, 8)  # runs of layer 0: a (3 rows x 6 tokens: 18), base (1 row), b (12 tokens), elsewhere (1)
+    names = ["a", "a", "a", None, "b", "b", "elsewhere"]
+    with torch.no_grad():
+        expected = []
+        for row, name in zip(x, names):
+            with contextlib.ExitStack() as scope:
+                if name is None:
+                    scope.enter_context(lorakit.disable_adapters(model))
+                else:
+                    lorakit.set_adapter(model, name)
+                expected.append(model(row[None]))
+        expected = torch.cat(expected)
+        folds.pop()
+        with lorakit.route(model, names):
+            grouped = model(x)
+        assert folds.pop() == 2  # layer 0: one weight for "a", one for "b"; layer 1: "elsewhere" on 6 tokens < 12
+        torch.testing.assert_close(grouped, expected, atol=1e-5, rtol=1e-5)
+        for short, rows, shared in ((x[:, :2], names, []),  # a: 6 tokens, b: 4
+                                    (x, ["b"] * 3 + [None] * 4, ["a"]),  # "a" shared on every row
+                                    (x, ["a", "b", "a", None, "b", "b", "a"], [])):  # interleaved
+            with lorakit.route(model, rows, shared=shared):
+                routed = model(short)
+            assert folds.pop() == 0
+            with monkeypatch.context() as patch, lorakit.route(model, rows, shared=shared):
+                patch.setattr(linear, "FOLD_RATIO", float("inf"))  # the routed products alone
+                torch.testing.assert_close(routed, model(short), atol=0, rtol=0)
