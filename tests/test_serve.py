@@ -696,17 +696,28 @@ def test_classify_matches_direct_forward(tmp_path) -> None:
     engine = Engine(loaded.model, loaded.tokenizer, "sequence-classification", "minilm",
                     adapter_dir=tmp_path)
     with ServerThread(create_app(engine)) as running, httpx.Client(base_url=running.url, timeout=60) as http:
-        with ThreadPoolExecutor(2) as pool:
-            adapted, base = pool.map(lambda m: http.post("/v1/classify", json={"model": m, "input": texts}),
-                                     ["sentiment", "minilm"])
-        assert adapted.status_code == 200, adapted.text
-        got = torch.tensor([row["probs"] for row in adapted.json()["data"]])
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+        with ThreadPoolExecutor(3) as pool:  # one batch, rows regrouped by adapter (`grouped_by_adapter`)
+            adapted, base, again = pool.map(lambda m: http.post("/v1/classify", json={"model": m, "input": texts}),
+                                            ["sentiment", "minilm", "sentiment"])
+        for answer in (adapted, again):
+            assert answer.status_code == 200, answer.text
+            got = torch.tensor([row["probs"] for row in answer.json()["data"]])
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
         got_base = torch.tensor([row["probs"] for row in base.json()["data"]])
         torch.testing.assert_close(got_base, expected_base, atol=1e-5, rtol=1e-4)
         assert adapted.json()["data"][0]["label"] in ("LABEL_0", "LABEL_1")
         assert http.post("/v1/chat/completions", json={"model": "minilm", "messages": [
             {"role": "user", "content": "hi"}]}).status_code == 400
+
+
+def test_requests_are_grouped_by_adapter_in_order_of_arrival() -> None:
+    from types import SimpleNamespace
+
+    from lorakit.serve.engine import grouped_by_adapter
+
+    requests = [SimpleNamespace(adapter=a, i=i) for i, a in enumerate(["x", None, "y", "x", None, "x"])]
+    assert [(r.adapter, r.i) for r in grouped_by_adapter(requests)] == [
+        ("x", 0), ("x", 3), ("x", 5), (None, 1), (None, 4), ("y", 2)]
 
 
 def test_serve_command_builds_its_config_and_engine_from_arguments(monkeypatch, capsys) -> None:

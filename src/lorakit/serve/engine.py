@@ -16,7 +16,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from torch import Tensor
@@ -337,7 +337,7 @@ class Engine:
             else:
                 admitted.append(g)
                 tokens += len(g.prompt_ids)
-        return admitted
+        return grouped_by_adapter(admitted)
 
     def _hold(self, g: Generation) -> bool:
         """Take ``g`` off the queue with its sampling generator and its adapter; False (``g`` stays queued) when
@@ -643,4 +643,18 @@ class Engine:
                 job.future.set_exception(err)
                 continue
             jobs.append(job)
-        return jobs
+        return grouped_by_adapter(jobs)
+
+
+_Request = TypeVar("_Request", "Generation", "Classification")
+
+
+def grouped_by_adapter(requests: list[_Request]) -> list[_Request]:
+    """``requests`` with those on one adapter made adjacent (adapters in order of first arrival, requests in arrival
+    order within each), so a batch built from them has one run of rows per adapter: the LoRA layers then fold each
+    adapter into its own weight on long prompts (`LoraLinear._folded_runs`) and read the rows as views, not
+    gathered copies."""
+    first: dict[str | None, int] = {}
+    for request in requests:
+        first.setdefault(request.adapter, len(first))
+    return sorted(requests, key=lambda request: first[request.adapter])
