@@ -4,6 +4,8 @@ adapter save/load. One command; medians and ratios of medians.
     .venv/bin/python benchmarks/bench.py                  # MiniLM (8 x 128) and SmolLM2 (4 x 128), r=8, 2 threads
     .venv/bin/python benchmarks/bench.py --models minilm --steps 10
     .venv/bin/python benchmarks/bench.py --compiled       # also torch.compile'd training steps (MiniLM)
+    .venv/bin/python benchmarks/bench.py --cases time-prefill   # long prompts of two adapters in one batch (not
+                                                               # in the default run: SmolLM2 ~8 s a forward)
     python benchmarks/bench.py --device cuda --precision bf16 --model-dir minilm=DIR   # on a GPU
 
 On a GPU (``--device cuda``) every timed call ends with ``torch.cuda.synchronize()`` and peak memory is
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -45,6 +48,8 @@ TRAIN_VARIANTS = ["floor", "lorakit-attn", "peft-attn", "lorakit-all", "peft-all
 COMPILED_VARIANTS = ["lorakit-attn-compiled", "peft-attn-compiled"]  # torch.compile of the model (--compiled)
 INFER_VARIANTS = ["infer-base", "infer-lorakit", "infer-lorakit-merged", "infer-peft", "infer-peft-merged"]
 MIXED_COUNTS = (4, 16, 64)
+#: time-prefill: rows x tokens of a batch of two adapters' long prompts (2,048 tokens per adapter: folded per run)
+PREFILL_SHAPE = {"minilm": (8, 512), "smollm2": (2, 2048)}
 CASES = ["time-train", "time-infer", "time-mixed", *(f"mem-{v}" for v in TRAIN_VARIANTS), "time-saveload"]
 
 
@@ -240,6 +245,50 @@ def _saveload_cycle(name: str, base, library: str):
     return cycle
 
 
+def _mixed_fns(name: str, base, shape: tuple[int, int], batches: dict[int, list[str]], label: str) -> dict:
+    """Forward functions over ``shape`` (rows x tokens) inputs: each library's single-adapter batch
+    (``{label}-{library}-1``) and, per entry of ``batches``, a batch whose rows use those adapters
+    (``{label}-{library}-{n}``); lorakit also without folding adapters into temporary weights (``-unfolded``:
+    `LoraLinear._folded_weight` / `_folded_runs`), the products a mixed batch otherwise computes."""
+    import torch
+
+    import lorakit
+    from lorakit.layers import linear
+
+    ids = torch.randint(100, 1000, shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    n_max = max(batches)
+    lk = _lora(name, copy.deepcopy(base), "lorakit", "all-linear", n=n_max).eval()
+    pf = _lora(name, copy.deepcopy(base), "peft", "all-linear", n=n_max).eval()
+
+    def lk_run(names=None):
+        if names is None:  # the reference: a plain batch with one active adapter, no routing
+            return _out(lk, inputs)
+        with lorakit.route(lk, names):
+            return _out(lk, inputs)
+
+    def unfolded(fn):
+        def run():
+            saved = linear.FOLD_RATIO, linear.RUN_FOLD_TOKENS
+            linear.FOLD_RATIO = linear.RUN_FOLD_TOKENS = math.inf
+            try:
+                return fn()
+            finally:
+                linear.FOLD_RATIO, linear.RUN_FOLD_TOKENS = saved
+        return run
+
+    def pf_run(names=None):
+        return _out(pf, inputs if names is None else {**inputs, "adapter_names": names})
+
+    fns = {f"{label}-lorakit-1": lk_run, f"{label}-lorakit-1-unfolded": unfolded(lk_run), f"{label}-peft-1": pf_run}
+    for n, names in batches.items():
+        fns[f"{label}-lorakit-{n}"] = lambda names=names: lk_run(names)
+        if label == "prefill":  # (short mixed rows never fold)
+            fns[f"{label}-lorakit-{n}-unfolded"] = unfolded(lambda names=names: lk_run(names))
+        fns[f"{label}-peft-{n}"] = lambda names=names: pf_run(names)
+    return fns
+
+
 def run_case(name: str, case: str, steps: int) -> dict:
     import torch
 
@@ -270,36 +319,20 @@ def run_case(name: str, case: str, steps: int) -> dict:
         fns = {k: (lambda m=m: _out(m, inputs)) for k, m in models.items()}
         with torch.inference_mode():
             result = {"variants": _alternate(fns, steps, warmup=2)}
-    elif case == "time-mixed":
-        ids = torch.randint(100, 1000, (MIXED_ROWS, MIXED_TOKENS[name]), generator=torch.Generator().manual_seed(2))
-        ids = ids.to(DEVICE)
-        mixed_inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        n_max = max(MIXED_COUNTS)
-        lk = _lora(name, copy.deepcopy(base), "lorakit", "all-linear", n=n_max)
-        pf = _lora(name, copy.deepcopy(base), "peft", "all-linear", n=n_max)
+    elif case == "time-mixed":  # many adapters, rows interleaved (the general case), short rows
+        batches = {n: [f"a{i % n}" for i in range(MIXED_ROWS)] for n in MIXED_COUNTS}
+        fns = _mixed_fns(name, base, (MIXED_ROWS, MIXED_TOKENS[name]), batches, "mixed")
         del base
-        lk.eval()
-        pf.eval()
-        import lorakit
-
-        def lk_run(names=None):
-            if names is None:  # the reference: a plain batch with one active adapter, no routing
-                return _out(lk, mixed_inputs)
-            with lorakit.route(lk, names):
-                return _out(lk, mixed_inputs)
-
-        def pf_run(names=None):
-            return _out(pf, mixed_inputs if names is None else {**mixed_inputs, "adapter_names": names})
-
-        fns = {"mixed-lorakit-1": lk_run, "mixed-peft-1": pf_run}
-        for n in MIXED_COUNTS:
-            names = [f"a{i % n}" for i in range(MIXED_ROWS)]  # interleaved rows: the general case
-            fns[f"mixed-lorakit-{n}"] = lambda names=names: lk_run(names)
-            fns[f"mixed-peft-{n}"] = lambda names=names: pf_run(names)
         with torch.inference_mode():
             result = {"variants": _alternate(fns, max(3, steps // 2), warmup=1)}
         for v in result["variants"].values():
             v["rows"] = MIXED_ROWS
+    elif case == "time-prefill":  # long prompts of two adapters, rows grouped by adapter (as the server lays them out)
+        rows, tokens = PREFILL_SHAPE[name]
+        fns = _mixed_fns(name, base, (rows, tokens), {2: [f"a{2 * i // rows}" for i in range(rows)]}, "prefill")
+        del base
+        with torch.inference_mode():
+            result = {"variants": _alternate(fns, max(2, steps // 4), warmup=1)}
     elif case == "time-saveload":  # both libraries in one process, alternated (separate copies of the base)
         result = {"variants": _alternate({"saveload-lorakit": _saveload_cycle(name, copy.deepcopy(base), "lorakit"),
                                           "saveload-peft": _saveload_cycle(name, base, "peft")}, steps, warmup=1)}
@@ -425,8 +458,15 @@ def _ratios(s: dict, models: list[str], memory: str = "peak RSS") -> dict[str, f
         out[f"{m} infer peft merged / base"] = r(f"{m}/infer-peft-merged", f"{m}/infer-base")
         for n in (4, 16, 64):  # throughput ratios: single-adapter time / mixed time
             out[f"{m} mixed {n} adapters / single (lorakit)"] = r(f"{m}/mixed-lorakit-1", f"{m}/mixed-lorakit-{n}")
+            out[f"{m} mixed {n} adapters / single unfolded (lorakit)"] = r(f"{m}/mixed-lorakit-1-unfolded",
+                                                                             f"{m}/mixed-lorakit-{n}")
             out[f"{m} mixed {n} adapters / single (peft)"] = r(f"{m}/mixed-peft-1", f"{m}/mixed-peft-{n}")
             out[f"{m} mixed {n} adapters lorakit / peft (time)"] = r(f"{m}/mixed-lorakit-{n}", f"{m}/mixed-peft-{n}")
+        out[f"{m} prefill 2 adapters / single (lorakit)"] = r(f"{m}/prefill-lorakit-1", f"{m}/prefill-lorakit-2")
+        out[f"{m} prefill 2 adapters / single (peft)"] = r(f"{m}/prefill-peft-1", f"{m}/prefill-peft-2")
+        out[f"{m} prefill 2 adapters lorakit / peft (time)"] = r(f"{m}/prefill-lorakit-2", f"{m}/prefill-peft-2")
+        out[f"{m} prefill 2 adapters folded / unfolded runs (time)"] = r(f"{m}/prefill-lorakit-2",
+                                                                         f"{m}/prefill-lorakit-2-unfolded")
         out[f"{m} save+load lorakit / peft"] = r(f"{m}/saveload-lorakit", f"{m}/saveload-peft")
     return {k: v for k, v in out.items() if v is not None}
 
