@@ -25,7 +25,7 @@ FOLD_RATIO = 1
 #: (and folding pays as above): the base product split into one matmul per run runs slower on short runs. In-process
 #: A/B against the same runs unfolded, all linear layers: SmolLM2 2 runs x 2,048 tokens 3.5% faster, 4 runs x 1,024
 #: with the attention layers folded 1.5-3% slower, MiniLM 4 runs x 1,024 4% faster; one 384 x 384 layer, 4 runs x 512
-#: tokens 1% slower, x 2,048 3% faster
+#: tokens 2% slower, x 2,048 4% faster (docs/performance.md)
 RUN_FOLD_TOKENS = 2048
 
 _WEIGHT, _BIAS, _VERSION = (operator.itemgetter("weight"), operator.methodcaller("get", "bias"),
