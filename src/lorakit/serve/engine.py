@@ -651,9 +651,9 @@ _Request = TypeVar("_Request", "Generation", "Classification")
 
 def grouped_by_adapter(requests: list[_Request]) -> list[_Request]:
     """``requests`` with those on one adapter made adjacent (adapters in order of first arrival, requests in arrival
-    order within each), so a batch built from them has one run of rows per adapter: the LoRA layers then fold each
-    adapter into its own weight on long prompts (`LoraLinear._folded_runs`) and read the rows as views, not
-    gathered copies."""
+    order within each), so a batch built from them has one run of rows per adapter: linear LoRA layers then fold each
+    adapter into its own weight on long prompts (`LoraLinear._folded_runs`), and layers that apply each adapter to
+    its rows apart (`routing.per_adapter`: embeddings, convolutions) read them as slices, not gathered copies."""
     first: dict[str | None, int] = {}
     for request in requests:
         first.setdefault(request.adapter, len(first))
