@@ -389,7 +389,7 @@ def test_inference_on_many_tokens_folds_the_adapters_into_a_temporary_weight(mon
     lorakit.merge(model, ["c"])  # already in W: not folded twice
     lorakit.set_adapter(model, ["a", "b", "c"])
     layer = model.layer
-    folds = _count_folds(monkeypatch)
+    folds = _FoldCount(monkeypatch)
     many, few = torch.randn(4, 16, 8), torch.randn(1, 2, 8)  # 64 x (8 + 6) >= 48; 2 x 14 < 48
     for x, folded in ((many, 1), (few, 0)):
         unfolded = model(x)  # autograd on: the usual path
@@ -436,25 +436,25 @@ def test_inference_on_many_tokens_folds_the_adapters_into_a_temporary_weight(mon
     torch.testing.assert_close(routed[[0, 1, 3]], unfolded[[0, 1, 3]], atol=1e-6, rtol=1e-6)
 
 
-def _count_folds(monkeypatch) -> list[int]:
-    """A list whose ``pop()`` returns how many folded weights were built since the last ``pop()``."""
-    from lorakit.layers import linear
+class _FoldCount:
+    """Counts the folded weights built (`lorakit.layers.linear._fold`, patched): ``pop()`` returns how many since the
+    last ``pop()``."""
 
-    count = [0]
-    fold = linear._fold
+    def __init__(self, monkeypatch) -> None:
+        from lorakit.layers import linear
 
-    def counted(weight, parts):
-        count[-1] += 1
-        return fold(weight, parts)
+        self.built = 0
+        fold = linear._fold
 
-    monkeypatch.setattr(linear, "_fold", counted)
+        def counted(weight, parts):
+            self.built += 1
+            return fold(weight, parts)
 
-    class Counter(list):
-        def pop(self, *args):
-            built, count[-1] = count[-1], 0
-            return built
+        monkeypatch.setattr(linear, "_fold", counted)
 
-    return Counter()
+    def pop(self) -> int:
+        built, self.built = self.built, 0
+        return built
 
 
 def test_mixed_batch_rows_grouped_by_adapter_fold_each_run_into_its_own_weight(monkeypatch) -> None:
@@ -469,7 +469,7 @@ def test_mixed_batch_rows_grouped_by_adapter_fold_each_run_into_its_own_weight(m
     lorakit.add_adapter(model, "b", LoraConfig(r=3, alpha=5, target_modules=["0"]))
     lorakit.add_adapter(model, "elsewhere", LoraConfig(r=2, alpha=2, target_modules=["1"]))
     randomize_lora(model, std=0.3)
-    folds = _count_folds(monkeypatch)
+    folds = _FoldCount(monkeypatch)
     monkeypatch.setattr(linear, "RUN_FOLD_TOKENS", 12)  # (2,048 on real layers)
     x = torch.randn(7, 6, 8)  # runs of layer 0: a (3 rows x 6 tokens: 18), base (1 row), b (12 tokens), elsewhere (1)
     names = ["a", "a", "a", None, "b", "b", "elsewhere"]

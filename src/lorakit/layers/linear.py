@@ -55,15 +55,15 @@ class LoraLinear(LoraLayer):
         return out_f, in_f
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if not torch.is_grad_enabled() and not self.disabled and not args and not kwargs and self._foldable(x):
+        if not torch.is_grad_enabled() and not self.disabled and not args and not kwargs:
             routing = self.routing
             # a routed batch whose rows all use one adapter is that adapter's single-adapter batch
             names = self.active_adapters if routing is None else routing.sole_adapter()
             if names is not None:
-                weight = self._folded_weight(x, names)
+                weight = self._folded_weight(x, names) if self._foldable(x) else None
                 if weight is not None:
                     return F.linear(x, weight, self.base_layer.bias)
-            else:
+            elif x.numel() // x.shape[-1] >= RUN_FOLD_TOKENS and self._foldable(x):  # (never on decoding steps)
                 result = self._folded_runs(x, routing)
                 if result is not None:
                     return result
